@@ -1,0 +1,132 @@
+//! `loopd user …` and `loopd token …`: the same stores the server uses, so
+//! they work while `serve` runs and take effect there at once.
+
+use std::io::{BufRead, Write};
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::{TokenCommand, UserCommand};
+use crate::ids;
+use crate::store::{Accounts, DataDir, TokenRecord, no_such_user};
+
+pub fn run_user(dir: &DataDir, cmd: UserCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    let accounts = Accounts::open(dir)?;
+    match cmd {
+        UserCommand::Add {
+            name,
+            admin,
+            password_stdin,
+        } => {
+            let (password, generated) = password(password_stdin)?;
+            accounts.users.add(&name, admin, &password)?;
+            if generated {
+                writeln!(out, "{password}")?;
+            }
+        }
+        UserCommand::List { json } => {
+            let users = accounts.users.list();
+            if json {
+                let list: Vec<_> = users
+                    .iter()
+                    .map(|u| json!({"name": u.name, "admin": u.admin}))
+                    .collect();
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                for u in users {
+                    let role = if u.admin { "admin" } else { "member" };
+                    writeln!(out, "{}\t{role}", u.name)?;
+                }
+            }
+        }
+        UserCommand::Passwd {
+            name,
+            password_stdin,
+        } => {
+            let (password, generated) = password(password_stdin)?;
+            accounts.users.set_password(&name, &password)?;
+            accounts.sessions.delete_user(&name)?;
+            if generated {
+                writeln!(out, "{password}")?;
+            }
+        }
+        UserCommand::Remove { name } => {
+            // The user goes first: without it, neither tokens nor sessions authenticate.
+            accounts.users.remove(&name)?;
+            accounts.tokens.revoke_all(&name)?;
+            accounts.sessions.delete_user(&name)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn run_token(dir: &DataDir, cmd: TokenCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    let accounts = Accounts::open(dir)?;
+    let known = |user: &str| {
+        accounts
+            .users
+            .get(user)
+            .map(|_| ())
+            .ok_or_else(|| no_such_user(user))
+    };
+    match cmd {
+        TokenCommand::Create { user, label } => {
+            known(&user)?;
+            let (plaintext, _) = accounts.tokens.create(&user, label)?;
+            writeln!(out, "{plaintext}")?;
+        }
+        TokenCommand::List { user, json } => {
+            known(&user)?;
+            let tokens = accounts.tokens.list(&user);
+            if json {
+                let list: Vec<_> = tokens.iter().map(token_json).collect();
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                for t in tokens {
+                    let last = t
+                        .last_used_at
+                        .map_or_else(|| "-".to_owned(), |at| rfc3339(&at));
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}\t{last}",
+                        t.token_id,
+                        t.label.as_deref().unwrap_or("-"),
+                        rfc3339(&t.created_at)
+                    )?;
+                }
+            }
+        }
+        TokenCommand::Revoke { user, token_id } => {
+            known(&user)?;
+            accounts.tokens.revoke(&user, &token_id)?;
+        }
+    }
+    Ok(())
+}
+
+fn token_json(t: &TokenRecord) -> serde_json::Value {
+    json!({
+        "tokenId": t.token_id,
+        "label": t.label,
+        "createdAt": t.created_at,
+        "lastUsedAt": t.last_used_at,
+    })
+}
+
+fn rfc3339(at: &chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The password from stdin's first line, or a generated one (`true`).
+fn password(from_stdin: bool) -> anyhow::Result<(String, bool)> {
+    if !from_stdin {
+        return Ok((ids::random_password(), true));
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.trim_end_matches(['\n', '\r']).to_owned();
+    Ok((password, false))
+}

@@ -1,0 +1,159 @@
+//! The command line: `serve`, `user …` and `token …` (clap derive, an
+//! environment variable for every flag).
+
+mod manage;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::agent::{AgentKind, PermissionMode};
+use crate::config::{self, Config, DEFAULT_MAX_AGENTS};
+
+pub use manage::{run_token, run_user};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loopd",
+    version,
+    about = "An HTTP+SSE server for long-lived AI agent conversations"
+)]
+pub struct Cli {
+    /// The data directory [default: $LOOPD_HOME, else ~/.loopd]
+    #[arg(long, global = true, env = "LOOPD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(long, global = true, env = "LOOPD_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log line format.
+    #[arg(long, global = true, env = "LOOPD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LOOPD_BIND", default_value = "127.0.0.1:8787")]
+    pub bind: SocketAddr,
+    /// Agent behind loops [default: claude when its binary is found, else echo]
+    #[arg(long, env = "LOOPD_AGENT", value_enum)]
+    pub agent: Option<AgentKind>,
+    /// The Claude Code binary [default: `claude` on PATH]
+    #[arg(long, env = "LOOPD_CLAUDE_BIN")]
+    pub claude_bin: Option<PathBuf>,
+    /// Permission mode of every loop (a message may override it for its turn).
+    #[arg(long, env = "LOOPD_PERMISSION_MODE", value_enum, default_value_t = PermissionMode::Default)]
+    pub permission_mode: PermissionMode,
+    /// Seconds an idle agent process lives before it is reclaimed.
+    #[arg(long, env = "LOOPD_IDLE_TIMEOUT", default_value_t = 1800)]
+    pub idle_timeout: u64,
+    /// Most agent processes alive at once.
+    #[arg(long, env = "LOOPD_MAX_AGENTS", default_value_t = DEFAULT_MAX_AGENTS)]
+    pub max_agents: usize,
+    /// The URL people reach the server at (its origin is the one cookie
+    /// requests must come from; https makes cookies `Secure`).
+    #[arg(long, env = "LOOPD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// More environment variable names to pass to agents (comma-separated).
+    #[arg(long, env = "LOOPD_AGENT_ENV", value_delimiter = ',')]
+    pub agent_env: Vec<String>,
+}
+
+impl ServeArgs {
+    pub fn into_config(self, data_dir: PathBuf) -> anyhow::Result<Config> {
+        let (agent, claude_bin, agent_warning) = config::resolve_agent(self.agent, self.claude_bin);
+        anyhow::ensure!(self.max_agents >= 1, "--max-agents must be at least 1");
+        Ok(Config {
+            bind: self.bind,
+            data_dir,
+            agent,
+            agent_warning,
+            claude_bin,
+            permission_mode: self.permission_mode,
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
+            max_agents: self.max_agents,
+            public_origin: self
+                .public_url
+                .as_deref()
+                .map(config::public_origin)
+                .transpose()?,
+            agent_env: self.agent_env,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user; without --password-stdin a password is generated and printed alone on stdout.
+    Add {
+        name: String,
+        /// Make the user an admin.
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users: name, then `admin` or `member`, tab-separated.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a user's password (and end their web sessions); without
+    /// --password-stdin a password is generated and printed alone on stdout.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Remove a user, their API tokens and their web sessions (their loops stay on disk).
+    Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an API token; the plaintext is printed alone on stdout, once.
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List a user's tokens: tokenId, label, createdAt, lastUsedAt (or `-`), tab-separated.
+    List {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token.
+    Revoke {
+        #[arg(long)]
+        user: String,
+        token_id: String,
+    },
+}

@@ -1,0 +1,148 @@
+//! The one API error type and its JSON envelope `{"error":{"type","code","message"}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Every error an HTTP handler or extractor can return. Each client variant
+/// carries the contract's `code` and a human message; `Internal` carries the
+/// cause, which is logged once and never sent to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{1}")]
+    BadRequest(&'static str, String),
+    #[error("{1}")]
+    Unauthorized(&'static str, String),
+    #[error("{1}")]
+    Forbidden(&'static str, String),
+    #[error("{1}")]
+    NotFound(&'static str, String),
+    #[error("{1}")]
+    MethodNotAllowed(&'static str, String),
+    #[error("{1}")]
+    Conflict(&'static str, String),
+    #[error("{1}")]
+    PayloadTooLarge(&'static str, String),
+    #[error("{1}")]
+    RateLimited(&'static str, String),
+    #[error("{1}")]
+    NotImplemented(&'static str, String),
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// `authentication_error`, `permission_error`, `invalid_request_error`,
+    /// `not_found_error`, `conflict_error`, `rate_limit_error`, `internal_error`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// A stable machine-readable code, e.g. `loop_not_found`.
+    pub code: &'static str,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest(code, message.into())
+    }
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Unauthorized(code, message.into())
+    }
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Forbidden(code, message.into())
+    }
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::NotFound(code, message.into())
+    }
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Conflict(code, message.into())
+    }
+    pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(cause.into())
+    }
+    pub fn body_too_large() -> Self {
+        Self::PayloadTooLarge(
+            "body_too_large",
+            "the request body is larger than 2 MiB".into(),
+        )
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(..) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(..) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(..) => StatusCode::FORBIDDEN,
+            Self::NotFound(..) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict(..) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotImplemented(..) => StatusCode::NOT_IMPLEMENTED,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The envelope as sent on the wire (also used inside SSE `error` events).
+    pub fn envelope(&self) -> ErrorEnvelope {
+        let (kind, code, message) = match self {
+            Self::BadRequest(c, m) | Self::PayloadTooLarge(c, m) | Self::MethodNotAllowed(c, m) => {
+                ("invalid_request_error", *c, m.clone())
+            }
+            Self::Unauthorized(c, m) => ("authentication_error", *c, m.clone()),
+            Self::Forbidden(c, m) => ("permission_error", *c, m.clone()),
+            Self::NotFound(c, m) => ("not_found_error", *c, m.clone()),
+            Self::Conflict(c, m) => ("conflict_error", *c, m.clone()),
+            Self::RateLimited(c, m) => ("rate_limit_error", *c, m.clone()),
+            Self::NotImplemented(c, m) => ("not_implemented_error", *c, m.clone()),
+            Self::Internal(_) => (
+                "internal_error",
+                "internal_error",
+                "internal server error; the server log has the details".to_owned(),
+            ),
+        };
+        ErrorEnvelope {
+            error: ErrorDetail {
+                kind,
+                code,
+                message,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(cause) = &self {
+            // The one place a 500 is logged; the client only learns that it happened.
+            tracing::error!(error = format!("{cause:#}"), "internal error");
+        }
+        (self.status(), axum::Json(self.envelope())).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(err: crate::store::StoreError) -> Self {
+        use crate::store::StoreError as E;
+        match err {
+            E::NotFound(code, msg) => Self::NotFound(code, msg),
+            E::Invalid(code, msg) => Self::BadRequest(code, msg),
+            E::Conflict(code, msg) => Self::Conflict(code, msg),
+            other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(err: tokio::task::JoinError) -> Self {
+        Self::Internal(err.into())
+    }
+}

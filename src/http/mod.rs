@@ -1,0 +1,140 @@
+//! The HTTP surface: the router table, the OpenAPI document, and one small
+//! module per resource.
+
+mod docs;
+mod extract;
+mod health;
+mod loops;
+mod session;
+mod tokens;
+mod turns;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Request, header};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub use extract::Json;
+
+/// A whole request body may be at most this large (413 `body_too_large`).
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "loopd",
+        description = "Create and drive long-lived AI agent conversations (loops) over HTTP and SSE. \
+            Bots authenticate with `Authorization: Bearer la_…`; the web chat with the `loopd_session` cookie.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    modifiers(&SecuritySchemes),
+    security(("BearerAuth" = []), ("CookieAuth" = [])),
+    tags(
+        (name = "loops", description = "Create, list, read and archive loops"),
+        (name = "turns", description = "Send messages and follow the event stream"),
+        (name = "tokens", description = "API tokens (web session only)"),
+        (name = "auth", description = "Web login with a session cookie"),
+        (name = "meta", description = "Health and documentation"),
+    )
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "BearerAuth",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("la_<48 hex>")
+                    .description(Some(
+                        "An API token, created in the web settings or with `loopd token create`.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "CookieAuth",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                crate::auth::SESSION_COOKIE,
+                "Set by POST /api/auth/login.",
+            ))),
+        );
+    }
+}
+
+/// The whole application: every route, the error fallbacks and the layers.
+pub fn router(state: AppState) -> Router {
+    let (routes, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(session::login))
+        .routes(routes!(session::logout))
+        .routes(routes!(session::me))
+        .routes(routes!(tokens::create_token, tokens::list_tokens))
+        .routes(routes!(tokens::revoke_token))
+        .routes(routes!(loops::create_loop, loops::list_loops))
+        .routes(routes!(loops::get_loop, loops::archive_loop))
+        .routes(routes!(turns::send_message))
+        .routes(routes!(turns::watch_events))
+        .routes(routes!(turns::answer_choice))
+        .routes(routes!(turns::interrupt))
+        .routes(routes!(turns::list_turns))
+        .routes(routes!(docs::openapi_json))
+        .routes(routes!(docs::docs_page))
+        .split_for_parts();
+
+    routes
+        .merge(docs::assets())
+        .fallback(|| async { ApiError::not_found("route_not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed(
+                "method_not_allowed",
+                "this endpoint does not take that method".into(),
+            )
+        })
+        .layer(docs::rendered(openapi))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            HeaderName::from_static("referrer-policy"),
+            HeaderValue::from_static("same-origin"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                // The path only: no query string, no headers (tokens, cookies).
+                .make_span_with(|req: &Request<_>| {
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+                })
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .with_state(state)
+}
+
+/// Runs blocking store work (file I/O, fsync, argon2) off the async threads.
+pub(crate) async fn blocking<T, F>(work: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(work).await?
+}

@@ -1,0 +1,103 @@
+//! `/api/auth/*`: web login with a session cookie.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{AppendHeaders, IntoResponse};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{Json, blocking};
+use crate::auth::{Caller, check_same_origin, session_cookie, set_session_cookie};
+use crate::error::{ApiError, ErrorEnvelope};
+use crate::state::AppState;
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+}
+
+/// Who the caller is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    pub user_id: String,
+    pub admin: bool,
+}
+
+/// Log in; sets the `loopd_session` cookie.
+#[utoipa::path(
+    post, path = "/api/auth/login", tag = "auth", security(),
+    request_body = LoginRequest,
+    responses(
+        (status = 200, body = Me, description = "Logged in; `Set-Cookie: loopd_session=…`"),
+        (status = 401, body = ErrorEnvelope, description = "`invalid_credentials`"),
+        (status = 403, body = ErrorEnvelope, description = "`cross_origin_request`"),
+    )
+)]
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(body): Json<LoginRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    check_same_origin(&headers, state.config.public_origin.as_deref())?;
+    let accounts = state.accounts.clone();
+    let (user, secret) = blocking(move || {
+        let user = accounts
+            .users
+            .verify(&body.username, &body.password)
+            .ok_or_else(|| {
+                ApiError::unauthorized("invalid_credentials", "wrong username or password")
+            })?;
+        let secret = accounts.sessions.create(&user.name)?;
+        Ok((user, secret))
+    })
+    .await?;
+    tracing::info!(user = %user.name, "logged in");
+    let cookie = set_session_cookie(Some(&secret), state.config.secure_cookies());
+    Ok((
+        AppendHeaders([(header::SET_COOKIE, cookie)]),
+        axum::Json(Me {
+            user_id: user.name,
+            admin: user.admin,
+        }),
+    ))
+}
+
+/// Log out: ends the session and clears the cookie. Always 204.
+#[utoipa::path(
+    post, path = "/api/auth/logout", tag = "auth", security(),
+    responses(
+        (status = 204, description = "Logged out"),
+        (status = 403, body = ErrorEnvelope, description = "`cross_origin_request`"),
+    )
+)]
+pub async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    check_same_origin(&headers, state.config.public_origin.as_deref())?;
+    if let Some(secret) = session_cookie(&headers) {
+        let accounts = state.accounts.clone();
+        blocking(move || Ok(accounts.sessions.delete(&secret)?)).await?;
+    }
+    let cookie = set_session_cookie(None, state.config.secure_cookies());
+    Ok((
+        StatusCode::NO_CONTENT,
+        AppendHeaders([(header::SET_COOKIE, cookie)]),
+    ))
+}
+
+/// The logged-in user (cookie or Bearer).
+#[utoipa::path(
+    get, path = "/api/auth/me", tag = "auth",
+    responses(
+        (status = 200, body = Me),
+        (status = 401, body = ErrorEnvelope),
+    )
+)]
+pub async fn me(caller: Caller) -> axum::Json<Me> {
+    axum::Json(Me {
+        user_id: caller.user_id,
+        admin: caller.admin,
+    })
+}

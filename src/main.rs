@@ -1,0 +1,72 @@
+//! The `loopd` binary: parse the command line, set up logging, dispatch.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use loopd::cli::{Cli, Command, LogFormat, run_token, run_user};
+use loopd::config::resolve_data_dir;
+use loopd::store::DataDir;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("loopd: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    init_tracing(&cli.log, cli.log_format)?;
+    let data_dir = resolve_data_dir(cli.data_dir)?;
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.into_config(data_dir)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(config))
+        }
+        Command::User(cmd) => run_user(&DataDir::create(data_dir)?, cmd, &mut std::io::stdout()),
+        Command::Token(cmd) => run_token(&DataDir::create(data_dir)?, cmd, &mut std::io::stdout()),
+    }
+}
+
+async fn serve(config: loopd::Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.bind))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    loopd::run(config, listener, shutdown).await
+}
+
+/// SIGINT or SIGTERM starts a graceful shutdown.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
+
+fn init_tracing(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("bad log filter `{filter}`"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Starting and stopping: open the data directory, create the first admin,
+//! serve until the shutdown token fires, then write what is pending.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::router;
+use crate::ids;
+use crate::state::AppState;
+use crate::store::{Accounts, DataDir};
+
+/// How often token `lastUsedAt` values noted in memory are written to disk.
+const LAST_USED_FLUSH_EVERY: Duration = Duration::from_secs(30);
+
+/// Runs the server on `listener` until `shutdown` is cancelled. Fails before
+/// serving if the data directory is in use or holds a file it cannot parse.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = DataDir::create(&config.data_dir)?;
+    // Held until this function returns: one server per data directory.
+    let _serving = dir.lock_for_serving()?;
+    let state = AppState::open(config, &dir, shutdown.clone())?;
+    let addr = listener.local_addr()?;
+
+    if let Some(password) = bootstrap_admin(&state.accounts)? {
+        eprint!(
+            "{}",
+            first_start_banner(&open_url(&state.config, addr), &password)
+        );
+    }
+    if let Some(warning) = &state.config.agent_warning {
+        tracing::warn!("{warning}");
+    }
+    tracing::info!(
+        %addr,
+        data_dir = %dir.root().display(),
+        agent = ?state.config.agent,
+        "loopd listening"
+    );
+
+    let flusher = tokio::spawn(flush_periodically(state.accounts.clone(), shutdown.clone()));
+    let served = axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving HTTP");
+    shutdown.cancel();
+    flusher.await?;
+    flush_last_used(state.accounts.clone()).await;
+    tracing::info!("loopd stopped");
+    served
+}
+
+/// On the very first start (no users at all), creates `admin` with a random
+/// password and returns the password so it can be shown once.
+fn bootstrap_admin(accounts: &Accounts) -> anyhow::Result<Option<String>> {
+    if !accounts.users.is_empty() {
+        return Ok(None);
+    }
+    let password = ids::random_password();
+    accounts.users.add("admin", true, &password)?;
+    Ok(Some(password))
+}
+
+fn open_url(config: &Config, addr: SocketAddr) -> String {
+    let base = match &config.public_origin {
+        Some(origin) => origin.clone(),
+        None => {
+            let mut shown = addr;
+            if shown.ip().is_unspecified() {
+                shown.set_ip(match addr {
+                    SocketAddr::V4(_) => [127, 0, 0, 1].into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            format!("http://{shown}")
+        }
+    };
+    format!("{base}/api/v1/docs")
+}
+
+fn first_start_banner(url: &str, password: &str) -> String {
+    let rule = "=".repeat(72);
+    format!(
+        "\n{rule}\n  loopd: first start, so an admin user was created.\n\n\
+         \x20   open:      {url}\n\
+         \x20   username:  admin\n\
+         \x20   password:  {password}\n\n\
+         \x20 The password is shown only this once. Change it with\n\
+         \x20 `loopd user passwd admin`.\n{rule}\n\n"
+    )
+}
+
+async fn flush_periodically(accounts: Arc<Accounts>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(LAST_USED_FLUSH_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => flush_last_used(accounts.clone()).await,
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn flush_last_used(accounts: Arc<Accounts>) {
+    match tokio::task::spawn_blocking(move || accounts.tokens.flush_last_used()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "could not write token lastUsedAt"),
+        Err(err) => tracing::warn!(error = %err, "token lastUsedAt flush panicked"),
+    }
+}

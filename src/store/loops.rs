@@ -1,0 +1,433 @@
+//! `loops/<uuid>/meta.json`: the loop resources, indexed in memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Mutex, RwLock};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{StoreError, write_atomic};
+use crate::ids;
+
+/// `loop_<uuid>`; the directory on disk is the bare uuid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LoopId(pub Uuid);
+
+impl LoopId {
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl Default for LoopId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for LoopId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "loop_{}", self.0)
+    }
+}
+
+impl FromStr for LoopId {
+    type Err = ();
+    /// Only the canonical form (`loop_` + lowercase hyphenated uuid) is an id.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let uuid = Uuid::parse_str(s.strip_prefix("loop_").ok_or(())?).map_err(|_| ())?;
+        let id = Self(uuid);
+        (id.to_string() == s).then_some(id).ok_or(())
+    }
+}
+
+impl Serialize for LoopId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for LoopId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|()| serde::de::Error::custom(format!("`{s}` is not a loop id")))
+    }
+}
+
+/// A loop as stored in its `meta.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopRecord {
+    pub id: LoopId,
+    pub title: String,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+    pub archived: bool,
+    pub archived_at: Option<DateTime<Utc>>,
+    pub metadata: BTreeMap<String, String>,
+    pub profiles: Vec<String>,
+    pub vault: String,
+    pub repo: Option<String>,
+    /// When a message last arrived (or creation): the list order.
+    pub last_active_at: DateTime<Utc>,
+    /// The agent's conversation id, for resuming after a reclaim or restart.
+    #[serde(default)]
+    pub agent_session_id: Option<String>,
+}
+
+impl LoopRecord {
+    fn sort_key(&self) -> (DateTime<Utc>, LoopId) {
+        (self.last_active_at, self.id)
+    }
+}
+
+/// What a new loop is made from (already validated).
+#[derive(Debug, Clone)]
+pub struct NewLoop {
+    pub title: String,
+    pub created_by: String,
+    pub metadata: BTreeMap<String, String>,
+    pub profiles: Vec<String>,
+    pub vault: String,
+    pub repo: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
+    pub limit: usize,
+    pub after: Option<LoopId>,
+    pub before: Option<LoopId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoopPage {
+    /// Most recently active first.
+    pub data: Vec<LoopRecord>,
+    pub has_more: bool,
+}
+
+pub struct LoopStore {
+    dir: PathBuf,
+    index: RwLock<HashMap<LoopId, LoopRecord>>,
+    /// Serializes writers so `meta.json` always holds the newest version.
+    writer: Mutex<()>,
+}
+
+impl LoopStore {
+    /// Loads every `loops/*/meta.json`. One that cannot be parsed is an error
+    /// naming it; a directory without `meta.json` (a create cut short by a
+    /// crash) is skipped with a warning.
+    pub fn open(dir: PathBuf) -> Result<Self, StoreError> {
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        let mut index = HashMap::new();
+        for entry in fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))? {
+            let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
+            let name = entry.file_name();
+            let Some(uuid) = name.to_str().and_then(|n| Uuid::parse_str(n).ok()) else {
+                continue;
+            };
+            let meta = entry.path().join("meta.json");
+            let bytes = match fs::read(&meta) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(dir = %entry.path().display(), "loop directory without meta.json, skipped");
+                    continue;
+                }
+                Err(e) => return Err(StoreError::io(&meta, e)),
+            };
+            let record: LoopRecord =
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                    path: meta.clone(),
+                    line: e.line(),
+                    column: e.column(),
+                    message: e.to_string(),
+                })?;
+            if record.id.0 != uuid {
+                return Err(StoreError::Corrupt {
+                    path: meta,
+                    line: 1,
+                    column: 1,
+                    message: format!("its id {} does not match its directory", record.id),
+                });
+            }
+            index.insert(record.id, record);
+        }
+        Ok(Self {
+            dir,
+            index: RwLock::new(index),
+            writer: Mutex::new(()),
+        })
+    }
+
+    pub fn loop_dir(&self, id: LoopId) -> PathBuf {
+        self.dir.join(id.0.to_string())
+    }
+
+    fn meta_path(&self, id: LoopId) -> PathBuf {
+        self.loop_dir(id).join("meta.json")
+    }
+
+    pub fn create(&self, new: NewLoop) -> Result<LoopRecord, StoreError> {
+        let now = ids::now();
+        let record = LoopRecord {
+            id: LoopId::new(),
+            title: new.title,
+            created_at: now,
+            created_by: new.created_by,
+            archived: false,
+            archived_at: None,
+            metadata: new.metadata,
+            profiles: new.profiles,
+            vault: new.vault,
+            repo: new.repo,
+            last_active_at: now,
+            agent_session_id: None,
+        };
+        let dir = self.loop_dir(record.id);
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        let _w = self.writer.lock().expect("loop writer poisoned");
+        write_meta(&self.meta_path(record.id), &record)?;
+        self.index
+            .write()
+            .expect("loop index poisoned")
+            .insert(record.id, record.clone());
+        Ok(record)
+    }
+
+    pub fn get(&self, id: LoopId) -> Option<LoopRecord> {
+        self.index
+            .read()
+            .expect("loop index poisoned")
+            .get(&id)
+            .cloned()
+    }
+
+    /// Applies `change` to the loop, writes `meta.json`, and returns the new
+    /// record; `None` if there is no such loop.
+    pub fn update(
+        &self,
+        id: LoopId,
+        change: impl FnOnce(&mut LoopRecord),
+    ) -> Result<Option<LoopRecord>, StoreError> {
+        let _w = self.writer.lock().expect("loop writer poisoned");
+        let Some(mut record) = self.get(id) else {
+            return Ok(None);
+        };
+        let before = record.clone();
+        change(&mut record);
+        if record != before {
+            write_meta(&self.meta_path(id), &record)?;
+            self.index
+                .write()
+                .expect("loop index poisoned")
+                .insert(id, record.clone());
+        }
+        Ok(Some(record))
+    }
+
+    /// One page of a user's loops, most recently active first. `after` gives
+    /// the loops just older than that loop, `before` those just newer (the
+    /// nearest ones), both still newest first.
+    pub fn list(
+        &self,
+        user: &str,
+        include_archived: bool,
+        page: &PageRequest,
+    ) -> Result<LoopPage, StoreError> {
+        let index = self.index.read().expect("loop index poisoned");
+        let cursor_key = |id: Option<LoopId>| -> Result<_, StoreError> {
+            id.map(|id| {
+                index
+                    .get(&id)
+                    .filter(|r| r.created_by == user)
+                    .map(LoopRecord::sort_key)
+                    .ok_or_else(|| {
+                        StoreError::Invalid(
+                            "invalid_cursor",
+                            format!("`{id}` is not one of your loops"),
+                        )
+                    })
+            })
+            .transpose()
+        };
+        let after = cursor_key(page.after)?;
+        let before = cursor_key(page.before)?;
+        let mut mine: Vec<&LoopRecord> = index
+            .values()
+            .filter(|r| r.created_by == user && (include_archived || !r.archived))
+            .filter(|r| after.is_none_or(|k| r.sort_key() < k))
+            .filter(|r| before.is_none_or(|k| r.sort_key() > k))
+            .collect();
+        mine.sort_unstable_by_key(|r| std::cmp::Reverse(r.sort_key()));
+        let limit = page.limit.max(1);
+        let has_more = mine.len() > limit;
+        let window = if page.before.is_some() && page.after.is_none() {
+            &mine[mine.len().saturating_sub(limit)..]
+        } else {
+            &mine[..mine.len().min(limit)]
+        };
+        Ok(LoopPage {
+            data: window.iter().map(|r| (*r).clone()).collect(),
+            has_more,
+        })
+    }
+}
+
+fn write_meta(path: &Path, record: &LoopRecord) -> Result<(), StoreError> {
+    let mut bytes = serde_json::to_vec_pretty(record).expect("a loop record serializes");
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_loop(user: &str, title: &str) -> NewLoop {
+        NewLoop {
+            title: title.into(),
+            created_by: user.into(),
+            metadata: BTreeMap::new(),
+            profiles: vec![],
+            vault: "default".into(),
+            repo: None,
+        }
+    }
+
+    fn titles(page: &LoopPage) -> Vec<&str> {
+        page.data.iter().map(|r| r.title.as_str()).collect()
+    }
+
+    #[test]
+    fn loop_ids_parse_only_in_canonical_form() {
+        let id = LoopId::new();
+        assert_eq!(id.to_string().parse::<LoopId>(), Ok(id));
+        assert!(id.0.to_string().parse::<LoopId>().is_err());
+        assert!(format!("loop_{}", id.0.simple()).parse::<LoopId>().is_err());
+        assert!(id.to_string().to_uppercase().parse::<LoopId>().is_err());
+    }
+
+    #[test]
+    fn create_persists_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LoopStore::open(dir.path().join("loops")).unwrap();
+        let rec = store.create(new_loop("alice", "one")).unwrap();
+        let archived = store
+            .update(rec.id, |r| {
+                r.archived = true;
+                r.archived_at = Some(ids::now());
+            })
+            .unwrap()
+            .unwrap();
+        let reopened = LoopStore::open(dir.path().join("loops")).unwrap();
+        assert_eq!(reopened.get(rec.id), Some(archived));
+        assert!(store.update(LoopId::new(), |_| {}).unwrap().is_none());
+    }
+
+    #[test]
+    fn corrupt_meta_stops_loading_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LoopStore::open(dir.path().join("loops")).unwrap();
+        let rec = store.create(new_loop("alice", "one")).unwrap();
+        let meta = store.loop_dir(rec.id).join("meta.json");
+        fs::write(&meta, "{\"id\": ").unwrap();
+        let err = LoopStore::open(dir.path().join("loops")).err().unwrap();
+        assert!(
+            err.to_string().contains(&meta.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pages_newest_first_with_cursors_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LoopStore::open(dir.path().join("loops")).unwrap();
+        let mut ids = vec![];
+        for i in 0..5 {
+            ids.push(
+                store
+                    .create(new_loop("alice", &format!("l{i}")))
+                    .unwrap()
+                    .id,
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        store.create(new_loop("bob", "bob's")).unwrap();
+        let page = |after, before, limit| {
+            store
+                .list(
+                    "alice",
+                    false,
+                    &PageRequest {
+                        limit,
+                        after,
+                        before,
+                    },
+                )
+                .unwrap()
+        };
+        let first = page(None, None, 2);
+        assert_eq!(titles(&first), ["l4", "l3"]);
+        assert!(first.has_more);
+        let second = page(Some(ids[3]), None, 2);
+        assert_eq!(titles(&second), ["l2", "l1"]);
+        assert!(second.has_more);
+        let last = page(Some(ids[1]), None, 2);
+        assert_eq!(titles(&last), ["l0"]);
+        assert!(!last.has_more);
+        // before: the nearest newer ones, still newest first.
+        let back = page(None, Some(ids[1]), 2);
+        assert_eq!(titles(&back), ["l3", "l2"]);
+        assert!(back.has_more);
+        let top = page(None, Some(ids[3]), 2);
+        assert_eq!(titles(&top), ["l4"]);
+        assert!(!top.has_more);
+
+        // Activity reorders; archived loops are hidden unless asked for.
+        store
+            .update(ids[0], |r| r.last_active_at = ids::now())
+            .unwrap();
+        store.update(ids[4], |r| r.archived = true).unwrap();
+        assert_eq!(titles(&page(None, None, 10)), ["l0", "l3", "l2", "l1"]);
+        let all = store
+            .list(
+                "alice",
+                true,
+                &PageRequest {
+                    limit: 10,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(all.data.len(), 5);
+
+        // Someone else's loop is no cursor.
+        let bobs = store
+            .list(
+                "bob",
+                false,
+                &PageRequest {
+                    limit: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let err = store
+            .list(
+                "alice",
+                false,
+                &PageRequest {
+                    limit: 1,
+                    after: Some(bobs.data[0].id),
+                    before: None,
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid("invalid_cursor", _)));
+    }
+}

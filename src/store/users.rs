@@ -1,0 +1,233 @@
+//! `users.json`: accounts with argon2id password hashes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use argon2::password_hash::{PasswordHash, SaltString, rand_core::OsRng};
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{JsonStore, StoreError, valid_name};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UsersFile {
+    #[serde(default)]
+    pub users: BTreeMap<String, UserRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub admin: bool,
+    pub password_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A user as the rest of the server sees it (never the hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub admin: bool,
+}
+
+pub const MIN_PASSWORD_LEN: usize = 8;
+const MAX_PASSWORD_LEN: usize = 1024;
+
+pub struct UserStore {
+    file: JsonStore<UsersFile>,
+    /// Verified against when the user does not exist, so a login takes as long
+    /// for an unknown name as for a wrong password.
+    dummy_hash: OnceLock<String>,
+}
+
+impl UserStore {
+    pub fn open(path: PathBuf, lock: PathBuf) -> Result<Self, StoreError> {
+        Ok(Self {
+            file: JsonStore::open(path, lock)?,
+            dummy_hash: OnceLock::new(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.file.read().users.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<User> {
+        self.file.read().users.get(name).map(|r| User {
+            name: name.to_owned(),
+            admin: r.admin,
+        })
+    }
+
+    /// All users, sorted by name.
+    pub fn list(&self) -> Vec<User> {
+        self.file
+            .read()
+            .users
+            .iter()
+            .map(|(name, r)| User {
+                name: name.clone(),
+                admin: r.admin,
+            })
+            .collect()
+    }
+
+    pub fn add(&self, name: &str, admin: bool, password: &str) -> Result<User, StoreError> {
+        if !valid_name(name) {
+            return Err(StoreError::Invalid(
+                "invalid_username",
+                format!(
+                    "`{name}` is not a valid user name: use 1-64 letters, digits, `_`, `-` or `.`, not starting with `.`"
+                ),
+            ));
+        }
+        let password_hash = hash_password(checked(password)?)?;
+        self.file.update(|f| {
+            if f.users.contains_key(name) {
+                return Err(StoreError::Conflict(
+                    "user_exists",
+                    format!("user `{name}` already exists"),
+                ));
+            }
+            f.users.insert(
+                name.to_owned(),
+                UserRecord {
+                    admin,
+                    password_hash,
+                    created_at: crate::ids::now(),
+                },
+            );
+            Ok(User {
+                name: name.to_owned(),
+                admin,
+            })
+        })
+    }
+
+    pub fn set_password(&self, name: &str, password: &str) -> Result<(), StoreError> {
+        let password_hash = hash_password(checked(password)?)?;
+        self.file.update(|f| match f.users.get_mut(name) {
+            Some(r) => {
+                r.password_hash = password_hash;
+                Ok(())
+            }
+            None => Err(no_such_user(name)),
+        })
+    }
+
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        self.file.update(|f| match f.users.remove(name) {
+            Some(_) => Ok(()),
+            None => Err(no_such_user(name)),
+        })
+    }
+
+    /// The user, if the password is theirs. Slow on purpose (argon2id): call
+    /// it from a blocking thread.
+    pub fn verify(&self, name: &str, password: &str) -> Option<User> {
+        let users = self.file.read();
+        let record = users.users.get(name);
+        let dummy = || {
+            self.dummy_hash
+                .get_or_init(|| hash_password("not anyone's password").unwrap_or_default())
+                .as_str()
+        };
+        let hash = record.map_or_else(dummy, |r| r.password_hash.as_str());
+        let ok = PasswordHash::new(hash).is_ok_and(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        });
+        match record {
+            Some(r) if ok => Some(User {
+                name: name.to_owned(),
+                admin: r.admin,
+            }),
+            _ => None,
+        }
+    }
+}
+
+pub fn no_such_user(name: &str) -> StoreError {
+    StoreError::NotFound("user_not_found", format!("no user `{name}`"))
+}
+
+fn checked(password: &str) -> Result<&str, StoreError> {
+    let n = password.chars().count();
+    if n < MIN_PASSWORD_LEN || password.len() > MAX_PASSWORD_LEN {
+        return Err(StoreError::Invalid(
+            "invalid_password",
+            format!("a password needs {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters"),
+        ));
+    }
+    Ok(password)
+}
+
+fn hash_password(password: &str) -> Result<String, StoreError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| {
+            StoreError::io(
+                std::path::Path::new("argon2"),
+                std::io::Error::other(e.to_string()),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path) -> UserStore {
+        UserStore::open(dir.join("users.json"), dir.join(".lock")).unwrap()
+    }
+
+    #[test]
+    fn add_verify_passwd_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = open(dir.path());
+        assert!(users.is_empty());
+        users.add("alice", true, "correct horse").unwrap();
+        assert!(users.verify("alice", "correct horse").unwrap().admin);
+        assert!(users.verify("alice", "wrong password").is_none());
+        assert!(users.verify("nobody", "correct horse").is_none());
+
+        users.set_password("alice", "battery staple").unwrap();
+        assert!(users.verify("alice", "correct horse").is_none());
+        assert!(users.verify("alice", "battery staple").is_some());
+
+        // Stored as argon2id, never in plain text.
+        let raw = std::fs::read_to_string(dir.path().join("users.json")).unwrap();
+        assert!(raw.contains("$argon2id$") && !raw.contains("battery staple"));
+
+        users.remove("alice").unwrap();
+        assert!(users.get("alice").is_none());
+        assert!(matches!(
+            users.remove("alice"),
+            Err(StoreError::NotFound("user_not_found", _))
+        ));
+    }
+
+    #[test]
+    fn rejects_duplicates_bad_names_and_short_passwords() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = open(dir.path());
+        users.add("bob", false, "12345678").unwrap();
+        assert!(matches!(
+            users.add("bob", false, "12345678"),
+            Err(StoreError::Conflict("user_exists", _))
+        ));
+        assert!(matches!(
+            users.add("bad name", false, "12345678"),
+            Err(StoreError::Invalid("invalid_username", _))
+        ));
+        assert!(matches!(
+            users.add("carol", false, "short"),
+            Err(StoreError::Invalid("invalid_password", _))
+        ));
+        assert_eq!(users.list().len(), 1);
+    }
+}
