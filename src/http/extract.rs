@@ -4,8 +4,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use serde::de::DeserializeOwned;
-use serde_json::error::Category;
+use serde::de::{DeserializeOwned, IgnoredAny};
 
 use crate::error::ApiError;
 
@@ -36,15 +35,14 @@ where
         } else {
             &bytes
         };
+        // Syntax first (without building anything), so a broken body is
+        // always `invalid_json`, even where a type error would come earlier.
+        serde_json::from_slice::<IgnoredAny>(body).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        })?;
         serde_json::from_slice(body)
             .map(Json)
-            .map_err(|e| match e.classify() {
-                Category::Data => ApiError::bad_request("invalid_body", e.to_string()),
-                _ => ApiError::bad_request(
-                    "invalid_json",
-                    format!("the body is not valid JSON: {e}"),
-                ),
-            })
+            .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))
     }
 }
 

@@ -1,0 +1,223 @@
+//! `TestApp`: the real server on a loopback port over a temporary data
+//! directory, plus small HTTP helpers that return status and JSON.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use loopd::Config;
+use loopd::store::{Accounts, DataDir};
+use reqwest::{Method, StatusCode, header};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const PASSWORD: &str = "correct horse battery";
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _tmp: Option<TempDir>,
+    shutdown: CancellationToken,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    pub http: reqwest::Client,
+}
+
+/// How a request authenticates.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    None,
+    Bearer(String),
+    /// The `loopd_session` cookie value.
+    Cookie(String),
+}
+
+impl TestApp {
+    /// A server on a new data directory with users `alice` and `bob`
+    /// (members, password [`PASSWORD`]).
+    pub async fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let accounts = accounts(&dir);
+        for name in ["alice", "bob"] {
+            accounts.users.add(name, false, PASSWORD).unwrap();
+        }
+        let mut app = Self::start_with(Config::for_data_dir(&dir)).await;
+        app._tmp = Some(tmp);
+        app
+    }
+
+    /// A server with this configuration (its data directory is not removed).
+    pub async fn start_with(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dir = config.data_dir.clone();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(loopd::run(config, listener, shutdown.clone()));
+        let app = Self {
+            addr,
+            dir,
+            _tmp: None,
+            shutdown,
+            server: Some(server),
+            http: reqwest::Client::new(),
+        };
+        app.wait_until_healthy().await;
+        app
+    }
+
+    async fn wait_until_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = self.http.get(self.url("/healthz")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the server gracefully; returns the data directory's owner so a
+    /// test can start another server on it.
+    pub async fn stop(mut self) -> (PathBuf, Option<TempDir>) {
+        self.shutdown.cancel();
+        let result = self.server.take().unwrap().await.unwrap();
+        result.expect("server ended with an error");
+        (self.dir.clone(), self._tmp.take())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The accounts files as another process (the CLI) would open them.
+    pub fn accounts(&self) -> Accounts {
+        accounts(&self.dir)
+    }
+
+    pub fn request(&self, method: Method, path: &str, auth: &Auth) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, self.url(path));
+        match auth {
+            Auth::None => req,
+            Auth::Bearer(t) => req.bearer_auth(t),
+            Auth::Cookie(c) => req.header(header::COOKIE, format!("loopd_session={c}")),
+        }
+    }
+
+    /// Sends a request with an optional JSON body; returns status and JSON body
+    /// (`Value::Null` when empty).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        auth: &Auth,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.request(method, path, auth);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        read(req.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str, auth: &Auth) -> (StatusCode, Value) {
+        self.call(Method::GET, path, auth, None).await
+    }
+
+    pub async fn post(&self, path: &str, auth: &Auth, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, auth, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, auth: &Auth) -> (StatusCode, Value) {
+        self.call(Method::DELETE, path, auth, None).await
+    }
+
+    /// Logs in; returns the session cookie value.
+    pub async fn login(&self, user: &str, password: &str) -> String {
+        let resp = self
+            .http
+            .post(self.url("/api/auth/login"))
+            .json(&serde_json::json!({"username": user, "password": password}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "login as {user}");
+        session_from(&resp).expect("login sets the session cookie")
+    }
+
+    /// A session for `user` (password [`PASSWORD`]).
+    pub async fn session(&self, user: &str) -> Auth {
+        Auth::Cookie(self.login(user, PASSWORD).await)
+    }
+
+    /// A fresh API token for `user`, made through the API with their session.
+    pub async fn bearer(&self, user: &str) -> Auth {
+        let session = self.session(user).await;
+        let (status, body) = self
+            .post(
+                "/api/v1/me/tokens",
+                &session,
+                serde_json::json!({"label": "test"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        Auth::Bearer(body["token"].as_str().unwrap().to_owned())
+    }
+
+    /// Creates a loop; returns its id.
+    pub async fn create_loop(&self, auth: &Auth, body: Value) -> String {
+        let (status, body) = self.post("/api/v1/loops", auth, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn accounts(dir: &Path) -> Accounts {
+    Accounts::open(&DataDir::create(dir).unwrap()).unwrap()
+}
+
+pub async fn read(resp: reqwest::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let bytes = resp.bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+    };
+    (status, body)
+}
+
+/// The `loopd_session` value a response sets, if any.
+pub fn session_from(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("loopd_session="))
+        .map(|v| v.split(';').next().unwrap().to_owned())
+}
+
+/// Asserts an error response: status, envelope type and code.
+#[track_caller]
+pub fn assert_error(got: &(StatusCode, Value), status: u16, kind: &str, code: &str) {
+    let (s, body) = got;
+    assert_eq!(s.as_u16(), status, "{body}");
+    assert_eq!(body["error"]["type"], kind, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
