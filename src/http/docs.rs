@@ -25,7 +25,7 @@ const SCALAR_HTML: &str = r#"<!doctype html>
   <title>loopd API reference</title>
 </head>
 <body>
-  <script id="api-reference" type="application/json" data-configuration='{"withDefaultFonts":false,"hideClientButton":false}'>$spec</script>
+  <script id="api-reference" type="application/json" data-configuration='{"withDefaultFonts":false,"showDeveloperTools":"never","agent":{"disabled":true}}'>$spec</script>
   <script src="/api/v1/docs/scalar.js"></script>
 </body>
 </html>
