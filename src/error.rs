@@ -26,8 +26,9 @@ pub enum ApiError {
     PayloadTooLarge(&'static str, String),
     #[error("{1}")]
     RateLimited(&'static str, String),
+    /// 503: the server cannot take this now (it is shutting down).
     #[error("{1}")]
-    NotImplemented(&'static str, String),
+    Unavailable(&'static str, String),
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -86,7 +87,7 @@ impl ApiError {
             Self::Conflict(..) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
-            Self::NotImplemented(..) => StatusCode::NOT_IMPLEMENTED,
+            Self::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -102,7 +103,7 @@ impl ApiError {
             Self::NotFound(c, m) => ("not_found_error", *c, m.clone()),
             Self::Conflict(c, m) => ("conflict_error", *c, m.clone()),
             Self::RateLimited(c, m) => ("rate_limit_error", *c, m.clone()),
-            Self::NotImplemented(c, m) => ("not_implemented_error", *c, m.clone()),
+            Self::Unavailable(c, m) => ("unavailable_error", *c, m.clone()),
             Self::Internal(_) => (
                 "internal_error",
                 "internal_error",

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod runtime;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -48,11 +48,22 @@ pub async fn run(
     );
 
     let flusher = tokio::spawn(flush_periodically(state.accounts.clone(), shutdown.clone()));
+    // On shutdown, agents stop first and turns still running are closed in
+    // their logs, so open streams deliver that end before they close.
+    let streams = state.streams.clone();
+    let runtime = state.runtime.clone();
+    let stopping = shutdown.clone();
     let served = axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .with_graceful_shutdown(async move {
+            stopping.cancelled().await;
+            runtime.shutdown().await;
+            streams.cancel();
+        })
         .await
         .context("serving HTTP");
     shutdown.cancel();
+    state.runtime.shutdown().await;
+    state.streams.cancel();
     flusher.await?;
     flush_last_used(state.accounts.clone()).await;
     tracing::info!("loopd stopped");

@@ -6,6 +6,8 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::runtime::slots::Slots;
+use crate::runtime::{Runtime, Shared};
 use crate::store::{Accounts, Catalog, DataDir, LoopStore, StoreError};
 
 #[derive(Clone)]
@@ -14,25 +16,39 @@ pub struct AppState {
     pub accounts: Arc<Accounts>,
     pub loops: Arc<LoopStore>,
     pub catalog: Arc<Catalog>,
-    /// Cancelled when the server shuts down; long-lived streams end on it.
+    pub runtime: Arc<Runtime>,
+    /// Cancelled when the server begins to shut down.
     pub shutdown: CancellationToken,
+    /// Cancelled once agents have stopped; SSE streams end on it.
+    pub streams: CancellationToken,
     pub started_at: Instant,
 }
 
 impl AppState {
-    /// Opens every store of the data directory; a file that cannot be parsed
-    /// is an error naming it.
+    /// Opens every store of the data directory and every loop's event log;
+    /// a file that cannot be parsed is an error naming it.
     pub fn open(
         config: Config,
         dir: &DataDir,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
+        let config = Arc::new(config);
+        let loops = Arc::new(LoopStore::open(dir.loops())?);
+        let catalog = Arc::new(Catalog::new(dir.root()));
+        let runtime = Runtime::open(Shared {
+            config: config.clone(),
+            loops: loops.clone(),
+            catalog: catalog.clone(),
+            slots: Arc::new(Slots::new(config.max_agents)),
+        })?;
         Ok(Self {
             accounts: Arc::new(Accounts::open(dir)?),
-            loops: Arc::new(LoopStore::open(dir.loops())?),
-            catalog: Arc::new(Catalog::new(dir.root())),
-            config: Arc::new(config),
+            loops,
+            catalog,
+            runtime: Arc::new(runtime),
+            config,
             shutdown,
+            streams: CancellationToken::new(),
             started_at: Instant::now(),
         })
     }

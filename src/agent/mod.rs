@@ -1,8 +1,25 @@
-//! The agents behind loops: which kinds exist and the permission modes they
-//! understand. (The drivers themselves plug in here.)
+//! The agents behind loops. The runtime speaks to every agent through one
+//! interface: it sends [`AgentInput`]s and receives [`AgentOutput`]s over
+//! bounded channels, and stops it through its [`AgentHandle`].
+//!
+//! - `claude`: the Claude Code CLI as a child process ([`claude`]), whose
+//!   stream-json lines [`mapping::map_line`] turns into [`AgentEvent`]s;
+//! - `echo`: a built-in deterministic development agent ([`echo`]).
+
+pub mod claude;
+pub mod echo;
+pub mod env;
+pub mod mapping;
+pub mod process;
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
 use utoipa::ToSchema;
+
+use crate::runtime::events::Usage;
 
 /// Which agent runs behind every loop of this server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, clap::ValueEnum)]
@@ -35,4 +52,191 @@ pub enum PermissionMode {
     #[serde(rename = "auto")]
     #[value(name = "auto")]
     Auto,
+}
+
+impl PermissionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::AcceptEdits => "acceptEdits",
+            Self::BypassPermissions => "bypassPermissions",
+            Self::Plan => "plan",
+            Self::DontAsk => "dontAsk",
+            Self::Auto => "auto",
+        }
+    }
+
+    /// Modes loopd holds itself by answering permission requests (Claude Code
+    /// refuses `bypassPermissions` as root): allow or deny, with no prompt.
+    pub fn held_answer(self) -> Option<bool> {
+        match self {
+            Self::BypassPermissions => Some(true),
+            Self::DontAsk => Some(false),
+            _ => None,
+        }
+    }
+
+    /// The mode the agent process itself runs in for this mode.
+    pub fn agent_side(self) -> Self {
+        if self.held_answer().is_some() {
+            Self::Default
+        } else {
+            self
+        }
+    }
+}
+
+/// How a conversation starts: fresh with a known id, or resumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Session {
+    New(String),
+    Resume(String),
+}
+
+impl Session {
+    pub fn id(&self) -> &str {
+        match self {
+            Self::New(id) | Self::Resume(id) => id,
+        }
+    }
+}
+
+/// Everything an agent process is started with.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// Marks every process of this agent (see [`process::sweep`]).
+    pub marker: String,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub session: Session,
+    pub mode: PermissionMode,
+}
+
+/// What the runtime tells an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentInput {
+    User(String),
+    Answer {
+        request_id: String,
+        decision: Decision,
+    },
+    Interrupt,
+    SetMode(PermissionMode),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Allow, running the tool with this input (the original, or with answers).
+    Allow {
+        updated_input: Value,
+    },
+    Deny {
+        message: String,
+    },
+}
+
+/// What an agent reports, already in loopd's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    /// A turn began in the agent (Claude Code's `system/init`).
+    Init {
+        session_id: String,
+    },
+    TextDelta(String),
+    ThinkingDelta(String),
+    ToolCall {
+        tool_use_id: String,
+        tool: String,
+        input_summary: Option<String>,
+    },
+    ToolResult {
+        tool_use_id: String,
+        ok: bool,
+    },
+    /// The agent asks before using a tool (`AskUserQuestion` included).
+    PermissionRequest {
+        request_id: String,
+        tool: String,
+        input: Value,
+        title: Option<String>,
+    },
+    /// The agent withdrew a request (it was interrupted).
+    RequestCancelled {
+        request_id: String,
+    },
+    /// The answer to a control request loopd sent.
+    ControlResponse {
+        request_id: String,
+        error: Option<String>,
+    },
+    TurnEnd(TurnEnd),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnEnd {
+    Success {
+        usage: Usage,
+    },
+    /// The agent reported failure (API errors included).
+    Failed {
+        message: String,
+        usage: Usage,
+    },
+    /// The turn was cut short (interrupt, or a deny that interrupts).
+    Aborted {
+        usage: Usage,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentOutput {
+    Event(AgentEvent),
+    /// The agent is gone; `reason` says how (exit status, last stderr lines).
+    Exited {
+        reason: String,
+    },
+}
+
+/// A running agent: its channels and what stops it.
+pub struct AgentProcess {
+    pub input: mpsc::Sender<AgentInput>,
+    pub output: mpsc::Receiver<AgentOutput>,
+    pub handle: AgentHandle,
+}
+
+/// Stops an agent and everything it started.
+pub enum AgentHandle {
+    Claude(Box<claude::ClaudeHandle>),
+    Echo(tokio::task::JoinHandle<()>),
+}
+
+impl AgentHandle {
+    /// Ends the agent and every process it started, then reaps it. The input
+    /// channel should be dropped first (a graceful exit for Claude Code).
+    pub async fn stop(self) {
+        match self {
+            Self::Claude(handle) => (*handle).stop().await,
+            Self::Echo(task) => task.abort(),
+        }
+    }
+}
+
+/// Bound of the channels between the runtime and an agent.
+pub const CHANNEL: usize = 1024;
+
+/// Why an agent could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SpawnError(pub String);
+
+/// Starts an agent of this kind.
+pub fn spawn(
+    kind: AgentKind,
+    claude_bin: &std::path::Path,
+    spec: AgentSpec,
+) -> Result<AgentProcess, SpawnError> {
+    match kind {
+        AgentKind::Claude => claude::spawn(claude_bin, spec),
+        AgentKind::Echo => Ok(echo::spawn(spec)),
+    }
 }

@@ -33,8 +33,7 @@ pub async fn healthz(State(state): State<AppState>) -> axum::Json<Health> {
         version: env!("CARGO_PKG_VERSION"),
         uptime_s: state.started_at.elapsed().as_secs(),
         agent: config.agent,
-        // No agent processes exist until the loop runtime starts them.
-        live_agents: 0,
+        live_agents: state.runtime.slots().live(),
         max_agents: config.max_agents,
         warnings: config.agent_warning.iter().cloned().collect(),
     })

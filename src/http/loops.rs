@@ -202,8 +202,18 @@ pub async fn create_loop(
     Json(body): Json<CreateLoopRequest>,
 ) -> Result<(StatusCode, axum::Json<Loop>), ApiError> {
     let new = validate(&state, &caller, body)?;
-    let loops = state.loops.clone();
-    let record = blocking(move || Ok(loops.create(new)?)).await?;
+    let (loops, catalog) = (state.loops.clone(), state.catalog.clone());
+    let record = blocking(move || {
+        let record = loops.create(new)?;
+        if let Err(err) =
+            crate::runtime::workspace::prepare(&loops.loop_dir(record.id), &catalog, &record)
+        {
+            loops.discard(record.id);
+            return Err(err.into());
+        }
+        Ok(record)
+    })
+    .await?;
     tracing::info!(loop_id = %record.id, user = %record.created_by, "loop created");
     Ok((StatusCode::CREATED, axum::Json(record.into())))
 }
@@ -265,13 +275,21 @@ pub async fn get_loop(
     Path(id): Path<String>,
 ) -> Result<axum::Json<LoopDetail>, ApiError> {
     let record = owned_loop(&state, &caller, &id)?;
-    // No turn can run yet: the loop runtime that runs them is not built.
+    let log = state.runtime.log(record.id)?;
+    let (busy, queue_depth, turn_count, current_turn) = log.view(|v| {
+        let current = v.current.as_ref().map(|cur| CurrentTurn {
+            turn_id: v.turns[cur.turn].turn_id.clone(),
+            started_at: cur.started_at,
+            pending_choice_id: cur.pending.as_ref().map(|p| p.choice_id.clone()),
+        });
+        (v.busy(), v.queue.len(), v.turns.len() as u64, current)
+    });
     Ok(axum::Json(LoopDetail {
         resource: record.into(),
-        busy: false,
-        queue_depth: 0,
-        turn_count: 0,
-        current_turn: None,
+        busy,
+        queue_depth,
+        turn_count,
+        current_turn,
     }))
 }
 
@@ -306,5 +324,7 @@ pub async fn archive_loop(
         .await?;
         tracing::info!(loop_id = %record.id, "loop archived");
     }
+    // Stops its agent (and the agent's tools) if one runs.
+    state.runtime.archive(record.id).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -6,6 +6,7 @@ mod extract;
 mod health;
 mod loops;
 mod session;
+mod sse;
 mod tokens;
 mod turns;
 

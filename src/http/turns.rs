@@ -1,133 +1,321 @@
-//! Turns and their event streams: `messages`, `events`, `choices`,
-//! `interrupt` and `turns` of a loop. They check who is calling and whose
-//! loop it is, then answer 501 until the loop runtime that runs agents exists.
+//! Turns and their event streams: send a message (SSE of its turn), watch a
+//! loop (SSE, resumable), answer a choice, interrupt, list turns.
 
 use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
 
+use super::Json;
+use super::extract::Query;
 use super::loops::owned_loop;
-use crate::auth::Caller;
+use super::sse::{self, Scope};
+use crate::agent::PermissionMode;
+use crate::auth::{Caller, Via};
 use crate::error::{ApiError, ErrorEnvelope};
+use crate::ids;
+use crate::runtime::IdemKey;
+use crate::runtime::choices::ChoiceAnswer;
+use crate::runtime::events::{ChoiceSource, frame_without_id};
+use crate::runtime::turns::{self, TurnPage, TurnQuery};
 use crate::state::AppState;
 
-fn not_yet(state: &AppState, caller: &Caller, id: &str) -> ApiError {
-    match owned_loop(state, caller, id) {
-        Err(err) => err,
-        Ok(_) => ApiError::NotImplemented(
-            "not_implemented",
-            "this server cannot run agent turns yet".into(),
-        ),
-    }
+pub const MAX_CONTENT_BYTES: usize = 1024 * 1024;
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct SendMessageRequest {
+    /// The message (at most 1 MiB).
+    pub content: Option<String>,
+    /// A permission mode for this turn only: `default`, `acceptEdits`,
+    /// `bypassPermissions`, `plan`, `dontAsk` or `auto`.
+    #[schema(value_type = Option<PermissionMode>)]
+    pub permission_mode: Option<Value>,
 }
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Snapshot {
+    pub turn_id: String,
+    pub assistant_text_so_far: String,
+    pub pending_choice_id: Option<String>,
+    pub pending_choice: Option<Value>,
+}
+
+const STREAM_DOC: &str = "`event: <name>\\nid: <seq>\\ndata: <json>` frames: `queued`?, `started`, \
+    `assistant_delta`, `thinking_delta`, `tool_call`, `tool_result`, `requires_choice`, `choice_resolved`, \
+    then `done`, `interrupted` or `error`; `ping` every 15 s";
 
 /// Send a message; the response is the SSE stream of this message's turn.
 #[utoipa::path(
     post, path = "/api/v1/loops/{id}/messages", tag = "turns",
     params(
         ("id" = String, Path, description = "`loop_…`"),
-        ("Idempotency-Key" = Option<String>, Header, description = "At most 256 characters; a retry with the same key and body replays the turn"),
+        ("Idempotency-Key" = Option<String>, Header, description = "At most 256 characters; a retry with the same key and body replays the turn instead of sending again (24 h)"),
     ),
-    request_body(content = serde_json::Value, description = r#"`{"content": "…", "permission_mode"?: "default"|"acceptEdits"|…}`"#),
+    request_body = SendMessageRequest,
     responses(
-        (status = 200, content_type = "text/event-stream", body = String, description = "`queued`?, `started`, …, then `done`, `interrupted` or `error`"),
-        (status = 400, body = ErrorEnvelope),
+        (status = 200, content_type = "text/event-stream", body = String, description = STREAM_DOC),
+        (status = 400, body = ErrorEnvelope, description = "`missing_content`, `content_too_large`, `invalid_permission_mode`, `idempotency_key_too_long`, `loop_archived`"),
         (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope),
-        (status = 404, body = ErrorEnvelope),
-        (status = 501, body = ErrorEnvelope, description = "`not_implemented`"),
+        (status = 403, body = ErrorEnvelope, description = "`not_loop_owner`"),
+        (status = 404, body = ErrorEnvelope, description = "`loop_not_found`"),
+        (status = 409, body = ErrorEnvelope, description = "`idempotency_key_reused`"),
     )
 )]
 pub async fn send_message(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiError {
-    not_yet(&state, &caller, &id)
+    headers: HeaderMap,
+    Json(body): Json<SendMessageRequest>,
+) -> Result<Response, ApiError> {
+    let record = owned_loop(&state, &caller, &id)?;
+    let key = idempotency_key(&headers)?;
+    let content = match body.content {
+        Some(c) if !c.trim().is_empty() => c,
+        _ => {
+            return Err(ApiError::bad_request(
+                "missing_content",
+                "`content` is required and cannot be empty",
+            ));
+        }
+    };
+    if content.len() > MAX_CONTENT_BYTES {
+        return Err(ApiError::bad_request(
+            "content_too_large",
+            "`content` is larger than 1 MiB",
+        ));
+    }
+    let mode = match body.permission_mode {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(serde_json::from_value::<PermissionMode>(value.clone()).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_permission_mode",
+                format!("{value} is not a permission mode (default, acceptEdits, bypassPermissions, plan, dontAsk, auto)"),
+            )
+        })?),
+    };
+    if record.archived {
+        return Err(ApiError::bad_request(
+            "loop_archived",
+            "this loop is archived",
+        ));
+    }
+    let idem = key.map(|key| IdemKey {
+        key,
+        body_hash: ids::sha256_hex(&json!([record.id.to_string(), content, mode]).to_string()),
+    });
+    let accepted = state
+        .runtime
+        .send(&caller.user_id, &record, content, mode, idem)
+        .await?;
+    if accepted.replayed {
+        tracing::info!(loop_id = %record.id, turn_id = %accepted.turn_id, "idempotent replay");
+    }
+    let follower = accepted.log.follow(accepted.seq);
+    let stream = sse::stream(
+        None,
+        follower,
+        Scope::Turn(accepted.turn),
+        state.streams.clone(),
+        accepted.log,
+    );
+    Ok(sse::response(stream))
 }
 
-/// Watch a loop's events without sending; resume with `Last-Event-ID` or `?after=SEQ`.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value.to_str().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be visible ASCII",
+        )
+    })?;
+    if key.chars().count() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::bad_request(
+            "idempotency_key_too_long",
+            "Idempotency-Key has at most 256 characters",
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Replay every event with a greater seq first (like `Last-Event-ID`).
+    pub after: Option<u64>,
+}
+
+/// Watch a loop's events without sending. Without a cursor, a running turn
+/// is summed up in a `snapshot` first; with `Last-Event-ID` or `?after=SEQ`,
+/// every later event is replayed from the log, then followed live.
 #[utoipa::path(
     get, path = "/api/v1/loops/{id}/events", tag = "turns",
     params(
         ("id" = String, Path, description = "`loop_…`"),
-        ("after" = Option<u64>, Query, description = "Replay events with a greater seq first"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "As `after`"),
+        EventsQuery,
+        ("Last-Event-ID" = Option<u64>, Header, description = "As `after` (what EventSource sends on reconnect)"),
     ),
     responses(
-        (status = 200, content_type = "text/event-stream", body = String, description = "`snapshot` first while a turn runs, then every event"),
+        (status = 200, content_type = "text/event-stream", body = String, description = "`snapshot` (no id) first while a turn runs without a cursor; then every event, `user_message` included"),
+        (status = 400, body = ErrorEnvelope, description = "`invalid_query`, `invalid_cursor`"),
         (status = 401, body = ErrorEnvelope),
         (status = 403, body = ErrorEnvelope),
         (status = 404, body = ErrorEnvelope),
-        (status = 501, body = ErrorEnvelope, description = "`not_implemented`"),
     )
 )]
 pub async fn watch_events(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiError {
-    not_yet(&state, &caller, &id)
+    headers: HeaderMap,
+    Query(query): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let record = owned_loop(&state, &caller, &id)?;
+    let last_event_id = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_cursor", "Last-Event-ID must be an event seq")
+                })?,
+        ),
+        None => None,
+    };
+    let log = state.runtime.log(record.id)?;
+    let (first, follower) = match query.after.or(last_event_id) {
+        Some(after) => (None, log.follow(after)),
+        None => log.follow_from_now(|v| {
+            v.current.as_ref().map(|cur| {
+                let pending = cur.pending.as_ref();
+                frame_without_id(
+                    "snapshot",
+                    &Snapshot {
+                        turn_id: v.turns[cur.turn].turn_id.clone(),
+                        assistant_text_so_far: cur.text.clone(),
+                        pending_choice_id: pending.map(|p| p.choice_id.clone()),
+                        pending_choice: pending
+                            .map(|p| json!({"choice_id": p.choice_id, "kind": p.kind, "payload": p.payload})),
+                    },
+                )
+            })
+        }),
+    };
+    let stream = sse::stream(
+        first,
+        follower,
+        Scope::Everything,
+        state.streams.clone(),
+        log,
+    );
+    Ok(sse::response(stream))
 }
 
-/// Answer a pending permission or question choice.
+/// Answer a pending permission (`{"allow": bool}`) or question
+/// (`{"answers": {"<question>": "<label>" | ["<label>", …]}}`).
 #[utoipa::path(
     post, path = "/api/v1/loops/{id}/choices/{choiceId}", tag = "turns",
     params(
         ("id" = String, Path, description = "`loop_…`"),
         ("choiceId" = String, Path, description = "`choice_…`"),
     ),
-    request_body(content = serde_json::Value, description = r#"`{"allow": bool}` or `{"answers": {question: label}}`"#),
+    request_body(content = Value, description = r#"`{"allow": true}` / `{"allow": false, "message"?: "why"}` / `{"answers": {"Which color?": "Blue"}}`"#),
     responses(
-        (status = 202, description = "Accepted"),
+        (status = 202, body = Value, description = "Accepted; the stream says `choice_resolved`"),
         (status = 400, body = ErrorEnvelope, description = "`invalid_choice_payload`"),
-        (status = 404, body = ErrorEnvelope, description = "`choice_not_found`"),
-        (status = 501, body = ErrorEnvelope, description = "`not_implemented`"),
+        (status = 401, body = ErrorEnvelope),
+        (status = 403, body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope, description = "`choice_not_found`, `loop_not_found`"),
     )
 )]
 pub async fn answer_choice(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, _choice)): Path<(String, String)>,
-) -> ApiError {
-    not_yet(&state, &caller, &id)
+    Path((id, choice_id)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let record = owned_loop(&state, &caller, &id)?;
+    let answer = ChoiceAnswer::parse(&body)?;
+    let source = match caller.via {
+        Via::Session => ChoiceSource::Web,
+        Via::Token => ChoiceSource::Api,
+    };
+    state
+        .runtime
+        .answer(record.id, choice_id.clone(), answer, source)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"choice_id": choice_id})),
+    ))
 }
 
-/// Interrupt the running turn.
+/// Interrupt the running turn; its streams end with `interrupted`.
 #[utoipa::path(
     post, path = "/api/v1/loops/{id}/interrupt", tag = "turns",
     params(("id" = String, Path, description = "`loop_…`")),
     responses(
-        (status = 202, description = "Accepted"),
+        (status = 202, body = Value, description = r#"`{"turn_id": "turn_…"}`, or `null` when no turn was running"#),
+        (status = 401, body = ErrorEnvelope),
+        (status = 403, body = ErrorEnvelope),
         (status = 404, body = ErrorEnvelope),
-        (status = 501, body = ErrorEnvelope, description = "`not_implemented`"),
     )
 )]
 pub async fn interrupt(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiError {
-    not_yet(&state, &caller, &id)
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let record = owned_loop(&state, &caller, &id)?;
+    let turn_id = state.runtime.interrupt(record.id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"turn_id": turn_id})),
+    ))
 }
 
-/// The conversation as turns, newest `limit` in chronological order.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TurnsQuery {
+    /// 1–100 (clamped); default 20.
+    pub limit: Option<usize>,
+    /// `turn_…`: the turns just before it.
+    pub before: Option<String>,
+    /// `turn_…`: the turns just after it.
+    pub after: Option<String>,
+}
+
+/// The conversation as turns: the newest `limit`, oldest first.
 #[utoipa::path(
     get, path = "/api/v1/loops/{id}/turns", tag = "turns",
-    params(
-        ("id" = String, Path, description = "`loop_…`"),
-        ("limit" = Option<usize>, Query, description = "1–100, default 20"),
-        ("before" = Option<String>, Query, description = "`turn_…`: page back"),
-        ("after" = Option<String>, Query, description = "`turn_…`: page forward"),
-    ),
+    params(("id" = String, Path, description = "`loop_…`"), TurnsQuery),
     responses(
-        (status = 200, body = serde_json::Value, description = r#"`{"data","first_id","last_id","has_more"}`"#),
+        (status = 200, body = TurnPage),
+        (status = 400, body = ErrorEnvelope, description = "`invalid_query`, `invalid_cursor`"),
+        (status = 401, body = ErrorEnvelope),
+        (status = 403, body = ErrorEnvelope),
         (status = 404, body = ErrorEnvelope),
-        (status = 501, body = ErrorEnvelope, description = "`not_implemented`"),
     )
 )]
 pub async fn list_turns(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiError {
-    not_yet(&state, &caller, &id)
+    Query(query): Query<TurnsQuery>,
+) -> Result<axum::Json<TurnPage>, ApiError> {
+    let record = owned_loop(&state, &caller, &id)?;
+    let log = state.runtime.log(record.id)?;
+    let query = TurnQuery {
+        limit: query.limit.unwrap_or(20).clamp(1, 100),
+        before: query.before,
+        after: query.after,
+    };
+    let page = tokio::task::spawn_blocking(move || turns::page(&log, &query)).await??;
+    Ok(axum::Json(page))
 }

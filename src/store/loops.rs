@@ -199,6 +199,16 @@ impl LoopStore {
         Ok(record)
     }
 
+    /// Every loop's id.
+    pub fn ids(&self) -> Vec<LoopId> {
+        self.index
+            .read()
+            .expect("loop index poisoned")
+            .keys()
+            .copied()
+            .collect()
+    }
+
     pub fn get(&self, id: LoopId) -> Option<LoopRecord> {
         self.index
             .read()
@@ -228,6 +238,13 @@ impl LoopStore {
                 .insert(id, record.clone());
         }
         Ok(Some(record))
+    }
+
+    /// Forgets a loop whose creation could not be completed, and its files.
+    pub fn discard(&self, id: LoopId) {
+        let _w = self.writer.lock().expect("loop writer poisoned");
+        self.index.write().expect("loop index poisoned").remove(&id);
+        let _ = fs::remove_dir_all(self.loop_dir(id));
     }
 
     /// One page of a user's loops, most recently active first. `after` gives

@@ -288,35 +288,6 @@ async fn unknown_and_malformed_loop_ids_are_not_found() {
 }
 
 #[tokio::test]
-async fn stream_endpoints_answer_not_implemented_for_an_owned_loop() {
-    let app = TestApp::start().await;
-    let bearer = app.bearer("alice").await;
-    let id = app.create_loop(&bearer, json!({})).await;
-    let path = format!("/api/v1/loops/{id}");
-    let calls = [
-        app.post(
-            &format!("{path}/messages"),
-            &bearer,
-            json!({"content": "hi"}),
-        )
-        .await,
-        app.get(&format!("{path}/events"), &bearer).await,
-        app.post(
-            &format!("{path}/choices/choice_1"),
-            &bearer,
-            json!({"allow": true}),
-        )
-        .await,
-        app.post(&format!("{path}/interrupt"), &bearer, json!({}))
-            .await,
-        app.get(&format!("{path}/turns"), &bearer).await,
-    ];
-    for got in calls {
-        assert_error(&got, 501, "not_implemented_error", "not_implemented");
-    }
-}
-
-#[tokio::test]
 async fn bodies_over_two_mebibytes_are_refused() {
     let app = TestApp::start().await;
     let bearer = app.bearer("alice").await;

@@ -4,6 +4,7 @@
 mod auth;
 mod cli;
 mod docs;
+mod echo;
 mod lifecycle;
 mod loops;
 mod support;

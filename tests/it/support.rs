@@ -221,3 +221,189 @@ pub fn assert_error(got: &(StatusCode, Value), status: u16, kind: &str, code: &s
         "{body}"
     );
 }
+
+/// One server-sent event as a client sees it.
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub name: String,
+    pub id: Option<u64>,
+    pub data: Value,
+}
+
+/// Reads SSE frames from a streaming response (pings are skipped).
+pub struct SseStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    pub raw: String,
+}
+
+pub const TERMINAL: [&str; 3] = ["done", "interrupted", "error"];
+
+impl SseStream {
+    pub fn new(resp: reqwest::Response) -> Self {
+        assert_eq!(resp.status(), StatusCode::OK, "expected a stream");
+        let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(ct.starts_with("text/event-stream"), "{ct}");
+        Self {
+            resp,
+            buf: Vec::new(),
+            raw: String::new(),
+        }
+    }
+
+    /// The next event, or `None` when the stream ended. Panics after 20 s.
+    pub async fn next(&mut self) -> Option<Sse> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let frame: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let text = String::from_utf8(frame).unwrap();
+                self.raw.push_str(&text);
+                let (mut name, mut id, mut data) = (String::new(), None, String::new());
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        name = v.to_owned();
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.parse().unwrap());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                if name == "ping" {
+                    continue;
+                }
+                return Some(Sse {
+                    name,
+                    id,
+                    data: serde_json::from_str(&data).unwrap(),
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.resp.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.buf.extend_from_slice(&chunk),
+                Ok(Ok(None)) => return None,
+                Ok(Err(e)) => panic!("stream failed: {e}"),
+                Err(_) => panic!("no event within 20 s; so far:\n{}", self.raw),
+            }
+        }
+    }
+
+    /// Events up to and including the first named `name`.
+    pub async fn until(&mut self, name: &str) -> Vec<Sse> {
+        let mut out = Vec::new();
+        loop {
+            let event = self
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("stream ended before `{name}`:\n{}", self.raw));
+            let found = event.name == name;
+            out.push(event);
+            if found {
+                return out;
+            }
+        }
+    }
+
+    /// Events up to and including the end of a turn.
+    pub async fn until_end(&mut self) -> Vec<Sse> {
+        let mut out = Vec::new();
+        loop {
+            let event = self
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("stream ended before the turn did:\n{}", self.raw));
+            let end = TERMINAL.contains(&event.name.as_str());
+            out.push(event);
+            if end {
+                return out;
+            }
+        }
+    }
+
+    /// Asserts the server closes the stream next.
+    pub async fn assert_closed(&mut self) {
+        if let Some(event) = self.next().await {
+            panic!("expected the stream to end, got {event:?}");
+        }
+    }
+}
+
+/// The names of a list of events.
+pub fn names(events: &[Sse]) -> Vec<&str> {
+    events.iter().map(|e| e.name.as_str()).collect()
+}
+
+/// The assistant text in a list of events.
+pub fn text(events: &[Sse]) -> String {
+    events
+        .iter()
+        .filter(|e| e.name == "assistant_delta")
+        .map(|e| e.data["text"].as_str().unwrap())
+        .collect()
+}
+
+impl TestApp {
+    /// Sends a message; returns its turn's stream.
+    pub async fn send(&self, auth: &Auth, loop_id: &str, content: &str) -> SseStream {
+        self.send_with(auth, loop_id, serde_json::json!({"content": content}), None)
+            .await
+    }
+
+    pub async fn send_with(
+        &self,
+        auth: &Auth,
+        loop_id: &str,
+        body: Value,
+        key: Option<&str>,
+    ) -> SseStream {
+        let mut req = self
+            .request(
+                Method::POST,
+                &format!("/api/v1/loops/{loop_id}/messages"),
+                auth,
+            )
+            .json(&body);
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        SseStream::new(req.send().await.unwrap())
+    }
+
+    /// Opens `GET /events`, optionally resuming after a seq (`Last-Event-ID`).
+    pub async fn watch(&self, auth: &Auth, loop_id: &str, last_event_id: Option<u64>) -> SseStream {
+        let mut req = self.request(
+            Method::GET,
+            &format!("/api/v1/loops/{loop_id}/events"),
+            auth,
+        );
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id.to_string());
+        }
+        SseStream::new(req.send().await.unwrap())
+    }
+
+    /// Answers a choice; returns the status and body.
+    pub async fn choose(
+        &self,
+        auth: &Auth,
+        loop_id: &str,
+        choice_id: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        self.post(
+            &format!("/api/v1/loops/{loop_id}/choices/{choice_id}"),
+            auth,
+            body,
+        )
+        .await
+    }
+}
+
+/// Polls `check` until it returns true or 20 s pass.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

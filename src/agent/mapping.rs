@@ -1,0 +1,311 @@
+//! From Claude Code's stream-json stdout lines to [`AgentEvent`]s: one pure
+//! function, [`map_line`], plus the little it must remember between lines.
+//!
+//! - Text and thinking stream as `stream_event` deltas; the `assistant` line
+//!   that repeats a finished block is skipped (unless nothing streamed for
+//!   that message).
+//! - A tool call is announced by its `assistant` `tool_use` block (when its
+//!   input is complete), its outcome by the `user` `tool_result`
+//!   (`is_error` → not ok).
+//! - `result` ends the turn. API errors come as `subtype:"success"` with
+//!   `is_error:true`, which is a failure. An interrupt is
+//!   `error_during_execution` with an `aborted_*` terminal reason.
+//! - `can_use_tool` control requests ask for permission.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{AgentEvent, TurnEnd};
+use crate::runtime::events::Usage;
+
+/// What mapping remembers between lines of one agent process.
+#[derive(Debug, Default, Clone)]
+pub struct MapState {
+    /// The id of the message now streaming (from `message_start`).
+    streaming: Option<String>,
+    /// Whether text or thinking deltas streamed for it.
+    streamed: bool,
+    /// `total_cost_usd` is cumulative per process; a turn's cost is the step.
+    cost_so_far: f64,
+}
+
+#[derive(Deserialize)]
+struct Line<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    subtype: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    event: Option<StreamEvent<'a>>,
+    #[serde(default)]
+    message: Option<Value>,
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    request: Option<Value>,
+    #[serde(default)]
+    response: Option<Value>,
+    // `result`
+    #[serde(default)]
+    is_error: Option<bool>,
+    #[serde(default)]
+    result: Option<String>,
+    #[serde(default)]
+    errors: Option<Vec<String>>,
+    #[serde(default)]
+    terminal_reason: Option<String>,
+    #[serde(default)]
+    usage: Option<ResultUsage>,
+    #[serde(default)]
+    total_cost_usd: Option<f64>,
+    #[serde(default)]
+    duration_ms: Option<u64>,
+    /// Set on the synthetic `assistant` message of an API error.
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default)]
+    message: Option<MessageStart>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    thinking: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct MessageStart {
+    #[serde(default)]
+    id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ResultUsage {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+/// Maps one stdout line. Lines that are not JSON, and kinds loopd does not
+/// use (status, hooks, task notices…), map to nothing.
+pub fn map_line(state: &mut MapState, line: &str) -> Vec<AgentEvent> {
+    let Ok(line) = serde_json::from_str::<Line>(line) else {
+        return Vec::new();
+    };
+    match line.kind.as_ref() {
+        "stream_event" => line.event.map_or_else(Vec::new, |e| stream_event(state, e)),
+        "system" if line.subtype.as_deref() == Some("init") => line
+            .session_id
+            .map(|session_id| vec![AgentEvent::Init { session_id }])
+            .unwrap_or_default(),
+        "assistant" => assistant(state, line.message.as_ref(), line.error.is_some()),
+        "user" => tool_results(line.message.as_ref()),
+        "result" => vec![AgentEvent::TurnEnd(result(state, &line))],
+        "control_request" => control_request(line.request_id, line.request),
+        "control_cancel_request" => line
+            .request_id
+            .map(|request_id| vec![AgentEvent::RequestCancelled { request_id }])
+            .unwrap_or_default(),
+        "control_response" => control_response(line.response),
+        _ => Vec::new(),
+    }
+}
+
+fn stream_event(state: &mut MapState, event: StreamEvent) -> Vec<AgentEvent> {
+    match event.kind.as_ref() {
+        "message_start" => {
+            state.streaming = event.message.and_then(|m| m.id);
+            state.streamed = false;
+            Vec::new()
+        }
+        "content_block_delta" => {
+            let Some(delta) = event.delta else {
+                return Vec::new();
+            };
+            let out = match (delta.kind.as_ref(), delta.text, delta.thinking) {
+                ("text_delta", Some(text), _) if !text.is_empty() => {
+                    AgentEvent::TextDelta(text.into_owned())
+                }
+                ("thinking_delta", _, Some(thinking)) if !thinking.is_empty() => {
+                    AgentEvent::ThinkingDelta(thinking.into_owned())
+                }
+                _ => return Vec::new(),
+            };
+            state.streamed = true;
+            vec![out]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn assistant(state: &MapState, message: Option<&Value>, synthetic_error: bool) -> Vec<AgentEvent> {
+    let Some(message) = message else {
+        return Vec::new();
+    };
+    let synthetic = synthetic_error || message["model"] == "<synthetic>";
+    let already_streamed = state.streamed
+        && message["id"]
+            .as_str()
+            .is_some_and(|id| state.streaming.as_deref() == Some(id));
+    let mut out = Vec::new();
+    for block in message["content"].as_array().into_iter().flatten() {
+        match block["type"].as_str() {
+            Some("tool_use") => {
+                let tool = block["name"].as_str().unwrap_or_default().to_owned();
+                out.push(AgentEvent::ToolCall {
+                    tool_use_id: block["id"].as_str().unwrap_or_default().to_owned(),
+                    input_summary: input_summary(&tool, &block["input"]),
+                    tool,
+                });
+            }
+            // Text that never streamed (no partial messages for it) is sent
+            // whole; an API error's synthetic text is reported by `result`.
+            Some("text") if !already_streamed && !synthetic => {
+                if let Some(text) = block["text"].as_str().filter(|t| !t.is_empty()) {
+                    out.push(AgentEvent::TextDelta(text.to_owned()));
+                }
+            }
+            Some("thinking") if !already_streamed && !synthetic => {
+                if let Some(text) = block["thinking"].as_str().filter(|t| !t.is_empty()) {
+                    out.push(AgentEvent::ThinkingDelta(text.to_owned()));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn tool_results(message: Option<&Value>) -> Vec<AgentEvent> {
+    let blocks = message.and_then(|m| m["content"].as_array());
+    blocks
+        .into_iter()
+        .flatten()
+        .filter(|b| b["type"] == "tool_result")
+        .map(|b| AgentEvent::ToolResult {
+            tool_use_id: b["tool_use_id"].as_str().unwrap_or_default().to_owned(),
+            ok: !b["is_error"].as_bool().unwrap_or(false),
+        })
+        .collect()
+}
+
+fn result(state: &mut MapState, line: &Line) -> TurnEnd {
+    let reported = line.usage.as_ref();
+    let cost = line.total_cost_usd.map(|total| {
+        let step = (total - state.cost_so_far).max(0.0);
+        state.cost_so_far = total;
+        step
+    });
+    let usage = Usage {
+        input_tokens: reported.and_then(|u| u.input_tokens),
+        output_tokens: reported.and_then(|u| u.output_tokens),
+        cache_read_input_tokens: reported.and_then(|u| u.cache_read_input_tokens),
+        cost_usd: cost,
+        duration_ms: line.duration_ms,
+    };
+    let is_error = line.is_error.unwrap_or(false);
+    let subtype = line.subtype.as_deref().unwrap_or("");
+    if !is_error && subtype == "success" {
+        return TurnEnd::Success { usage };
+    }
+    if subtype == "error_during_execution"
+        && line
+            .terminal_reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("aborted"))
+    {
+        return TurnEnd::Aborted { usage };
+    }
+    let message = line
+        .result
+        .clone()
+        .filter(|r| !r.is_empty())
+        .or_else(|| {
+            line.errors
+                .as_ref()
+                .map(|e| e.join("; "))
+                .filter(|e| !e.is_empty())
+        })
+        .unwrap_or_else(|| format!("the agent ended the turn with `{subtype}`"));
+    TurnEnd::Failed { message, usage }
+}
+
+fn control_request(request_id: Option<String>, request: Option<Value>) -> Vec<AgentEvent> {
+    let (Some(request_id), Some(request)) = (request_id, request) else {
+        return Vec::new();
+    };
+    if request["subtype"] != "can_use_tool" {
+        return Vec::new();
+    }
+    vec![AgentEvent::PermissionRequest {
+        request_id,
+        tool: request["tool_name"].as_str().unwrap_or_default().to_owned(),
+        input: request
+            .get("input")
+            .cloned()
+            .unwrap_or(Value::Object(Default::default())),
+        title: request["title"].as_str().map(str::to_owned),
+    }]
+}
+
+fn control_response(response: Option<Value>) -> Vec<AgentEvent> {
+    let Some(response) = response else {
+        return Vec::new();
+    };
+    let Some(request_id) = response["request_id"].as_str() else {
+        return Vec::new();
+    };
+    let error = (response["subtype"] == "error")
+        .then(|| response["error"].as_str().unwrap_or("error").to_owned());
+    vec![AgentEvent::ControlResponse {
+        request_id: request_id.to_owned(),
+        error,
+    }]
+}
+
+/// A short human summary of a tool's input: the command, path, pattern or
+/// URL it acts on, else the input as compact JSON; at most 200 characters.
+pub fn input_summary(tool: &str, input: &Value) -> Option<String> {
+    let field = match tool {
+        "Bash" => "command",
+        "Read" | "Write" | "Edit" | "MultiEdit" => "file_path",
+        "NotebookEdit" => "notebook_path",
+        "Glob" | "Grep" => "pattern",
+        "WebFetch" => "url",
+        "WebSearch" => "query",
+        "Task" | "Agent" => "description",
+        _ => "",
+    };
+    let text = match input.get(field).and_then(Value::as_str) {
+        Some(s) => s.to_owned(),
+        None if input.as_object().is_some_and(|o| o.is_empty()) || input.is_null() => return None,
+        None => input.to_string(),
+    };
+    Some(truncate(&text, 200))
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}

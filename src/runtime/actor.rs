@@ -1,0 +1,960 @@
+//! The one task per live loop: it owns the loop's agent process and its turn
+//! queue, runs turns one at a time in arrival order, and writes every event
+//! to the loop's log. The rest of the server talks to it with [`Command`]s.
+//!
+//! A turn is `queued` (waiting behind another turn or for an agent slot),
+//! then running from `started` to one of `done`, `interrupted`, `error`. A
+//! message goes to the agent only after the previous turn's end, and only
+//! one turn runs at a time, so the agent never merges two messages.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+
+use super::Shared;
+use super::choices::{self, ChoiceAnswer};
+use super::events::{
+    ChoiceKind, ChoiceSource, Event, IdemRecord, Origin, new_choice_id, new_turn_id,
+};
+use super::log::{Append, EventLog};
+use crate::agent::{
+    self, AgentEvent, AgentHandle, AgentInput, AgentOutput, AgentSpec, Decision, PermissionMode,
+    Session, TurnEnd,
+};
+use crate::error::ApiError;
+use crate::store::LoopId;
+
+/// How long an interrupted agent may take to end its turn before it is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+/// While waiting for an agent slot, how often to ask an idle loop for one.
+const SLOT_RETRY: Duration = Duration::from_millis(250);
+
+pub enum Command {
+    Send {
+        content: String,
+        mode: Option<PermissionMode>,
+        idem: Option<IdemRecord>,
+        reply: oneshot::Sender<Result<Sent, ApiError>>,
+    },
+    Answer {
+        choice_id: String,
+        answer: ChoiceAnswer,
+        source: ChoiceSource,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    /// Replies with the interrupted turn's id, if a turn was running.
+    Interrupt {
+        reply: oneshot::Sender<Option<String>>,
+    },
+    /// Give the agent back if it is idle (another loop needs the slot).
+    Reclaim,
+    Stop {
+        reason: StopReason,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Archived,
+    Shutdown,
+}
+
+/// A message accepted: its turn and the seq of its `user_message`.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub turn_id: String,
+    pub seq: u64,
+    pub turn: usize,
+}
+
+struct Pending {
+    turn_id: String,
+    content: String,
+    mode: Option<PermissionMode>,
+    /// `queued` was already said for it.
+    announced: bool,
+}
+
+struct Live {
+    input: mpsc::Sender<AgentInput>,
+    output: mpsc::Receiver<AgentOutput>,
+    handle: AgentHandle,
+    permit: OwnedSemaphorePermit,
+    /// The permission mode the agent process is in now.
+    mode: PermissionMode,
+    session: Session,
+    /// No turn has begun in this process yet.
+    fresh: bool,
+}
+
+struct Choice {
+    choice_id: String,
+    request_id: String,
+    kind: ChoiceKind,
+    input: Value,
+}
+
+struct Running {
+    turn_id: String,
+    /// The message, kept to send again if a resume fails (user turns only).
+    content: Option<String>,
+    mode: PermissionMode,
+    started: bool,
+    cold: bool,
+    history_lost: bool,
+    pending: Option<Choice>,
+    interrupt_deadline: Option<Instant>,
+}
+
+type SlotWait = Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send>>;
+
+pub struct Actor {
+    id: LoopId,
+    shared: Arc<Shared>,
+    log: Arc<EventLog>,
+    commands: mpsc::Receiver<Command>,
+    me: mpsc::Sender<Command>,
+    queue: VecDeque<Pending>,
+    agent: Option<Live>,
+    turn: Option<Running>,
+    waiting_slot: Option<SlotWait>,
+    last_activity: Instant,
+    /// Events gathered while handling one wake-up, written in one go.
+    out: Vec<Append>,
+}
+
+enum Wake {
+    Command(Option<Command>),
+    Output(Vec<AgentOutput>),
+    Slot(OwnedSemaphorePermit),
+    Idle,
+    InterruptOverdue,
+    SlotRetry,
+}
+
+impl Actor {
+    pub fn new(
+        id: LoopId,
+        shared: Arc<Shared>,
+        log: Arc<EventLog>,
+        commands: mpsc::Receiver<Command>,
+        me: mpsc::Sender<Command>,
+    ) -> Self {
+        Self {
+            id,
+            shared,
+            log,
+            commands,
+            me,
+            queue: VecDeque::new(),
+            agent: None,
+            turn: None,
+            waiting_slot: None,
+            last_activity: Instant::now(),
+            out: Vec::new(),
+        }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            self.start_next().await;
+            self.flush();
+            match self.wait().await {
+                Wake::Command(Some(Command::Stop { reason, reply })) => {
+                    self.stop(reason).await;
+                    let _ = reply.send(());
+                    return;
+                }
+                Wake::Command(Some(cmd)) => self.command(cmd).await,
+                Wake::Command(None) => {
+                    self.stop(StopReason::Shutdown).await;
+                    return;
+                }
+                Wake::Output(batch) => {
+                    for output in batch {
+                        self.output(output).await;
+                    }
+                }
+                Wake::Slot(permit) => {
+                    self.waiting_slot = None;
+                    self.spawn_agent(permit, false).await;
+                }
+                Wake::Idle => self.idle().await,
+                Wake::InterruptOverdue => self.interrupt_overdue().await,
+                Wake::SlotRetry => {
+                    self.shared.slots.reclaim_one(self.id);
+                }
+            }
+            self.flush();
+        }
+    }
+
+    async fn wait(&mut self) -> Wake {
+        let idle_at = self.idle_deadline();
+        let overdue_at = self.turn.as_ref().and_then(|t| t.interrupt_deadline);
+        let waiting = self.waiting_slot.is_some();
+        let Self {
+            commands,
+            agent,
+            waiting_slot,
+            ..
+        } = self;
+        tokio::select! {
+            cmd = commands.recv() => Wake::Command(cmd),
+            batch = next_outputs(agent) => Wake::Output(batch),
+            permit = async { waiting_slot.as_mut().expect("guarded").await }, if waiting => Wake::Slot(permit),
+            () = sleep_until(idle_at) => Wake::Idle,
+            () = sleep_until(overdue_at) => Wake::InterruptOverdue,
+            () = tokio::time::sleep(SLOT_RETRY), if waiting => Wake::SlotRetry,
+        }
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        let timeout = self.shared.config.idle_timeout;
+        match &self.turn {
+            // A choice nobody answers counts as idle.
+            Some(t) if t.pending.is_some() => Some(self.last_activity + timeout),
+            Some(_) => None,
+            None if self.agent.is_some() && self.queue.is_empty() => {
+                Some(self.last_activity + timeout)
+            }
+            None => None,
+        }
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out.push(event.into());
+    }
+
+    /// Writes the gathered events to the log (one write).
+    fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.out);
+        let ends_turn = batch.iter().any(|a| a.event.is_terminal());
+        if let Err(err) = self.log.append(batch) {
+            tracing::error!(loop_id = %self.id, error = %err, "could not write the event log");
+        }
+        if ends_turn {
+            let log = self.log.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(err) = log.sync() {
+                    tracing::warn!(error = %err, "could not sync the event log");
+                }
+            });
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send {
+                content,
+                mode,
+                idem,
+                reply,
+            } => {
+                let _ = reply.send(self.accept(content, mode, idem));
+            }
+            Command::Answer {
+                choice_id,
+                answer,
+                source,
+                reply,
+            } => {
+                let _ = reply.send(self.answer(&choice_id, &answer, source).await);
+            }
+            Command::Interrupt { reply } => {
+                let _ = reply.send(self.interrupt().await);
+            }
+            Command::Reclaim => {
+                if self.turn.is_none() && self.queue.is_empty() && self.agent.is_some() {
+                    self.stop_agent(false).await;
+                }
+            }
+            Command::Stop { .. } => unreachable!("handled in run"),
+        }
+    }
+
+    /// Logs the message (and `queued` if it must wait) and queues its turn.
+    fn accept(
+        &mut self,
+        content: String,
+        mode: Option<PermissionMode>,
+        idem: Option<IdemRecord>,
+    ) -> Result<Sent, ApiError> {
+        self.flush();
+        let turn_id = new_turn_id();
+        let waiting = self.turn.is_some() || !self.queue.is_empty() || self.waiting_slot.is_some();
+        let mut batch = vec![Append {
+            event: Event::UserMessage {
+                turn_id: turn_id.clone(),
+                content: content.clone(),
+                created_at: crate::ids::now(),
+            },
+            idem,
+        }];
+        if waiting {
+            batch.push(
+                Event::Queued {
+                    turn_id: turn_id.clone(),
+                    position: self.queue.len() + 1,
+                }
+                .into(),
+            );
+        }
+        let written = self.log.append(batch).map_err(ApiError::from)?;
+        let (seq, turn) = written[0];
+        self.queue.push_back(Pending {
+            turn_id: turn_id.clone(),
+            content,
+            mode,
+            announced: waiting,
+        });
+        self.last_activity = Instant::now();
+        self.touch_meta();
+        Ok(Sent {
+            turn_id,
+            seq,
+            turn: turn.expect("a user message opens a turn"),
+        })
+    }
+
+    fn touch_meta(&self) {
+        let loops = self.shared.loops.clone();
+        let id = self.id;
+        tokio::task::spawn_blocking(move || {
+            if let Err(err) = loops.update(id, |r| r.last_active_at = crate::ids::now()) {
+                tracing::warn!(loop_id = %id, error = %err, "could not record loop activity");
+            }
+        });
+    }
+
+    /// Starts queued turns while nothing runs (getting an agent if needed).
+    async fn start_next(&mut self) {
+        while self.turn.is_none() && self.waiting_slot.is_none() && !self.queue.is_empty() {
+            if self.agent.is_none() {
+                match self.shared.slots.try_acquire() {
+                    Some(permit) => {
+                        if !self.spawn_agent(permit, false).await {
+                            continue;
+                        }
+                    }
+                    None => {
+                        let first = self.queue.front_mut().expect("queue is not empty");
+                        if !first.announced {
+                            first.announced = true;
+                            let turn_id = first.turn_id.clone();
+                            self.emit(Event::Queued {
+                                turn_id,
+                                position: 1,
+                            });
+                        }
+                        self.waiting_slot = Some(Box::pin(self.shared.slots.clone().acquire()));
+                        self.shared.slots.reclaim_one(self.id);
+                        return;
+                    }
+                }
+            }
+            let next = self.queue.pop_front().expect("queue is not empty");
+            self.begin(next);
+        }
+    }
+
+    /// Starts the agent process. On failure the first queued turn ends with
+    /// `agent_unavailable` and `false` is returned.
+    async fn spawn_agent(&mut self, permit: OwnedSemaphorePermit, fresh_session: bool) -> bool {
+        match self.prepare_spec(fresh_session).await {
+            Ok(spec) => {
+                let session = spec.session.clone();
+                let mode = spec.mode.agent_side();
+                let config = &self.shared.config;
+                match agent::spawn(config.agent, &config.claude_bin, spec) {
+                    Ok(process) => {
+                        self.agent = Some(Live {
+                            input: process.input,
+                            output: process.output,
+                            handle: process.handle,
+                            permit,
+                            mode,
+                            session,
+                            fresh: true,
+                        });
+                        return true;
+                    }
+                    Err(err) => self.fail_first_queued("agent_unavailable", err.0),
+                }
+            }
+            Err(message) => self.fail_first_queued("agent_unavailable", message),
+        }
+        false
+    }
+
+    fn fail_first_queued(&mut self, code: &str, message: String) {
+        tracing::warn!(loop_id = %self.id, code, %message, "a turn could not start");
+        if let Some(p) = self.queue.pop_front() {
+            self.emit(Event::Error {
+                turn_id: Some(p.turn_id),
+                code: code.into(),
+                message,
+            });
+        }
+    }
+
+    /// Everything the agent starts with: workspace, environment, session.
+    async fn prepare_spec(&mut self, fresh_session: bool) -> Result<AgentSpec, String> {
+        let shared = self.shared.clone();
+        let id = self.id;
+        tokio::task::spawn_blocking(move || {
+            let record = shared.loops.get(id).ok_or("the loop is gone")?;
+            let loop_dir = shared.loops.loop_dir(id);
+            let workspace = loop_dir.join("workspace");
+            let cwd = if workspace.is_dir() {
+                workspace
+            } else {
+                super::workspace::prepare(&loop_dir, &shared.catalog, &record)
+                    .map_err(|e| e.to_string())?
+            };
+            let vault_path = shared.catalog.vault_path(&record.vault);
+            let vault = if vault_path.is_file() {
+                agent::env::read_vault(&vault_path)?
+            } else {
+                Vec::new()
+            };
+            let marker = id.0.to_string();
+            let env =
+                agent::env::build(std::env::vars(), &shared.config.agent_env, &vault, &marker);
+            let session = match (&record.agent_session_id, fresh_session) {
+                (Some(sid), false) => Session::Resume(sid.clone()),
+                _ => {
+                    let sid = uuid::Uuid::new_v4().to_string();
+                    shared
+                        .loops
+                        .update(id, |r| r.agent_session_id = Some(sid.clone()))
+                        .map_err(|e| e.to_string())?;
+                    Session::New(sid)
+                }
+            };
+            Ok(AgentSpec {
+                marker,
+                cwd,
+                env,
+                session,
+                mode: shared.config.permission_mode,
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Sends a queued message to the (live) agent.
+    fn begin(&mut self, pending: Pending) {
+        let default = self.shared.config.permission_mode;
+        let mode = pending.mode.unwrap_or(default);
+        let live = self.agent.as_mut().expect("an agent is live");
+        let cold = live.fresh;
+        live.fresh = false;
+        if mode.agent_side() != live.mode {
+            live.mode = mode.agent_side();
+            let _ = live.input.try_send(AgentInput::SetMode(live.mode));
+        }
+        let _ = live
+            .input
+            .try_send(AgentInput::User(pending.content.clone()));
+        self.shared.slots.set_busy(self.id);
+        self.turn = Some(Running {
+            turn_id: pending.turn_id.clone(),
+            content: Some(pending.content),
+            mode,
+            started: false,
+            cold,
+            history_lost: false,
+            pending: None,
+            interrupt_deadline: None,
+        });
+        self.last_activity = Instant::now();
+        // A warm agent starts at once; a cold one when it says it began.
+        if !cold {
+            self.ensure_started();
+        }
+    }
+
+    /// Emits `started` for the running turn if not yet done.
+    fn ensure_started(&mut self) {
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        if !turn.started {
+            turn.started = true;
+            let event = Event::Started {
+                turn_id: turn.turn_id.clone(),
+                cold_start: turn.cold,
+                origin: None,
+                history_lost: turn.history_lost,
+            };
+            self.emit(event);
+        }
+    }
+
+    /// The running turn's id; output while no turn runs opens an agent turn.
+    fn current_turn(&mut self) -> String {
+        if self.turn.is_none() {
+            let turn_id = new_turn_id();
+            self.shared.slots.set_busy(self.id);
+            self.turn = Some(Running {
+                turn_id: turn_id.clone(),
+                content: None,
+                mode: self.shared.config.permission_mode,
+                started: true,
+                cold: false,
+                history_lost: false,
+                pending: None,
+                interrupt_deadline: None,
+            });
+            self.emit(Event::Started {
+                turn_id,
+                cold_start: false,
+                origin: Some(Origin::Agent),
+                history_lost: false,
+            });
+        }
+        self.ensure_started();
+        self.turn.as_ref().expect("a turn runs").turn_id.clone()
+    }
+
+    async fn output(&mut self, output: AgentOutput) {
+        self.last_activity = Instant::now();
+        match output {
+            AgentOutput::Event(event) => self.agent_event(event).await,
+            AgentOutput::Exited { reason } => self.agent_exited(reason).await,
+        }
+    }
+
+    async fn agent_event(&mut self, event: AgentEvent) {
+        match event {
+            AgentEvent::Init { .. } => self.ensure_started(),
+            AgentEvent::TextDelta(text) => {
+                let turn_id = self.current_turn();
+                self.emit(Event::AssistantDelta { turn_id, text });
+            }
+            AgentEvent::ThinkingDelta(text) => {
+                let turn_id = self.current_turn();
+                self.emit(Event::ThinkingDelta { turn_id, text });
+            }
+            AgentEvent::ToolCall {
+                tool_use_id,
+                tool,
+                input_summary,
+            } => {
+                let turn_id = self.current_turn();
+                self.emit(Event::ToolCall {
+                    turn_id,
+                    tool_use_id,
+                    tool,
+                    input_summary,
+                });
+            }
+            AgentEvent::ToolResult { tool_use_id, ok } => {
+                let turn_id = self.current_turn();
+                self.emit(Event::ToolResult {
+                    turn_id,
+                    tool_use_id,
+                    ok,
+                });
+            }
+            AgentEvent::PermissionRequest {
+                request_id,
+                tool,
+                input,
+                title,
+            } => {
+                self.permission_request(request_id, tool, input, title);
+            }
+            AgentEvent::RequestCancelled { request_id } => {
+                if let Some(turn) = self.turn.as_mut()
+                    && turn
+                        .pending
+                        .as_ref()
+                        .is_some_and(|p| p.request_id == request_id)
+                {
+                    turn.pending = None;
+                }
+            }
+            AgentEvent::ControlResponse {
+                request_id,
+                error: Some(error),
+            } => {
+                tracing::warn!(loop_id = %self.id, %request_id, %error, "the agent refused a control request");
+            }
+            AgentEvent::ControlResponse { .. } => {}
+            AgentEvent::TurnEnd(end) => self.turn_end(end).await,
+        }
+    }
+
+    fn permission_request(
+        &mut self,
+        request_id: String,
+        tool: String,
+        input: Value,
+        title: Option<String>,
+    ) {
+        let turn_id = self.current_turn();
+        let kind = choices::kind_of(&tool);
+        let held = self.turn.as_ref().and_then(|t| t.mode.held_answer());
+        if let (ChoiceKind::Permission, Some(allow)) = (kind, held) {
+            // The loop holds this mode itself: answer without asking anyone.
+            let decision = if allow {
+                Decision::Allow {
+                    updated_input: input,
+                }
+            } else {
+                Decision::Deny {
+                    message: format!(
+                        "Permission to use {tool} was denied: this turn runs in don't-ask mode."
+                    ),
+                }
+            };
+            self.send_to_agent(AgentInput::Answer {
+                request_id,
+                decision,
+            });
+            return;
+        }
+        let choice_id = new_choice_id();
+        let payload = choices::payload(kind, &tool, &input, title.as_deref());
+        if let Some(turn) = self.turn.as_mut() {
+            turn.pending = Some(Choice {
+                choice_id: choice_id.clone(),
+                request_id,
+                kind,
+                input,
+            });
+        }
+        self.emit(Event::RequiresChoice {
+            turn_id,
+            choice_id,
+            kind,
+            payload,
+        });
+    }
+
+    fn send_to_agent(&mut self, input: AgentInput) {
+        if let Some(live) = &self.agent
+            && live.input.try_send(input).is_err()
+        {
+            tracing::warn!(loop_id = %self.id, "the agent is not taking input");
+        }
+    }
+
+    async fn turn_end(&mut self, end: TurnEnd) {
+        let Some(turn) = self.turn.as_ref() else {
+            return;
+        };
+        if let TurnEnd::Failed { message, .. } = &end
+            && self.resume_failed(message)
+        {
+            return self.restart_fresh().await;
+        }
+        let turn_id = turn.turn_id.clone();
+        let interrupted = turn.interrupt_deadline.is_some();
+        self.ensure_started();
+        let event = match end {
+            _ if interrupted => Event::Interrupted { turn_id },
+            TurnEnd::Aborted { .. } => Event::Interrupted { turn_id },
+            TurnEnd::Success { usage } => Event::Done {
+                turn_id,
+                usage: Some(usage),
+            },
+            TurnEnd::Failed { message, .. } => Event::Error {
+                turn_id: Some(turn_id),
+                code: "agent_error".into(),
+                message,
+            },
+        };
+        self.emit(event);
+        self.finish_turn();
+    }
+
+    /// A cold turn on a resumed conversation that failed before it began:
+    /// the conversation could not be resumed.
+    fn resume_failed(&self, message: &str) -> bool {
+        let resumed = matches!(
+            self.agent.as_ref().map(|a| &a.session),
+            Some(Session::Resume(_))
+        );
+        let turn = self.turn.as_ref();
+        resumed
+            && turn.is_some_and(|t| t.cold && !t.started && t.content.is_some())
+            && (message.is_empty() || message.contains("No conversation found"))
+    }
+
+    /// Starts a fresh conversation for the running turn and sends its
+    /// message again; its `started` will say `history_lost`.
+    async fn restart_fresh(&mut self) {
+        tracing::warn!(loop_id = %self.id, "the conversation could not be resumed; starting a fresh one");
+        let Some(permit) = self.stop_agent_keep_permit().await else {
+            return;
+        };
+        let mut turn = self.turn.take().expect("a turn runs");
+        if !self.spawn_fresh(permit).await {
+            self.emit(Event::Error {
+                turn_id: Some(turn.turn_id),
+                code: "agent_unavailable".into(),
+                message:
+                    "the conversation could not be resumed, and a fresh one could not be started"
+                        .into(),
+            });
+            return;
+        }
+        let live = self.agent.as_mut().expect("just spawned");
+        live.fresh = false;
+        if turn.mode.agent_side() != live.mode {
+            live.mode = turn.mode.agent_side();
+            let _ = live.input.try_send(AgentInput::SetMode(live.mode));
+        }
+        let content = turn.content.clone().unwrap_or_default();
+        let _ = live.input.try_send(AgentInput::User(content));
+        turn.history_lost = true;
+        self.turn = Some(turn);
+    }
+
+    async fn spawn_fresh(&mut self, permit: OwnedSemaphorePermit) -> bool {
+        match self.prepare_spec(true).await {
+            Ok(spec) => {
+                let session = spec.session.clone();
+                let mode = spec.mode.agent_side();
+                let config = &self.shared.config;
+                match agent::spawn(config.agent, &config.claude_bin, spec) {
+                    Ok(p) => {
+                        self.agent = Some(Live {
+                            input: p.input,
+                            output: p.output,
+                            handle: p.handle,
+                            permit,
+                            mode,
+                            session,
+                            fresh: true,
+                        });
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn agent_exited(&mut self, reason: String) {
+        if self.turn.is_some() && self.resume_failed("") {
+            return self.restart_fresh().await;
+        }
+        tracing::warn!(loop_id = %self.id, %reason, "the agent exited");
+        if let Some(turn) = self.turn.as_ref() {
+            let turn_id = turn.turn_id.clone();
+            self.ensure_started();
+            self.emit(Event::Error {
+                turn_id: Some(turn_id),
+                code: "agent_crashed".into(),
+                message: reason,
+            });
+            self.finish_turn();
+        }
+        self.stop_agent(false).await;
+    }
+
+    fn finish_turn(&mut self) {
+        self.turn = None;
+        self.last_activity = Instant::now();
+        let base = self.shared.config.permission_mode.agent_side();
+        if let Some(live) = self.agent.as_mut() {
+            if live.mode != base {
+                live.mode = base;
+                let _ = live.input.try_send(AgentInput::SetMode(base));
+            }
+            self.shared.slots.set_idle(self.id, self.me.clone());
+        }
+    }
+
+    async fn answer(
+        &mut self,
+        choice_id: &str,
+        answer: &ChoiceAnswer,
+        source: ChoiceSource,
+    ) -> Result<(), ApiError> {
+        let not_pending = || {
+            ApiError::not_found(
+                "choice_not_found",
+                format!("no pending choice `{choice_id}`"),
+            )
+        };
+        let turn = self.turn.as_mut().ok_or_else(not_pending)?;
+        let pending = turn
+            .pending
+            .as_ref()
+            .filter(|p| p.choice_id == choice_id)
+            .ok_or_else(not_pending)?;
+        let decision = choices::decide(pending.kind, &pending.input, answer)?;
+        let request_id = pending.request_id.clone();
+        let turn_id = turn.turn_id.clone();
+        turn.pending = None;
+        self.last_activity = Instant::now();
+        self.send_to_agent(AgentInput::Answer {
+            request_id,
+            decision,
+        });
+        self.emit(Event::ChoiceResolved {
+            turn_id,
+            choice_id: choice_id.to_owned(),
+            source,
+            answer: Some(answer.to_json()),
+        });
+        Ok(())
+    }
+
+    async fn interrupt(&mut self) -> Option<String> {
+        let turn = self.turn.as_mut()?;
+        let turn_id = turn.turn_id.clone();
+        if turn.interrupt_deadline.is_none() {
+            turn.interrupt_deadline = Some(Instant::now() + INTERRUPT_GRACE);
+            // The agent withdraws its own pending request when interrupted.
+            turn.pending = None;
+            self.send_to_agent(AgentInput::Interrupt);
+        }
+        Some(turn_id)
+    }
+
+    /// The agent did not end an interrupted turn in time: end it by force.
+    async fn interrupt_overdue(&mut self) {
+        let Some(turn) = self.turn.as_ref() else {
+            return;
+        };
+        tracing::warn!(loop_id = %self.id, "the agent did not stop when interrupted; killing it");
+        let turn_id = turn.turn_id.clone();
+        self.ensure_started();
+        self.emit(Event::Interrupted { turn_id });
+        self.finish_turn();
+        self.stop_agent(false).await;
+    }
+
+    async fn idle(&mut self) {
+        if let Some(turn) = self.turn.as_ref() {
+            if turn.pending.is_some() {
+                let turn_id = turn.turn_id.clone();
+                self.emit(Event::Error {
+                    turn_id: Some(turn_id),
+                    code: "sandbox_evicted".into(),
+                    message: "the agent was reclaimed while it waited for an answer".into(),
+                });
+                self.turn = None;
+                self.stop_agent(false).await;
+            }
+        } else if self.agent.is_some() {
+            tracing::info!(loop_id = %self.id, "reclaiming an idle agent");
+            self.stop_agent(false).await;
+        }
+    }
+
+    /// Ends the agent process and everything it started. `wait`: return only
+    /// once it is gone (otherwise it ends in the background).
+    async fn stop_agent(&mut self, wait: bool) {
+        self.shared.slots.set_busy(self.id);
+        let Some(live) = self.agent.take() else {
+            return;
+        };
+        let Live {
+            input,
+            handle,
+            permit,
+            ..
+        } = live;
+        drop(input); // closes the agent's stdin
+        let ending = async move {
+            handle.stop().await;
+            drop(permit);
+        };
+        if wait {
+            ending.await;
+        } else {
+            tokio::spawn(ending);
+        }
+    }
+
+    /// Like [`Self::stop_agent`] with waiting, but keeps the slot for a respawn.
+    async fn stop_agent_keep_permit(&mut self) -> Option<OwnedSemaphorePermit> {
+        let live = self.agent.take()?;
+        let Live {
+            input,
+            handle,
+            permit,
+            ..
+        } = live;
+        drop(input);
+        handle.stop().await;
+        Some(permit)
+    }
+
+    async fn stop(&mut self, reason: StopReason) {
+        if self.turn.is_some() {
+            self.send_to_agent(AgentInput::Interrupt);
+        }
+        self.stop_agent(true).await;
+        let (code, message) = match reason {
+            StopReason::Archived => ("loop_archived", "the loop was archived"),
+            StopReason::Shutdown => (
+                "server_restarted",
+                "the server stopped while this turn was running",
+            ),
+        };
+        if let Some(turn) = self.turn.take() {
+            let turn_id = turn.turn_id;
+            let event = if turn.started && reason == StopReason::Archived {
+                Event::Interrupted { turn_id }
+            } else {
+                Event::Error {
+                    turn_id: Some(turn_id),
+                    code: code.into(),
+                    message: message.into(),
+                }
+            };
+            self.emit(event);
+        }
+        for pending in std::mem::take(&mut self.queue) {
+            self.emit(Event::Error {
+                turn_id: Some(pending.turn_id),
+                code: code.into(),
+                message: message.into(),
+            });
+        }
+        self.flush();
+        if let Err(err) = self.log.sync() {
+            tracing::warn!(error = %err, "could not sync the event log");
+        }
+    }
+}
+
+async fn next_outputs(agent: &mut Option<Live>) -> Vec<AgentOutput> {
+    let Some(live) = agent.as_mut() else {
+        return std::future::pending().await;
+    };
+    let mut batch = Vec::new();
+    if live.output.recv_many(&mut batch, 256).await == 0 {
+        // The agent's side is gone without a word.
+        batch.push(AgentOutput::Exited {
+            reason: "the agent's output ended".into(),
+        });
+    }
+    batch
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,306 @@
+//! Permission and question choices: the `requires_choice` payload made from
+//! an agent's request, and the agent's decision made from an HTTP answer.
+
+use serde_json::{Map, Value, json};
+
+use super::events::ChoiceKind;
+use crate::agent::Decision;
+use crate::agent::mapping::input_summary;
+use crate::error::ApiError;
+
+/// The tool whose permission request is really a question to the user.
+pub const QUESTION_TOOL: &str = "AskUserQuestion";
+
+/// An answer's shape, checked before anything else.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChoiceAnswer {
+    Allow {
+        allow: bool,
+        message: Option<String>,
+    },
+    Answers(Map<String, Value>),
+}
+
+impl ChoiceAnswer {
+    /// `{"allow": bool, "message"?: string}` or `{"answers": {question: label | [labels]}}`.
+    pub fn parse(body: &Value) -> Result<Self, ApiError> {
+        let bad = || {
+            ApiError::bad_request(
+                "invalid_choice_payload",
+                r#"answer a permission with {"allow": true|false} and a question with {"answers": {"<question>": "<label>"}}"#,
+            )
+        };
+        let obj = body.as_object().ok_or_else(bad)?;
+        match (obj.get("allow"), obj.get("answers")) {
+            (Some(Value::Bool(allow)), None) => Ok(Self::Allow {
+                allow: *allow,
+                message: obj
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            }),
+            (None, Some(Value::Object(answers))) if !answers.is_empty() => {
+                let shaped = answers.values().all(|v| match v {
+                    Value::String(_) => true,
+                    Value::Array(items) => items.iter().all(Value::is_string),
+                    _ => false,
+                });
+                if shaped {
+                    Ok(Self::Answers(answers.clone()))
+                } else {
+                    Err(bad())
+                }
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The JSON kept with `choice_resolved`.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::Allow { allow, .. } => json!({"allow": allow}),
+            Self::Answers(answers) => json!({"answers": answers}),
+        }
+    }
+}
+
+pub fn kind_of(tool: &str) -> ChoiceKind {
+    if tool == QUESTION_TOOL {
+        ChoiceKind::Question
+    } else {
+        ChoiceKind::Permission
+    }
+}
+
+/// The payload of `requires_choice`.
+pub fn payload(kind: ChoiceKind, tool: &str, input: &Value, title: Option<&str>) -> Value {
+    match kind {
+        ChoiceKind::Permission => {
+            let mut p = json!({
+                "tool": tool,
+                "input_summary": input_summary(tool, input),
+                "input": input,
+            });
+            if let Some(title) = title {
+                p["title"] = json!(title);
+            }
+            p
+        }
+        ChoiceKind::Question => {
+            let questions: Vec<Value> = input["questions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|q| {
+                    let options: Vec<Value> = q["options"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|o| {
+                            let mut opt = json!({"label": o["label"]});
+                            if let Some(d) = o.get("description").filter(|d| d.is_string()) {
+                                opt["description"] = d.clone();
+                            }
+                            opt
+                        })
+                        .collect();
+                    let mut out = json!({
+                        "question": q["question"],
+                        "options": options,
+                        "multi_select": q["multiSelect"].as_bool().unwrap_or(false),
+                    });
+                    if let Some(h) = q.get("header").filter(|h| h.is_string()) {
+                        out["header"] = h.clone();
+                    }
+                    out
+                })
+                .collect();
+            json!({"questions": questions})
+        }
+    }
+}
+
+/// The agent's decision for an answer, or why the answer does not fit.
+pub fn decide(
+    kind: ChoiceKind,
+    input: &Value,
+    answer: &ChoiceAnswer,
+) -> Result<Decision, ApiError> {
+    let misfit = |want: &str| {
+        ApiError::bad_request(
+            "invalid_choice_payload",
+            format!(
+                "this choice is a {}; answer it with {want}",
+                match kind {
+                    ChoiceKind::Permission => "permission",
+                    ChoiceKind::Question => "question",
+                }
+            ),
+        )
+    };
+    match (kind, answer) {
+        (ChoiceKind::Permission, ChoiceAnswer::Allow { allow: true, .. }) => Ok(Decision::Allow {
+            updated_input: input.clone(),
+        }),
+        (
+            ChoiceKind::Permission,
+            ChoiceAnswer::Allow {
+                allow: false,
+                message,
+            },
+        ) => Ok(Decision::Deny {
+            message: message
+                .clone()
+                .unwrap_or_else(|| "The user denied this tool use.".to_owned()),
+        }),
+        (ChoiceKind::Permission, _) => Err(misfit(r#"{"allow": true|false}"#)),
+        (ChoiceKind::Question, ChoiceAnswer::Answers(answers)) => {
+            let asked: Vec<&str> = input["questions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|q| q["question"].as_str())
+                .collect();
+            if let Some(unknown) = answers.keys().find(|k| !asked.contains(&k.as_str())) {
+                return Err(ApiError::bad_request(
+                    "invalid_choice_payload",
+                    format!("`{unknown}` is not one of the questions asked"),
+                ));
+            }
+            // Claude Code takes one string per question; several labels are comma-joined.
+            let joined: Map<String, Value> = answers
+                .iter()
+                .map(|(q, a)| {
+                    let text = match a {
+                        Value::Array(items) => items
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        other => other.as_str().unwrap_or_default().to_owned(),
+                    };
+                    (q.clone(), Value::String(text))
+                })
+                .collect();
+            let mut updated = input.clone();
+            updated["answers"] = Value::Object(joined);
+            Ok(Decision::Allow {
+                updated_input: updated,
+            })
+        }
+        (ChoiceKind::Question, _) => Err(misfit(r#"{"answers": {"<question>": "<label>"}}"#)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(err: ApiError) -> &'static str {
+        match err {
+            ApiError::BadRequest(code, _) => code,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn answer_shapes() {
+        let table = [
+            (json!({"allow": true}), true),
+            (json!({"allow": false, "message": "not now"}), true),
+            (json!({"answers": {"Q?": "A"}}), true),
+            (json!({"answers": {"Q?": ["A", "B"]}}), true),
+            (json!({}), false),
+            (json!({"allow": "yes"}), false),
+            (json!({"answers": {}}), false),
+            (json!({"answers": {"Q?": 1}}), false),
+            (json!({"allow": true, "answers": {"Q?": "A"}}), false),
+            (json!([true]), false),
+        ];
+        for (body, ok) in table {
+            assert_eq!(ChoiceAnswer::parse(&body).is_ok(), ok, "{body}");
+        }
+    }
+
+    #[test]
+    fn permission_answers_become_allow_with_the_input_or_deny() {
+        let input = json!({"command": "touch x", "description": "Create file"});
+        let allow = decide(
+            ChoiceKind::Permission,
+            &input,
+            &ChoiceAnswer::parse(&json!({"allow": true})).unwrap(),
+        );
+        assert_eq!(
+            allow.unwrap(),
+            Decision::Allow {
+                updated_input: input.clone()
+            }
+        );
+        let deny = decide(
+            ChoiceKind::Permission,
+            &input,
+            &ChoiceAnswer::parse(&json!({"allow": false})).unwrap(),
+        );
+        assert!(matches!(deny.unwrap(), Decision::Deny { .. }));
+        let misfit = decide(
+            ChoiceKind::Permission,
+            &input,
+            &ChoiceAnswer::parse(&json!({"answers": {"a": "b"}})).unwrap(),
+        );
+        assert_eq!(code(misfit.unwrap_err()), "invalid_choice_payload");
+    }
+
+    #[test]
+    fn question_answers_are_keyed_by_question_text_and_joined() {
+        let input = json!({"questions": [
+            {"question": "Which color do you prefer?", "header": "Color", "multiSelect": false,
+             "options": [{"label": "Red", "description": "Warm color"}, {"label": "Blue", "description": "Cool color"}]},
+            {"question": "Which sizes do you need?", "header": "Sizes", "multiSelect": true,
+             "options": [{"label": "S", "description": "Small"}, {"label": "M", "description": "Medium"}, {"label": "L", "description": "Large"}]}
+        ]});
+        let answer = ChoiceAnswer::parse(&json!({"answers": {
+            "Which color do you prefer?": "Blue", "Which sizes do you need?": ["S", "L"]
+        }}))
+        .unwrap();
+        let Decision::Allow { updated_input } =
+            decide(ChoiceKind::Question, &input, &answer).unwrap()
+        else {
+            panic!("a question answer allows");
+        };
+        assert_eq!(updated_input["questions"], input["questions"]);
+        assert_eq!(
+            updated_input["answers"],
+            json!({"Which color do you prefer?": "Blue", "Which sizes do you need?": "S, L"})
+        );
+        let unknown = ChoiceAnswer::parse(&json!({"answers": {"Other?": "x"}})).unwrap();
+        assert_eq!(
+            code(decide(ChoiceKind::Question, &input, &unknown).unwrap_err()),
+            "invalid_choice_payload"
+        );
+        let allow = ChoiceAnswer::parse(&json!({"allow": true})).unwrap();
+        assert_eq!(
+            code(decide(ChoiceKind::Question, &input, &allow).unwrap_err()),
+            "invalid_choice_payload"
+        );
+
+        let p = payload(ChoiceKind::Question, QUESTION_TOOL, &input, None);
+        assert_eq!(p["questions"][1]["multi_select"], true);
+        assert_eq!(p["questions"][0]["header"], "Color");
+        assert_eq!(
+            p["questions"][0]["options"][1],
+            json!({"label": "Blue", "description": "Cool color"})
+        );
+    }
+
+    #[test]
+    fn permission_payload_has_tool_summary_and_input() {
+        let input = json!({"command": "touch perm_test.txt", "description": "Create file"});
+        let p = payload(ChoiceKind::Permission, "Bash", &input, None);
+        assert_eq!(
+            p,
+            json!({"tool": "Bash", "input_summary": "touch perm_test.txt", "input": input})
+        );
+        assert_eq!(kind_of("AskUserQuestion"), ChoiceKind::Question);
+        assert_eq!(kind_of("Write"), ChoiceKind::Permission);
+    }
+}

@@ -1,0 +1,397 @@
+//! The v1 event vocabulary (what streams carry and `events.jsonl` keeps),
+//! and the one serialization that yields both the log line and the SSE frame.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::ids;
+
+/// `turn_<16 hex>`.
+pub fn new_turn_id() -> String {
+    format!("turn_{}", ids::random_hex(8))
+}
+
+/// `choice_<16 hex>`.
+pub fn new_choice_id() -> String {
+    format!("choice_{}", ids::random_hex(8))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    User,
+    Agent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChoiceKind {
+    Permission,
+    Question,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChoiceSource {
+    Api,
+    Web,
+}
+
+/// Token counts, cost and duration as the agent reports them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_read_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// One event of a loop. Serialized as `{"event": name, "data": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "event", content = "data", rename_all = "snake_case")]
+pub enum Event {
+    /// A message arrived (not on the sender's own `POST /messages` stream).
+    UserMessage {
+        turn_id: String,
+        content: String,
+        created_at: DateTime<Utc>,
+    },
+    /// The loop was busy; `position` 1 is next.
+    Queued {
+        turn_id: String,
+        position: usize,
+    },
+    Started {
+        turn_id: String,
+        /// The agent process had to be started for this turn.
+        cold_start: bool,
+        /// `agent`: output the agent produced while no turn ran.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<Origin>,
+        /// An earlier conversation could not be resumed; a fresh one started.
+        #[serde(default, skip_serializing_if = "is_false")]
+        history_lost: bool,
+    },
+    AssistantDelta {
+        turn_id: String,
+        text: String,
+    },
+    ThinkingDelta {
+        turn_id: String,
+        text: String,
+    },
+    ToolCall {
+        turn_id: String,
+        tool_use_id: String,
+        tool: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input_summary: Option<String>,
+    },
+    ToolResult {
+        turn_id: String,
+        tool_use_id: String,
+        ok: bool,
+    },
+    RequiresChoice {
+        turn_id: String,
+        choice_id: String,
+        kind: ChoiceKind,
+        payload: Value,
+    },
+    ChoiceResolved {
+        turn_id: String,
+        choice_id: String,
+        source: ChoiceSource,
+        /// **(beyond)** What was answered: `{"allow": bool}` or `{"answers": {…}}`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answer: Option<Value>,
+    },
+    Done {
+        turn_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<Usage>,
+    },
+    Interrupted {
+        turn_id: String,
+    },
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        turn_id: Option<String>,
+        code: String,
+        message: String,
+    },
+}
+
+impl Event {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::UserMessage { .. } => "user_message",
+            Self::Queued { .. } => "queued",
+            Self::Started { .. } => "started",
+            Self::AssistantDelta { .. } => "assistant_delta",
+            Self::ThinkingDelta { .. } => "thinking_delta",
+            Self::ToolCall { .. } => "tool_call",
+            Self::ToolResult { .. } => "tool_result",
+            Self::RequiresChoice { .. } => "requires_choice",
+            Self::ChoiceResolved { .. } => "choice_resolved",
+            Self::Done { .. } => "done",
+            Self::Interrupted { .. } => "interrupted",
+            Self::Error { .. } => "error",
+        }
+    }
+
+    pub fn turn_id(&self) -> Option<&str> {
+        match self {
+            Self::UserMessage { turn_id, .. }
+            | Self::Queued { turn_id, .. }
+            | Self::Started { turn_id, .. }
+            | Self::AssistantDelta { turn_id, .. }
+            | Self::ThinkingDelta { turn_id, .. }
+            | Self::ToolCall { turn_id, .. }
+            | Self::ToolResult { turn_id, .. }
+            | Self::RequiresChoice { turn_id, .. }
+            | Self::ChoiceResolved { turn_id, .. }
+            | Self::Done { turn_id, .. }
+            | Self::Interrupted { turn_id } => Some(turn_id),
+            Self::Error { turn_id, .. } => turn_id.as_deref(),
+        }
+    }
+
+    /// `done`, `interrupted` and `error` end a turn.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Self::Done { .. } | Self::Interrupted { .. } | Self::Error { .. }
+        )
+    }
+
+    /// Deltas are many and need no clock reading; everything else is timed.
+    pub fn is_delta(&self) -> bool {
+        matches!(
+            self,
+            Self::AssistantDelta { .. } | Self::ThinkingDelta { .. }
+        )
+    }
+}
+
+/// What a stored line carries besides the event (never sent to clients).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdemRecord {
+    pub user: String,
+    pub key: String,
+    /// SHA-256 of loop id + body.
+    pub body_hash: String,
+}
+
+/// One event encoded once: its `events.jsonl` line and its SSE frame.
+pub struct Encoded {
+    pub line: Vec<u8>,
+    pub frame: Bytes,
+}
+
+/// Encodes `event` with its `seq`. The adjacently tagged serialization is
+/// `{"event":"NAME","data":DATA}`; the log line splices `seq` (and `at`,
+/// `idem`) in front of it, and the frame reuses DATA as is.
+pub fn encode(
+    seq: u64,
+    at: Option<DateTime<Utc>>,
+    idem: Option<&IdemRecord>,
+    event: &Event,
+) -> Encoded {
+    let json = serde_json::to_vec(event).expect("events serialize");
+    let name = event.name();
+    // `{"event":"` + name + `","data":`
+    let data_start = 10 + name.len() + 9;
+    debug_assert_eq!(&json[data_start - 7..data_start], b"\"data\":");
+    let data = &json[data_start..json.len() - 1];
+
+    let mut line = Vec::with_capacity(json.len() + 64);
+    line.extend_from_slice(b"{\"seq\":");
+    line.extend_from_slice(itoa(seq).as_bytes());
+    if let Some(at) = at {
+        line.extend_from_slice(b",\"at\":");
+        serde_json::to_writer(&mut line, &at).expect("timestamps serialize");
+    }
+    if let Some(idem) = idem {
+        line.extend_from_slice(b",\"idem\":");
+        serde_json::to_writer(&mut line, idem).expect("idem serializes");
+    }
+    line.push(b',');
+    line.extend_from_slice(&json[1..]);
+    line.push(b'\n');
+
+    let mut frame = Vec::with_capacity(data.len() + name.len() + 40);
+    frame.extend_from_slice(b"event: ");
+    frame.extend_from_slice(name.as_bytes());
+    frame.extend_from_slice(b"\nid: ");
+    frame.extend_from_slice(itoa(seq).as_bytes());
+    frame.extend_from_slice(b"\ndata: ");
+    frame.extend_from_slice(data);
+    frame.extend_from_slice(b"\n\n");
+    Encoded {
+        line,
+        frame: Bytes::from(frame),
+    }
+}
+
+/// An SSE frame without an id (`snapshot`, `ping`).
+pub fn frame_without_id(name: &str, data: &impl Serialize) -> Bytes {
+    let mut frame = format!("event: {name}\ndata: ").into_bytes();
+    serde_json::to_writer(&mut frame, data).expect("frames serialize");
+    frame.extend_from_slice(b"\n\n");
+    Bytes::from(frame)
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}
+
+/// A line of `events.jsonl` as read back.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoredEvent {
+    pub seq: u64,
+    #[serde(default)]
+    pub at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub idem: Option<IdemRecord>,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_encoding_gives_the_log_line_and_the_frame() {
+        let event = Event::AssistantDelta {
+            turn_id: "turn_1".into(),
+            text: "he said \"hi\"\nthen left".into(),
+        };
+        let enc = encode(42, None, None, &event);
+        assert_eq!(
+            std::str::from_utf8(&enc.frame).unwrap(),
+            "event: assistant_delta\nid: 42\ndata: {\"turn_id\":\"turn_1\",\"text\":\"he said \\\"hi\\\"\\nthen left\"}\n\n"
+        );
+        let line = std::str::from_utf8(&enc.line).unwrap();
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+        let back: StoredEvent = serde_json::from_str(line).unwrap();
+        assert_eq!((back.seq, back.at, back.event), (42, None, event));
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_the_log_line() {
+        let at = ids::now();
+        let idem = IdemRecord {
+            user: "alice".into(),
+            key: "k1".into(),
+            body_hash: "ab".into(),
+        };
+        let t = || "turn_1".to_owned();
+        let events = vec![
+            Event::UserMessage {
+                turn_id: t(),
+                content: "hi".into(),
+                created_at: at,
+            },
+            Event::Queued {
+                turn_id: t(),
+                position: 2,
+            },
+            Event::Started {
+                turn_id: t(),
+                cold_start: true,
+                origin: Some(Origin::Agent),
+                history_lost: true,
+            },
+            Event::Started {
+                turn_id: t(),
+                cold_start: false,
+                origin: None,
+                history_lost: false,
+            },
+            Event::ThinkingDelta {
+                turn_id: t(),
+                text: "hmm".into(),
+            },
+            Event::ToolCall {
+                turn_id: t(),
+                tool_use_id: "toolu_1".into(),
+                tool: "Bash".into(),
+                input_summary: Some("ls".into()),
+            },
+            Event::ToolResult {
+                turn_id: t(),
+                tool_use_id: "toolu_1".into(),
+                ok: false,
+            },
+            Event::RequiresChoice {
+                turn_id: t(),
+                choice_id: "choice_1".into(),
+                kind: ChoiceKind::Question,
+                payload: serde_json::json!({"questions": []}),
+            },
+            Event::ChoiceResolved {
+                turn_id: t(),
+                choice_id: "choice_1".into(),
+                source: ChoiceSource::Web,
+                answer: Some(serde_json::json!({"allow": true})),
+            },
+            Event::Done {
+                turn_id: t(),
+                usage: Some(Usage {
+                    input_tokens: Some(3),
+                    cost_usd: Some(0.5),
+                    ..Default::default()
+                }),
+            },
+            Event::Interrupted { turn_id: t() },
+            Event::Error {
+                turn_id: None,
+                code: "agent_error".into(),
+                message: "boom".into(),
+            },
+        ];
+        for (i, event) in events.into_iter().enumerate() {
+            let enc = encode(i as u64, Some(at), Some(&idem), &event);
+            let back: StoredEvent = serde_json::from_slice(&enc.line).unwrap();
+            assert_eq!(back.event, event);
+            assert_eq!(back.at, Some(at));
+            assert_eq!(back.idem.as_ref(), Some(&idem));
+            let frame = std::str::from_utf8(&enc.frame).unwrap();
+            assert!(
+                frame.starts_with(&format!("event: {}\nid: {i}\ndata: {{", event.name())),
+                "{frame}"
+            );
+        }
+    }
+
+    #[test]
+    fn optional_fields_stay_off_the_wire() {
+        let started = Event::Started {
+            turn_id: "t".into(),
+            cold_start: false,
+            origin: None,
+            history_lost: false,
+        };
+        let frame = encode(1, None, None, &started).frame;
+        assert!(
+            std::str::from_utf8(&frame)
+                .unwrap()
+                .contains("data: {\"turn_id\":\"t\",\"cold_start\":false}\n")
+        );
+    }
+}

@@ -1,0 +1,560 @@
+//! A loop's event log, `loops/<uuid>/events.jsonl`: every event gets the next
+//! seq, is written to the file (a plain write, before any client sees it),
+//! kept in a bounded in-memory ring, and announced. Readers pull by seq,
+//! from the ring or, if they fell behind it, from the file: a slow reader
+//! never slows the writer, and no event is ever skipped.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use super::events::{Encoded, Event, IdemRecord, StoredEvent, encode};
+use super::view::LogView;
+use crate::store::StoreError;
+
+/// How many recent events stay in memory, and how many bytes of frames at most.
+const RING_EVENTS: usize = 1024;
+const RING_BYTES: usize = 512 * 1024;
+/// Every this many seqs, remember the byte offset (to read old events quickly).
+const SPARSE_EVERY: u64 = 256;
+/// Most events handed to a reader at once.
+const BATCH: usize = 512;
+
+/// One event as readers get it: a ready SSE frame plus what filters need.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub seq: u64,
+    /// Index of its turn in the log's view.
+    pub turn: Option<usize>,
+    pub terminal: bool,
+    pub frame: Bytes,
+}
+
+/// An event to append, with the idempotency record a `user_message` may carry.
+pub struct Append {
+    pub event: Event,
+    pub idem: Option<IdemRecord>,
+}
+
+impl From<Event> for Append {
+    fn from(event: Event) -> Self {
+        Self { event, idem: None }
+    }
+}
+
+/// What the recovery at open found, for the runtime's idempotency index.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub idem: Vec<(IdemRecord, String, u64, DateTime<Utc>)>,
+    /// Turns that were unfinished and got `error server_restarted`.
+    pub closed: usize,
+}
+
+struct State {
+    file: File,
+    len: u64,
+    view: LogView,
+    ring: VecDeque<Entry>,
+    ring_bytes: usize,
+    sparse: Vec<(u64, u64)>,
+}
+
+pub struct EventLog {
+    path: PathBuf,
+    state: Mutex<State>,
+    /// The last seq written (0 before any).
+    announce: watch::Sender<u64>,
+}
+
+impl EventLog {
+    /// Opens (or creates) a log: reads it once to rebuild its view, trims a
+    /// torn last line (a crash mid-write), and closes every turn the previous
+    /// server left unfinished with `error server_restarted`. A damaged line
+    /// anywhere else is an error naming the file and line.
+    pub fn open(path: PathBuf) -> Result<(Arc<Self>, Recovered), StoreError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| StoreError::io(&path, e))?;
+        let mut view = LogView::new();
+        let mut sparse = Vec::new();
+        let mut recovered = Recovered::default();
+        let mut offset = 0u64;
+        {
+            let mut reader = BufReader::new(&mut file);
+            reader
+                .seek(SeekFrom::Start(0))
+                .map_err(|e| StoreError::io(&path, e))?;
+            let mut line = Vec::new();
+            let mut lineno = 0usize;
+            loop {
+                line.clear();
+                let n = reader
+                    .read_until(b'\n', &mut line)
+                    .map_err(|e| StoreError::io(&path, e))?;
+                if n == 0 {
+                    break;
+                }
+                lineno += 1;
+                let complete = line.ends_with(b"\n");
+                let stored = match serde_json::from_slice::<StoredEvent>(&line) {
+                    Ok(stored) if complete => Some(stored),
+                    Err(e) if complete && !at_eof(&mut reader) => {
+                        return Err(StoreError::Corrupt {
+                            path: path.clone(),
+                            line: lineno,
+                            column: e.column(),
+                            message: e.to_string(),
+                        });
+                    }
+                    // A line cut short (or damaged) at the very end: a crash
+                    // mid-write. No reader can have seen it, so it is dropped.
+                    _ => {
+                        tracing::warn!(path = %path.display(), line = lineno, "dropping a torn last line");
+                        None
+                    }
+                };
+                let Some(stored) = stored else { break };
+                if stored.seq.is_multiple_of(SPARSE_EVERY) || sparse.is_empty() {
+                    sparse.push((stored.seq, offset));
+                }
+                view.apply(stored.seq, stored.at, offset, &stored.event);
+                if let (
+                    Some(idem),
+                    Event::UserMessage {
+                        turn_id,
+                        created_at,
+                        ..
+                    },
+                ) = (&stored.idem, &stored.event)
+                {
+                    recovered
+                        .idem
+                        .push((idem.clone(), turn_id.clone(), stored.seq, *created_at));
+                }
+                offset += n as u64;
+            }
+        }
+        file.set_len(offset).map_err(|e| StoreError::io(&path, e))?;
+
+        // The ring starts empty: an idle loop costs next to nothing, and
+        // readers of older events are served from the file.
+        let last = view.next_seq - 1;
+        let log = Arc::new(Self {
+            path,
+            state: Mutex::new(State {
+                file,
+                len: offset,
+                view,
+                ring: VecDeque::new(),
+                ring_bytes: 0,
+                sparse,
+            }),
+            announce: watch::Sender::new(last),
+        });
+        let unfinished = log.view(|v| v.unfinished());
+        if !unfinished.is_empty() {
+            recovered.closed = unfinished.len();
+            let closing: Vec<Append> = unfinished
+                .into_iter()
+                .map(|turn_id| {
+                    Event::Error {
+                        turn_id: Some(turn_id),
+                        code: "server_restarted".into(),
+                        message: "the server stopped while this turn was running".into(),
+                    }
+                    .into()
+                })
+                .collect();
+            log.append(closing)?;
+            log.sync()?;
+        }
+        Ok((log, recovered))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the view under the log's lock (keep `f` short).
+    pub fn view<R>(&self, f: impl FnOnce(&LogView) -> R) -> R {
+        f(&self.state.lock().expect("log poisoned").view)
+    }
+
+    /// Appends events in order with one write; returns each one's (seq, turn).
+    pub fn append(&self, items: Vec<Append>) -> Result<Vec<(u64, Option<usize>)>, StoreError> {
+        let mut state = self.state.lock().expect("log poisoned");
+        let mut buf = Vec::new();
+        let mut out = Vec::with_capacity(items.len());
+        let mut entries = Vec::with_capacity(items.len());
+        let start_len = state.len;
+        for item in items {
+            let seq = state.view.next_seq;
+            let at = (!item.event.is_delta()).then(crate::ids::now);
+            let Encoded { line, frame } = encode(seq, at, item.idem.as_ref(), &item.event);
+            let offset = start_len + buf.len() as u64;
+            if seq.is_multiple_of(SPARSE_EVERY) {
+                state.sparse.push((seq, offset));
+            }
+            let turn = state.view.apply(seq, at, offset, &item.event);
+            buf.extend_from_slice(&line);
+            entries.push(Entry {
+                seq,
+                turn,
+                terminal: item.event.is_terminal(),
+                frame,
+            });
+            out.push((seq, turn));
+        }
+        if let Err(e) = state.file.write_all(&buf) {
+            // Put the file back as it was; the view already moved on, so this
+            // log refuses further writes rather than renumber anything.
+            let _ = state.file.set_len(start_len);
+            return Err(StoreError::io(&self.path, e));
+        }
+        state.len += buf.len() as u64;
+        for entry in entries {
+            state.ring_bytes += entry.frame.len();
+            state.ring.push_back(entry);
+        }
+        while state.ring.len() > RING_EVENTS
+            || (state.ring_bytes > RING_BYTES && state.ring.len() > 1)
+        {
+            let old = state.ring.pop_front().expect("ring is not empty");
+            state.ring_bytes -= old.frame.len();
+        }
+        let last = state.view.next_seq - 1;
+        drop(state);
+        self.announce.send_replace(last);
+        Ok(out)
+    }
+
+    /// Makes what was written durable (call at turn boundaries, off the hot path).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let file = self
+            .state
+            .lock()
+            .expect("log poisoned")
+            .file
+            .try_clone()
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        file.sync_data().map_err(|e| StoreError::io(&self.path, e))
+    }
+
+    /// A reader of every event with a seq greater than `after`.
+    pub fn follow(self: &Arc<Self>, after: u64) -> Follower {
+        Follower {
+            log: self.clone(),
+            next: after + 1,
+            announced: self.announce.subscribe(),
+        }
+    }
+
+    /// A reader positioned at the end, with what `f` makes of the view at
+    /// that very point (so a snapshot and the events after it fit together).
+    pub fn follow_from_now<R>(self: &Arc<Self>, f: impl FnOnce(&LogView) -> R) -> (R, Follower) {
+        let state = self.state.lock().expect("log poisoned");
+        let made = f(&state.view);
+        let after = state.view.next_seq - 1;
+        // Subscribed while holding the lock: no append can slip between.
+        let announced = self.announce.subscribe();
+        drop(state);
+        (
+            made,
+            Follower {
+                log: self.clone(),
+                next: after + 1,
+                announced,
+            },
+        )
+    }
+
+    /// Events from `from` on that are still in the ring, or `None` if the
+    /// ring starts later (the caller reads the file).
+    fn read_ring(&self, from: u64) -> Option<Vec<Entry>> {
+        let state = self.state.lock().expect("log poisoned");
+        let first = state.ring.front().map_or(state.view.next_seq, |e| e.seq);
+        if from < first {
+            return None;
+        }
+        let skip = (from - first) as usize;
+        Some(state.ring.iter().skip(skip).take(BATCH).cloned().collect())
+    }
+
+    /// Reads up to `BATCH` events from the file, starting at seq `from`.
+    fn read_file(&self, from: u64) -> Result<Vec<Entry>, StoreError> {
+        let (start, end) = {
+            let state = self.state.lock().expect("log poisoned");
+            let idx = state.sparse.partition_point(|&(seq, _)| seq <= from);
+            let start = if idx == 0 { 0 } else { state.sparse[idx - 1].1 };
+            (start, state.len)
+        };
+        let mut file = File::open(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        let mut reader = BufReader::new(file.take(end - start));
+        let mut found = Vec::new();
+        let mut line = Vec::new();
+        while found.len() < BATCH {
+            line.clear();
+            if reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| StoreError::io(&self.path, e))?
+                == 0
+            {
+                break;
+            }
+            let stored: StoredEvent =
+                serde_json::from_slice(&line).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    line: 0,
+                    column: e.column(),
+                    message: e.to_string(),
+                })?;
+            if stored.seq >= from {
+                found.push(stored);
+            }
+        }
+        let state = self.state.lock().expect("log poisoned");
+        Ok(found
+            .into_iter()
+            .map(|s| Entry {
+                seq: s.seq,
+                turn: s.event.turn_id().and_then(|t| state.view.turn(t)),
+                terminal: s.event.is_terminal(),
+                frame: encode(s.seq, None, None, &s.event).frame,
+            })
+            .collect())
+    }
+
+    /// Every stored event from byte `offset` on (for deriving turns).
+    pub fn read_from_offset(&self, offset: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        let end = self.state.lock().expect("log poisoned").len;
+        let mut file = File::open(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        let reader = BufReader::new(file.take(end.saturating_sub(offset)));
+        let mut out = Vec::new();
+        for line in reader.split(b'\n') {
+            let line = line.map_err(|e| StoreError::io(&self.path, e))?;
+            let stored = serde_json::from_slice(&line).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                line: 0,
+                column: e.column(),
+                message: e.to_string(),
+            })?;
+            out.push(stored);
+        }
+        Ok(out)
+    }
+}
+
+fn at_eof(reader: &mut BufReader<&mut File>) -> bool {
+    reader.fill_buf().map(|b| b.is_empty()).unwrap_or(true)
+}
+
+/// Reads a log in seq order from a starting point, waiting for new events.
+pub struct Follower {
+    log: Arc<EventLog>,
+    next: u64,
+    announced: watch::Receiver<u64>,
+}
+
+impl Follower {
+    /// The next events (at least one), waiting until there are some.
+    pub async fn next_batch(&mut self) -> Result<Vec<Entry>, StoreError> {
+        loop {
+            // Marked seen before looking, so an append after the look wakes us.
+            let last = *self.announced.borrow_and_update();
+            if self.next <= last {
+                let batch = match self.log.read_ring(self.next) {
+                    Some(batch) => batch,
+                    None => {
+                        let log = self.log.clone();
+                        let from = self.next;
+                        tokio::task::spawn_blocking(move || log.read_file(from))
+                            .await
+                            .map_err(|e| {
+                                StoreError::io(Path::new("log reader"), std::io::Error::other(e))
+                            })??
+                    }
+                };
+                if let Some(last) = batch.last() {
+                    self.next = last.seq + 1;
+                    return Ok(batch);
+                }
+            }
+            if self.announced.changed().await.is_err() {
+                // The log is gone (its loop was dropped); nothing more will come.
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    /// The seq this reader will return next.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(t: &str, text: &str) -> Append {
+        Event::AssistantDelta {
+            turn_id: t.into(),
+            text: text.into(),
+        }
+        .into()
+    }
+
+    fn user(t: &str) -> Append {
+        Event::UserMessage {
+            turn_id: t.into(),
+            content: "hi".into(),
+            created_at: Utc::now(),
+        }
+        .into()
+    }
+
+    fn started(t: &str) -> Append {
+        Event::Started {
+            turn_id: t.into(),
+            cold_start: false,
+            origin: None,
+            history_lost: false,
+        }
+        .into()
+    }
+
+    #[test]
+    fn seqs_are_consecutive_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let (log, _) = EventLog::open(path.clone()).unwrap();
+        let got = log
+            .append(vec![user("t1"), started("t1"), delta("t1", "a")])
+            .unwrap();
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [1, 2, 3]);
+        log.append(vec![
+            Event::Done {
+                turn_id: "t1".into(),
+                usage: None,
+            }
+            .into(),
+        ])
+        .unwrap();
+        drop(log);
+        let (log, rec) = EventLog::open(path).unwrap();
+        assert_eq!(rec.closed, 0);
+        assert_eq!(log.view(|v| v.next_seq), 5);
+        assert_eq!(log.append(vec![user("t2")]).unwrap()[0].0, 5);
+    }
+
+    #[test]
+    fn unfinished_turns_are_closed_at_open_and_a_torn_line_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let (log, _) = EventLog::open(path.clone()).unwrap();
+        log.append(vec![
+            user("t1"),
+            started("t1"),
+            delta("t1", "a"),
+            user("t2"),
+        ])
+        .unwrap();
+        drop(log);
+        // A crash in the middle of a write.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":5,\"event\":\"assistant_del")
+            .unwrap();
+        drop(f);
+        let (log, rec) = EventLog::open(path.clone()).unwrap();
+        assert_eq!(rec.closed, 2);
+        assert!(log.view(|v| v.unfinished().is_empty() && !v.busy()));
+        let all = log.read_from_offset(0).unwrap();
+        assert_eq!(all.len(), 6);
+        assert_eq!(all[4].seq, 5);
+        assert!(matches!(&all[4].event, Event::Error { code, .. } if code == "server_restarted"));
+        assert!(matches!(&all[5].event, Event::Error { turn_id: Some(t), .. } if t == "t2"));
+    }
+
+    #[test]
+    fn a_damaged_line_in_the_middle_stops_with_its_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let (log, _) = EventLog::open(path.clone()).unwrap();
+        log.append(vec![user("t1"), started("t1")]).unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let broken = format!("garbage\n{text}");
+        std::fs::write(&path, &broken).unwrap();
+        let err = EventLog::open(path.clone()).err().unwrap();
+        assert!(err.to_string().contains("line 1"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), broken);
+    }
+
+    #[tokio::test]
+    async fn a_follower_sees_every_event_once_even_far_behind_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
+        log.append(vec![user("t"), started("t")]).unwrap();
+        let mut late = log.follow(0);
+        let total = RING_EVENTS as u64 * 3;
+        let writer = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for i in 0..total {
+                    log.append(vec![delta("t", &format!("{i} "))]).unwrap();
+                    if i % 100 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                log.append(vec![
+                    Event::Done {
+                        turn_id: "t".into(),
+                        usage: None,
+                    }
+                    .into(),
+                ])
+                .unwrap();
+            })
+        };
+        writer.await.unwrap();
+        let mut seqs = vec![];
+        loop {
+            let batch = late.next_batch().await.unwrap();
+            let done = batch.iter().any(|e| e.terminal);
+            seqs.extend(batch.iter().map(|e| e.seq));
+            if done {
+                break;
+            }
+        }
+        let want: Vec<u64> = (1..=total + 3).collect();
+        assert_eq!(seqs, want);
+    }
+
+    #[tokio::test]
+    async fn follow_from_now_pairs_the_view_with_what_comes_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
+        log.append(vec![user("t"), started("t"), delta("t", "so far")])
+            .unwrap();
+        let (text, mut follower) =
+            log.follow_from_now(|v| v.current.as_ref().unwrap().text.clone());
+        assert_eq!(text, "so far");
+        log.append(vec![delta("t", " more")]).unwrap();
+        let batch = follower.next_batch().await.unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].seq, 4);
+    }
+}

@@ -1,0 +1,253 @@
+//! The conversation as turns (`GET /loops/{id}/turns`), derived from the
+//! event log alone, so it reads the same after a restart.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::events::{ChoiceKind, ChoiceSource, Event, Origin, StoredEvent, Usage};
+use super::log::EventLog;
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnStatus {
+    Queued,
+    Running,
+    Done,
+    Interrupted,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallView {
+    pub tool_use_id: String,
+    pub tool: String,
+    pub input_summary: Option<String>,
+    /// `null` until the tool finished.
+    pub ok: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChoiceView {
+    pub choice_id: String,
+    pub kind: ChoiceKind,
+    pub payload: Value,
+    /// `{"allow": bool}` or `{"answers": {…}}`; `null` if never answered.
+    pub answer: Option<Value>,
+    pub source: Option<ChoiceSource>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TurnError {
+    pub code: String,
+    pub message: String,
+}
+
+/// One user message (or agent-initiated burst) and everything done for it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Turn {
+    pub turn_id: String,
+    pub origin: Origin,
+    pub status: TurnStatus,
+    /// The user's message ("" for agent turns).
+    pub content: String,
+    pub assistant_text: String,
+    pub thinking_text: String,
+    pub tool_calls: Vec<ToolCallView>,
+    pub choices: Vec<ChoiceView>,
+    pub usage: Option<Usage>,
+    pub error: Option<TurnError>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TurnPage {
+    /// Oldest first.
+    pub data: Vec<Turn>,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+    pub has_more: bool,
+}
+
+/// Which turns a page asks for.
+#[derive(Debug, Default)]
+pub struct TurnQuery {
+    pub limit: usize,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+/// The page of turns: the newest `limit` by default, the `limit` just
+/// before `before` or just after `after`; always oldest first.
+pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
+    let (range, has_more, offset, ids) = log.view(|v| {
+        let cursor = |id: &Option<String>| -> Result<Option<usize>, ApiError> {
+            id.as_ref()
+                .map(|id| {
+                    v.turn(id).ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_cursor",
+                            format!("`{id}` is not a turn of this loop"),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let n = v.turns.len();
+        let limit = query.limit.max(1);
+        let (start, end, more) = match (cursor(&query.before)?, cursor(&query.after)?) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "invalid_cursor",
+                    "give `before` or `after`, not both",
+                ));
+            }
+            (Some(b), None) => (b.saturating_sub(limit), b, b > limit),
+            (None, Some(a)) => (a + 1, (a + 1 + limit).min(n), a + 1 + limit < n),
+            (None, None) => (n.saturating_sub(limit), n, n > limit),
+        };
+        let offset = v.turns[start..end].iter().map(|t| t.offset).min();
+        let ids: Vec<(String, Origin)> = v.turns[start..end]
+            .iter()
+            .map(|t| (t.turn_id.clone(), t.origin))
+            .collect();
+        Ok(((start, end), more, offset, ids))
+    })?;
+    let _ = range;
+    let Some(offset) = offset else {
+        return Ok(TurnPage {
+            data: vec![],
+            first_id: None,
+            last_id: None,
+            has_more,
+        });
+    };
+    let events = log.read_from_offset(offset)?;
+    let mut turns: Vec<Turn> = ids.iter().map(|(id, origin)| empty(id, *origin)).collect();
+    let index: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id.as_str(), i))
+        .collect();
+    for stored in events {
+        let Some(&i) = stored.event.turn_id().and_then(|t| index.get(t)) else {
+            continue;
+        };
+        fold(&mut turns[i], &stored);
+    }
+    Ok(TurnPage {
+        first_id: turns.first().map(|t| t.turn_id.clone()),
+        last_id: turns.last().map(|t| t.turn_id.clone()),
+        has_more,
+        data: turns,
+    })
+}
+
+fn empty(turn_id: &str, origin: Origin) -> Turn {
+    Turn {
+        turn_id: turn_id.to_owned(),
+        origin,
+        status: TurnStatus::Queued,
+        content: String::new(),
+        assistant_text: String::new(),
+        thinking_text: String::new(),
+        tool_calls: vec![],
+        choices: vec![],
+        usage: None,
+        error: None,
+        created_at: None,
+        started_at: None,
+        ended_at: None,
+    }
+}
+
+fn fold(turn: &mut Turn, stored: &StoredEvent) {
+    let at = stored.at;
+    match &stored.event {
+        Event::UserMessage {
+            content,
+            created_at,
+            ..
+        } => {
+            turn.content = content.clone();
+            turn.created_at = Some(*created_at);
+        }
+        Event::Queued { .. } => {}
+        Event::Started { .. } => {
+            turn.status = TurnStatus::Running;
+            turn.started_at = at;
+            turn.created_at = turn.created_at.or(at);
+        }
+        Event::AssistantDelta { text, .. } => turn.assistant_text.push_str(text),
+        Event::ThinkingDelta { text, .. } => turn.thinking_text.push_str(text),
+        Event::ToolCall {
+            tool_use_id,
+            tool,
+            input_summary,
+            ..
+        } => turn.tool_calls.push(ToolCallView {
+            tool_use_id: tool_use_id.clone(),
+            tool: tool.clone(),
+            input_summary: input_summary.clone(),
+            ok: None,
+        }),
+        Event::ToolResult {
+            tool_use_id, ok, ..
+        } => {
+            if let Some(call) = turn
+                .tool_calls
+                .iter_mut()
+                .rev()
+                .find(|c| &c.tool_use_id == tool_use_id)
+            {
+                call.ok = Some(*ok);
+            }
+        }
+        Event::RequiresChoice {
+            choice_id,
+            kind,
+            payload,
+            ..
+        } => turn.choices.push(ChoiceView {
+            choice_id: choice_id.clone(),
+            kind: *kind,
+            payload: payload.clone(),
+            answer: None,
+            source: None,
+        }),
+        Event::ChoiceResolved {
+            choice_id,
+            source,
+            answer,
+            ..
+        } => {
+            if let Some(choice) = turn.choices.iter_mut().find(|c| &c.choice_id == choice_id) {
+                choice.answer = answer.clone();
+                choice.source = Some(*source);
+            }
+        }
+        Event::Done { usage, .. } => {
+            turn.status = TurnStatus::Done;
+            turn.usage = usage.clone();
+            turn.ended_at = at;
+        }
+        Event::Interrupted { .. } => {
+            turn.status = TurnStatus::Interrupted;
+            turn.ended_at = at;
+        }
+        Event::Error { code, message, .. } => {
+            turn.status = TurnStatus::Error;
+            turn.error = Some(TurnError {
+                code: code.clone(),
+                message: message.clone(),
+            });
+            turn.ended_at = at;
+        }
+    }
+}

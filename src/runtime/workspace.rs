@@ -1,0 +1,128 @@
+//! A loop's working directory, `loops/<uuid>/workspace/`: a `CLAUDE.md` made
+//! from `templates/CLAUDE.md` and the selected profiles, and for a loop with
+//! a `repo`, a `git worktree` of it on the branch `loop/<short id>`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::store::{Catalog, LoopRecord, StoreError};
+
+/// The base instructions every loop's agent gets.
+pub const TEMPLATE: &str = include_str!("../../templates/CLAUDE.md");
+
+/// Creates the workspace (idempotent) and returns its path.
+pub fn prepare(
+    loop_dir: &Path,
+    catalog: &Catalog,
+    record: &LoopRecord,
+) -> Result<PathBuf, StoreError> {
+    let workspace = loop_dir.join("workspace");
+    if let Some(repo) = &record.repo {
+        if !workspace.exists() {
+            add_worktree(&catalog.repo_path(repo), &workspace, record)?;
+        }
+    } else {
+        std::fs::create_dir_all(&workspace).map_err(|e| StoreError::io(&workspace, e))?;
+    }
+    let mut text = TEMPLATE.trim_end().to_owned();
+    for profile in &record.profiles {
+        let path = catalog.profile_path(profile);
+        let layer = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
+        text.push_str("\n\n");
+        text.push_str(layer.trim_end());
+    }
+    text.push('\n');
+    crate::store::write_atomic(&workspace.join("CLAUDE.md"), text.as_bytes())?;
+    Ok(workspace)
+}
+
+fn add_worktree(repo: &Path, workspace: &Path, record: &LoopRecord) -> Result<(), StoreError> {
+    let branch = format!("loop/{}", &record.id.0.simple().to_string()[..8]);
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["worktree", "add", "-b", &branch])
+        .arg(workspace)
+        .output()
+        .map_err(|e| StoreError::io(Path::new("git"), e))?;
+    if !out.status.success() {
+        return Err(StoreError::Invalid(
+            "repo_not_found",
+            format!(
+                "could not make a worktree of repo `{}` on branch {branch}: {}",
+                record.repo.as_deref().unwrap_or_default(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{LoopStore, NewLoop};
+
+    fn git(dir: &Path, args: &[&str]) {
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+
+    #[test]
+    fn layers_profiles_and_makes_a_worktree_on_its_own_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("profiles/a")).unwrap();
+        std::fs::write(root.join("profiles/a/CLAUDE.md"), "Layer A.\n").unwrap();
+        std::fs::create_dir_all(root.join("profiles/b")).unwrap();
+        std::fs::write(root.join("profiles/b/CLAUDE.md"), "Layer B.\n").unwrap();
+        let repo = root.join("repos/app");
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join("README"), "hi\n").unwrap();
+        git(&repo, &["add", "."]);
+        git(&repo, &["commit", "-qm", "init"]);
+
+        let catalog = Catalog::new(root);
+        let loops = LoopStore::open(root.join("loops")).unwrap();
+        let record = loops
+            .create(NewLoop {
+                title: "t".into(),
+                created_by: "u".into(),
+                metadata: Default::default(),
+                profiles: vec!["b".into(), "a".into()],
+                vault: "default".into(),
+                repo: Some("app".into()),
+            })
+            .unwrap();
+        let ws = prepare(&loops.loop_dir(record.id), &catalog, &record).unwrap();
+        let md = std::fs::read_to_string(ws.join("CLAUDE.md")).unwrap();
+        assert!(md.starts_with(TEMPLATE.lines().next().unwrap()));
+        let (b, a) = (md.find("Layer B.").unwrap(), md.find("Layer A.").unwrap());
+        assert!(b < a, "profiles in the order given");
+        assert_eq!(std::fs::read_to_string(ws.join("README")).unwrap(), "hi\n");
+        let head = Command::new("git")
+            .arg("-C")
+            .arg(&ws)
+            .args(["branch", "--show-current"])
+            .output()
+            .unwrap();
+        let branch = String::from_utf8(head.stdout).unwrap();
+        assert_eq!(
+            branch.trim(),
+            format!("loop/{}", &record.id.0.simple().to_string()[..8])
+        );
+        // Preparing again is harmless.
+        prepare(&loops.loop_dir(record.id), &catalog, &record).unwrap();
+    }
+}
