@@ -24,6 +24,9 @@ pub struct Config {
     pub public_origin: Option<String>,
     /// Extra environment variable names passed through to agents.
     pub agent_env: Vec<String>,
+    /// The environment agents' environments are built from (see
+    /// `agent::env`): the server's own, read once at start.
+    pub agent_base_env: Vec<(String, String)>,
 }
 
 impl Config {
@@ -41,6 +44,7 @@ impl Config {
             max_agents: DEFAULT_MAX_AGENTS,
             public_origin: None,
             agent_env: Vec::new(),
+            agent_base_env: std::env::vars().collect(),
         }
     }
 

@@ -285,6 +285,15 @@ fn control_response(response: Option<Value>) -> Vec<AgentEvent> {
 /// A short human summary of a tool's input: the command, path, pattern or
 /// URL it acts on, else the input as compact JSON; at most 200 characters.
 pub fn input_summary(tool: &str, input: &Value) -> Option<String> {
+    if tool == "AskUserQuestion" {
+        let questions: Vec<&str> = input["questions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|q| q["question"].as_str())
+            .collect();
+        return (!questions.is_empty()).then(|| truncate(&questions.join(" / "), 200));
+    }
     let field = match tool {
         "Bash" => "command",
         "Read" | "Write" | "Edit" | "MultiEdit" => "file_path",
@@ -307,5 +316,310 @@ fn truncate(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Real Claude Code 2.1.197 output, recorded against the test's mock API
+    /// (`cargo test --test it capture -- --ignored`).
+    const FIXTURES: &[(&str, &str)] = &[
+        (
+            "text",
+            include_str!("../../tests/fixtures/claude/text.jsonl"),
+        ),
+        (
+            "thinking",
+            include_str!("../../tests/fixtures/claude/thinking.jsonl"),
+        ),
+        (
+            "bash_allowed",
+            include_str!("../../tests/fixtures/claude/bash_allowed.jsonl"),
+        ),
+        (
+            "bash_denied",
+            include_str!("../../tests/fixtures/claude/bash_denied.jsonl"),
+        ),
+        (
+            "bash_failing",
+            include_str!("../../tests/fixtures/claude/bash_failing.jsonl"),
+        ),
+        (
+            "question",
+            include_str!("../../tests/fixtures/claude/question.jsonl"),
+        ),
+        (
+            "api_error",
+            include_str!("../../tests/fixtures/claude/api_error.jsonl"),
+        ),
+        (
+            "two_turns",
+            include_str!("../../tests/fixtures/claude/two_turns.jsonl"),
+        ),
+    ];
+
+    /// Maps a whole capture and condenses it: consecutive deltas joined.
+    fn condensed(capture: &str) -> Vec<String> {
+        let mut state = MapState::default();
+        let mut out: Vec<String> = Vec::new();
+        for line in capture.lines() {
+            for event in map_line(&mut state, line) {
+                let item = match event {
+                    AgentEvent::Init { .. } => "init".to_owned(),
+                    AgentEvent::TextDelta(t) => format!("text:{t}"),
+                    AgentEvent::ThinkingDelta(t) => format!("thinking:{t}"),
+                    AgentEvent::ToolCall {
+                        tool,
+                        input_summary,
+                        ..
+                    } => {
+                        format!("tool_call:{tool}:{}", input_summary.unwrap_or_default())
+                    }
+                    AgentEvent::ToolResult { ok, .. } => format!("tool_result:{ok}"),
+                    AgentEvent::PermissionRequest { tool, .. } => format!("permission:{tool}"),
+                    AgentEvent::RequestCancelled { .. } => "cancelled".to_owned(),
+                    AgentEvent::ControlResponse { .. } => "control_response".to_owned(),
+                    AgentEvent::TurnEnd(TurnEnd::Success { .. }) => "done".to_owned(),
+                    AgentEvent::TurnEnd(TurnEnd::Aborted { .. }) => "aborted".to_owned(),
+                    AgentEvent::TurnEnd(TurnEnd::Failed { message, .. }) => {
+                        format!("failed:{message}")
+                    }
+                };
+                match (out.last_mut(), item.split_once(':')) {
+                    (Some(last), Some((kind @ ("text" | "thinking"), more)))
+                        if last.starts_with(&format!("{kind}:")) =>
+                    {
+                        last.push_str(more)
+                    }
+                    _ => out.push(item),
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn real_captures_map_to_these_events() {
+        let tool_said = "text:The tool said: ";
+        let table: &[(&str, &[&str])] = &[
+            ("text", &["init", "text:You said: hello there", "done"]),
+            (
+                "thinking",
+                &[
+                    "init",
+                    "thinking:Let me think about it.",
+                    "text:Thought it through.",
+                    "done",
+                ],
+            ),
+            (
+                "bash_allowed",
+                &[
+                    "init",
+                    "text:Running it now. ",
+                    "tool_call:Bash:echo captured > out.txt",
+                    "permission:Bash",
+                    "tool_result:true",
+                    &format!("{tool_said}(Bash completed with no output)"),
+                    "done",
+                ],
+            ),
+            (
+                "bash_denied",
+                &[
+                    "init",
+                    "text:Running it now. ",
+                    "tool_call:Bash:touch denied.txt",
+                    "permission:Bash",
+                    "tool_result:false",
+                    "text:The tool failed: User said no",
+                    "done",
+                ],
+            ),
+            (
+                "api_error",
+                &["init", "failed:API Error: 400 mock refuses [[fail]]"],
+            ),
+            (
+                "two_turns",
+                &[
+                    "init",
+                    "text:You said: first prompt",
+                    "done",
+                    "init",
+                    "text:History: first prompt | [[history]]",
+                    "done",
+                ],
+            ),
+        ];
+        for (name, want) in table {
+            let capture = FIXTURES.iter().find(|(n, _)| n == name).unwrap().1;
+            assert_eq!(condensed(capture), *want, "fixture {name}");
+        }
+        let failing = condensed(
+            FIXTURES
+                .iter()
+                .find(|(n, _)| *n == "bash_failing")
+                .unwrap()
+                .1,
+        );
+        assert_eq!(failing[4], "tool_result:false", "{failing:?}");
+        let question = condensed(FIXTURES.iter().find(|(n, _)| *n == "question").unwrap().1);
+        assert_eq!(
+            &question[..4],
+            [
+                "init",
+                "tool_call:AskUserQuestion:Which color do you prefer? / Which sizes do you need?",
+                "permission:AskUserQuestion",
+                "tool_result:true",
+            ]
+        );
+    }
+
+    #[test]
+    fn usage_comes_from_result_with_per_turn_cost() {
+        let capture = FIXTURES.iter().find(|(n, _)| *n == "two_turns").unwrap().1;
+        let mut state = MapState::default();
+        let ends: Vec<Usage> = capture
+            .lines()
+            .flat_map(|l| map_line(&mut state, l))
+            .filter_map(|e| match e {
+                AgentEvent::TurnEnd(TurnEnd::Success { usage }) => Some(usage),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends.len(), 2);
+        for usage in &ends {
+            assert!(
+                usage.input_tokens.is_some() && usage.output_tokens.is_some(),
+                "{usage:?}"
+            );
+            assert!(usage.duration_ms.is_some());
+        }
+        // total_cost_usd is cumulative per process; each turn gets its own step.
+        let totals: Vec<f64> = capture
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["type"] == "result")
+            .map(|v| v["total_cost_usd"].as_f64().unwrap())
+            .collect();
+        let second = ends[1].cost_usd.unwrap();
+        assert!(
+            (second - (totals[1] - totals[0])).abs() < 1e-12,
+            "{second} vs {totals:?}"
+        );
+    }
+
+    #[test]
+    fn permission_request_carries_the_request_id_and_input() {
+        let capture = FIXTURES
+            .iter()
+            .find(|(n, _)| *n == "bash_allowed")
+            .unwrap()
+            .1;
+        let mut state = MapState::default();
+        let request = capture
+            .lines()
+            .flat_map(|l| map_line(&mut state, l))
+            .find_map(|e| match e {
+                AgentEvent::PermissionRequest {
+                    request_id,
+                    tool,
+                    input,
+                    ..
+                } => Some((request_id, tool, input)),
+                _ => None,
+            })
+            .unwrap();
+        assert!(!request.0.is_empty());
+        assert_eq!(request.1, "Bash");
+        assert_eq!(request.2["command"], "echo captured > out.txt");
+    }
+
+    #[test]
+    fn protocol_lines_from_the_reference() {
+        let mut state = MapState::default();
+        let table: &[(&str, Vec<AgentEvent>)] = &[
+            (
+                r#"{"type":"control_cancel_request","request_id":"a84a"}"#,
+                vec![AgentEvent::RequestCancelled {
+                    request_id: "a84a".into(),
+                }],
+            ),
+            (
+                r#"{"type":"control_response","response":{"subtype":"error","request_id":"pm_2","error":"Cannot set permission mode to bypassPermissions"}}"#,
+                vec![AgentEvent::ControlResponse {
+                    request_id: "pm_2".into(),
+                    error: Some("Cannot set permission mode to bypassPermissions".into()),
+                }],
+            ),
+            (
+                r#"{"type":"result","subtype":"error_during_execution","duration_ms":1769,"is_error":true,"num_turns":2,"total_cost_usd":0,"terminal_reason":"aborted_streaming","errors":["[ede_diagnostic] result_type=user"]}"#,
+                vec![AgentEvent::TurnEnd(TurnEnd::Aborted {
+                    usage: Usage {
+                        cost_usd: Some(0.0),
+                        duration_ms: Some(1769),
+                        ..Default::default()
+                    },
+                })],
+            ),
+            (
+                r#"{"type":"result","subtype":"error_during_execution","duration_ms":0,"is_error":true,"num_turns":0,"errors":["No conversation found with session ID: abc"]}"#,
+                vec![AgentEvent::TurnEnd(TurnEnd::Failed {
+                    message: "No conversation found with session ID: abc".into(),
+                    usage: Usage {
+                        duration_ms: Some(0),
+                        ..Default::default()
+                    },
+                })],
+            ),
+            (
+                r#"{"type":"system","subtype":"status","status":"requesting"}"#,
+                vec![],
+            ),
+            (r#"{"type":"bogus"}"#, vec![]),
+            ("not json at all", vec![]),
+        ];
+        for (line, want) in table {
+            assert_eq!(&map_line(&mut state, line), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn summaries_name_what_a_tool_acts_on() {
+        let table = [
+            (
+                "Bash",
+                serde_json::json!({"command": "ls -la"}),
+                Some("ls -la"),
+            ),
+            (
+                "Write",
+                serde_json::json!({"file_path": "/w/a.txt", "content": "x"}),
+                Some("/w/a.txt"),
+            ),
+            (
+                "Grep",
+                serde_json::json!({"pattern": "fn main"}),
+                Some("fn main"),
+            ),
+            (
+                "WebFetch",
+                serde_json::json!({"url": "https://x.test"}),
+                Some("https://x.test"),
+            ),
+            ("TodoWrite", serde_json::json!({}), None),
+        ];
+        for (tool, input, want) in table {
+            assert_eq!(input_summary(tool, &input).as_deref(), want, "{tool}");
+        }
+        let long = input_summary("Bash", &serde_json::json!({"command": "x".repeat(500)})).unwrap();
+        assert_eq!(long.chars().count(), 201);
+        assert_eq!(
+            input_summary("Custom", &serde_json::json!({"a": 1})).as_deref(),
+            Some(r#"{"a":1}"#)
+        );
     }
 }

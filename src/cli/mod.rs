@@ -102,6 +102,7 @@ impl ServeArgs {
                 .map(config::public_origin)
                 .transpose()?,
             agent_env: self.agent_env,
+            agent_base_env: std::env::vars().collect(),
         })
     }
 }

@@ -428,8 +428,12 @@ impl Actor {
                 Vec::new()
             };
             let marker = id.0.to_string();
-            let env =
-                agent::env::build(std::env::vars(), &shared.config.agent_env, &vault, &marker);
+            let env = agent::env::build(
+                shared.config.agent_base_env.iter().cloned(),
+                &shared.config.agent_env,
+                &vault,
+                &marker,
+            );
             let session = match (&record.agent_session_id, fresh_session) {
                 (Some(sid), false) => Session::Resume(sid.clone()),
                 _ => {

@@ -2,10 +2,14 @@
 //! and the real `loopd` binary for the command line.
 
 mod auth;
+mod capture;
+mod claude;
+mod claude_cli;
 mod cli;
 mod docs;
 mod echo;
 mod lifecycle;
 mod loops;
+mod mock_anthropic;
 mod support;
 mod tokens;
