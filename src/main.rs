@@ -27,6 +27,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = args.into_config(data_dir)?;
+            raise_open_file_limit();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -44,6 +45,17 @@ async fn serve(config: loopd::Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     loopd::run(config, listener, shutdown).await
+}
+
+/// Every SSE stream is a socket: allow as many as the hard limit permits.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %err, soft, hard, "could not raise the open-file limit");
+    }
 }
 
 /// SIGINT or SIGTERM starts a graceful shutdown.

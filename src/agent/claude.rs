@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -176,22 +176,28 @@ async fn read_stdout(
 ) {
     let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_LINE));
     let mut state = MapState::default();
-    while let Some(line) = lines.next().await {
-        let line = match line {
-            Ok(line) => line,
-            Err(LinesCodecError::MaxLineLengthExceeded) => {
-                tracing::warn!("skipped an agent output line longer than {MAX_LINE} bytes");
-                continue;
+    // Lines already read are mapped and handed over together: one channel
+    // send (and one wake-up of the loop's task) per read, not per line.
+    while let Some(first) = lines.next().await {
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(line) = next.take() {
+            match line {
+                Ok(line) => batch.extend(map_line(&mut state, &line)),
+                Err(LinesCodecError::MaxLineLengthExceeded) => {
+                    tracing::warn!("skipped an agent output line longer than {MAX_LINE} bytes");
+                }
+                Err(LinesCodecError::Io(e)) => {
+                    tracing::warn!(error = %e, "reading agent output");
+                    break;
+                }
             }
-            Err(LinesCodecError::Io(e)) => {
-                tracing::warn!(error = %e, "reading agent output");
-                break;
+            if batch.len() < 512 {
+                next = lines.next().now_or_never().flatten();
             }
-        };
-        for event in map_line(&mut state, &line) {
-            if output.send(AgentOutput::Event(event)).await.is_err() {
-                return;
-            }
+        }
+        if !batch.is_empty() && output.send(AgentOutput::Events(batch)).await.is_err() {
+            return;
         }
     }
     // Give stderr a moment to deliver the last words of a crash.

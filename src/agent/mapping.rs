@@ -41,8 +41,8 @@ struct Line<'a> {
     event: Option<StreamEvent<'a>>,
     #[serde(default)]
     message: Option<Value>,
-    #[serde(default)]
-    session_id: Option<String>,
+    #[serde(default, borrow)]
+    session_id: Option<Cow<'a, str>>,
     #[serde(default)]
     request_id: Option<String>,
     #[serde(default)]
@@ -115,7 +115,11 @@ pub fn map_line(state: &mut MapState, line: &str) -> Vec<AgentEvent> {
         "stream_event" => line.event.map_or_else(Vec::new, |e| stream_event(state, e)),
         "system" if line.subtype.as_deref() == Some("init") => line
             .session_id
-            .map(|session_id| vec![AgentEvent::Init { session_id }])
+            .map(|id| {
+                vec![AgentEvent::Init {
+                    session_id: id.into_owned(),
+                }]
+            })
             .unwrap_or_default(),
         "assistant" => assistant(state, line.message.as_ref(), line.error.is_some()),
         "user" => tool_results(line.message.as_ref()),

@@ -191,6 +191,8 @@ pub enum TurnEnd {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentOutput {
     Event(AgentEvent),
+    /// Several events at once (what one read of the agent's output held).
+    Events(Vec<AgentEvent>),
     /// The agent is gone; `reason` says how (exit status, last stderr lines).
     Exited {
         reason: String,

@@ -536,6 +536,11 @@ impl Actor {
         self.last_activity = Instant::now();
         match output {
             AgentOutput::Event(event) => self.agent_event(event).await,
+            AgentOutput::Events(events) => {
+                for event in events {
+                    self.agent_event(event).await;
+                }
+            }
             AgentOutput::Exited { reason } => self.agent_exited(reason).await,
         }
     }

@@ -58,6 +58,12 @@ impl LogView {
     }
 
     pub fn turn(&self, turn_id: &str) -> Option<usize> {
+        // Nearly every event belongs to the running turn: check it first.
+        if let Some(cur) = &self.current
+            && self.turns[cur.turn].turn_id == turn_id
+        {
+            return Some(cur.turn);
+        }
         self.by_id.get(turn_id).copied()
     }
 

@@ -2,6 +2,7 @@
 //! and the real `loopd` binary for the command line.
 
 mod auth;
+mod bot;
 mod capture;
 mod claude;
 mod claude_cli;
