@@ -80,8 +80,8 @@ fn fake_agent() {
         let _ = out.flush();
         let start = Instant::now();
         for i in 0..k {
-            if rate > 0 {
-                let due = start + Duration::from_nanos(i as u64 * 1_000_000_000 / rate);
+            if let Some(gap) = 1_000_000_000u64.checked_div(rate) {
+                let due = start + Duration::from_nanos(i as u64 * gap);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
