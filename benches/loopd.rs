@@ -250,6 +250,7 @@ mod client {
         token: Option<String>,
         _dir: Option<tempfile::TempDir>,
         http: reqwest::Client,
+        external_pid: Option<u32>,
     }
 
     impl Drop for Server {
@@ -270,6 +271,22 @@ mod client {
     }
 
     pub async fn start(kind: Kind) -> Server {
+        // BENCH_LOOPD_EXTERNAL=ADDR,TOKEN,PID: measure a loopd started by hand
+        // (e.g. under a heap profiler) instead of starting one.
+        if let (Kind::Loopd, Ok(ext)) = (kind, std::env::var("BENCH_LOOPD_EXTERNAL")) {
+            let parts: Vec<&str> = ext.split(',').collect();
+            let child = Command::new("sleep").arg("100000").spawn().unwrap();
+            let http = reqwest::Client::builder().http1_only().build().unwrap();
+            return Server {
+                kind,
+                base: format!("http://{}", parts[0]),
+                child,
+                token: Some(parts[1].to_owned()),
+                _dir: None,
+                http,
+                external_pid: parts[2].parse().ok(),
+            };
+        }
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let exe = std::env::current_exe().unwrap();
@@ -323,8 +340,9 @@ mod client {
             token,
             _dir: dir,
             http,
+            external_pid: None,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(120);
         while server
             .http
             .get(format!("{}/healthz", server.base))
@@ -340,7 +358,7 @@ mod client {
 
     impl Server {
         pub fn pid(&self) -> u32 {
-            self.child.id()
+            self.external_pid.unwrap_or_else(|| self.child.id())
         }
 
         fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -523,11 +541,17 @@ mod client {
         let ids = loops(s, 100).await;
         let (_, rss0) = usage(s.pid());
         let t = Instant::now();
-        let opens = (0..10_000).map(|i| s.watch(&ids[i % 100]));
+        let opens = (0..watchers_n()).map(|i| s.watch(&ids[i % 100]));
         let streams: Vec<reqwest::Response> = futures_util::future::join_all(opens).await;
         let open_s = t.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (_, rss1) = usage(s.pid());
+        eprintln!(
+            "{:?}: {} streams open, {:.1} KB RSS each",
+            s.kind,
+            watchers_n(),
+            (rss1.saturating_sub(rss0)) as f64 / watchers_n() as f64 / 1e3
+        );
         let readers: Vec<_> = streams
             .into_iter()
             .map(|r| tokio::spawn(read(r, true)))
@@ -551,6 +575,14 @@ mod client {
             ),
             ("watchers with every event", complete as f64),
         ]
+    }
+
+    /// 10,000, or BENCH_WATCHERS (for profiling runs).
+    fn watchers_n() -> usize {
+        std::env::var("BENCH_WATCHERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000)
     }
 
     async fn fan_out(s: &Server) -> Figures {

