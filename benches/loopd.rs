@@ -146,7 +146,11 @@ mod relay {
                 .route("/loops/{id}/messages", post(message))
                 .route("/loops/{id}/events", get(events))
                 .with_state(agents);
+            use axum::serve::ListenerExt;
             let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, app).await.unwrap();
         });
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +56,12 @@ pub async fn run(
     let stopping = shutdown.clone();
     // One router for all connections: serving the Router itself would clone
     // its whole route table for every connection (~11 KB each).
+    // Event frames are small and must go out at once: no Nagle delay.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "could not set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, router(state.clone()).into_make_service())
         .with_graceful_shutdown(async move {
             stopping.cancelled().await;
