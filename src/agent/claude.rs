@@ -10,13 +10,12 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt};
+use bytes::BytesMut;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use super::mapping::{MapState, map_line};
 use super::process::{signal_group, sweep};
@@ -170,31 +169,42 @@ async fn keep_stderr(stderr: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeq
 }
 
 async fn read_stdout(
-    stdout: tokio::process::ChildStdout,
+    mut stdout: tokio::process::ChildStdout,
     output: mpsc::Sender<AgentOutput>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
 ) {
-    let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_LINE));
+    let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut state = MapState::default();
-    // Lines already read are mapped and handed over together: one channel
-    // send (and one wake-up of the loop's task) per read, not per line.
-    while let Some(first) = lines.next().await {
+    // Past a line longer than MAX_LINE: drop bytes until its end.
+    let mut skipping = false;
+    loop {
+        match stdout.read_buf(&mut buf).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "reading agent output");
+                break;
+            }
+        }
+        // Every complete line read so far is mapped in place and handed over
+        // in one batch: one channel send (one wake-up of the loop's task) per
+        // read, and no copy of any line.
         let mut batch = Vec::new();
-        let mut next = Some(first);
-        while let Some(line) = next.take() {
-            match line {
-                Ok(line) => batch.extend(map_line(&mut state, &line)),
-                Err(LinesCodecError::MaxLineLengthExceeded) => {
-                    tracing::warn!("skipped an agent output line longer than {MAX_LINE} bytes");
-                }
-                Err(LinesCodecError::Io(e)) => {
-                    tracing::warn!(error = %e, "reading agent output");
-                    break;
-                }
+        let mut start = 0;
+        while let Some(end) = buf[start..].iter().position(|&b| b == b'\n') {
+            let line = &buf[start..start + end];
+            if skipping {
+                skipping = false;
+            } else {
+                batch.extend(map_line(&mut state, line));
             }
-            if batch.len() < 512 {
-                next = lines.next().now_or_never().flatten();
-            }
+            start += end + 1;
+        }
+        let _ = buf.split_to(start);
+        if buf.len() > MAX_LINE {
+            tracing::warn!("skipped an agent output line longer than {MAX_LINE} bytes");
+            buf.clear();
+            skipping = true;
         }
         if !batch.is_empty() && output.send(AgentOutput::Events(batch)).await.is_err() {
             return;

@@ -107,8 +107,8 @@ struct ResultUsage {
 
 /// Maps one stdout line. Lines that are not JSON, and kinds loopd does not
 /// use (status, hooks, task notices…), map to nothing.
-pub fn map_line(state: &mut MapState, line: &str) -> Vec<AgentEvent> {
-    let Ok(line) = serde_json::from_str::<Line>(line) else {
+pub fn map_line(state: &mut MapState, line: impl AsRef<[u8]>) -> Vec<AgentEvent> {
+    let Ok(line) = serde_json::from_slice::<Line>(line.as_ref()) else {
         return Vec::new();
     };
     match line.kind.as_ref() {
