@@ -13,6 +13,7 @@
 //! | `/sleep SECS` | says it sleeps, pauses SECS seconds (interruptible), says it woke |
 //! | `/error TEXT` | the turn fails with `agent_error` TEXT |
 //! | `/crash` | the agent process dies mid-turn (`agent_crashed`) |
+//! | `/later SECS TEXT` | ends the turn, then says TEXT SECS seconds later on its own (an agent-initiated turn) |
 
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ struct Echo {
     input: mpsc::Receiver<AgentInput>,
     output: mpsc::Sender<AgentOutput>,
     requests: u64,
+    /// Something to say on its own later (`/later`).
+    later: Option<(tokio::time::Instant, String)>,
 }
 
 /// How a turn ended early.
@@ -59,8 +62,23 @@ async fn run(
         input,
         output,
         requests: 0,
+        later: None,
     };
-    while let Some(msg) = echo.input.recv().await {
+    loop {
+        let msg = match echo.later.clone() {
+            Some((at, text)) => tokio::select! {
+                msg = echo.input.recv() => msg,
+                () = tokio::time::sleep_until(at) => {
+                    // Output while no turn runs: the runtime opens an agent turn.
+                    echo.later = None;
+                    echo.say(&text).await;
+                    echo.emit(AgentEvent::TurnEnd(TurnEnd::Success { usage: Usage::default() })).await;
+                    continue;
+                }
+            },
+            None => echo.input.recv().await,
+        };
+        let Some(msg) = msg else { break };
         let AgentInput::User(text) = msg else {
             // Interrupts while idle, stray answers and modes change nothing.
             continue;
@@ -243,6 +261,14 @@ impl Echo {
                     },
                     usage: Usage::default(),
                 }));
+            }
+            "later" => {
+                let (secs, text) = rest.split_once(' ').unwrap_or((rest, "I am back."));
+                let secs: f64 = secs.parse().unwrap_or(1.0);
+                let at =
+                    tokio::time::Instant::now() + Duration::from_secs_f64(secs.clamp(0.0, 3600.0));
+                self.later = Some((at, text.to_owned()));
+                self.say("I will get back to you.").await;
             }
             "crash" => {
                 self.say("Crashing now.").await;

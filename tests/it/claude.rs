@@ -488,3 +488,48 @@ async fn a_missing_binary_is_agent_unavailable_with_a_way_out() {
         end.data
     );
 }
+
+#[tokio::test]
+async fn the_agent_gets_its_vault_and_none_of_the_servers_settings() {
+    let rig = Rig::start_with(|c| {
+        c.agent_base_env
+            .push(("LOOPD_SECRET".into(), "server-only".into()));
+        c.agent_base_env
+            .push(("AWS_SECRET_ACCESS_KEY".into(), "not-for-agents".into()));
+    })
+    .await;
+    std::fs::create_dir_all(rig.data.path().join("vaults")).unwrap();
+    std::fs::write(
+        rig.data.path().join("vaults/deploy.env"),
+        "DEPLOY_TOKEN=vault-value\n",
+    )
+    .unwrap();
+    let id = rig
+        .app
+        .create_loop(&rig.bearer, json!({"vault": "deploy"}))
+        .await;
+    let mut stream = rig
+        .app
+        .send(&rig.bearer, &id, "[[bash:env > env.txt]]")
+        .await;
+    let choice = stream.until("requires_choice").await.pop().unwrap();
+    let choice_id = choice.data["choice_id"].as_str().unwrap();
+    rig.app
+        .choose(&rig.bearer, &id, choice_id, json!({"allow": true}))
+        .await;
+    assert_eq!(stream.until_end().await.pop().unwrap().name, "done");
+    let uuid = id.strip_prefix("loop_").unwrap();
+    let env = std::fs::read_to_string(
+        rig.data
+            .path()
+            .join("loops")
+            .join(uuid)
+            .join("workspace/env.txt"),
+    )
+    .unwrap();
+    assert!(env.contains("DEPLOY_TOKEN=vault-value"), "{env}");
+    assert!(env.contains(&format!("LOOP_SANDBOX_ID={uuid}")), "{env}");
+    assert!(env.contains("ANTHROPIC_BASE_URL="), "{env}");
+    assert!(!env.contains("LOOPD_"), "{env}");
+    assert!(!env.contains("AWS_SECRET_ACCESS_KEY"), "{env}");
+}

@@ -672,3 +672,57 @@ async fn a_restart_closes_the_running_turn_and_keeps_the_history() {
     }
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
 }
+
+#[tokio::test]
+async fn output_while_no_turn_runs_opens_an_agent_turn() {
+    let (app, bearer, id) = app_with_loop().await;
+    let mut watcher = app.watch(&bearer, &id, None).await;
+    let mut stream = app.send(&bearer, &id, "/later 0.3 back on my own").await;
+    stream.until_end().await;
+    stream.assert_closed().await;
+    watcher.until("done").await; // the user's turn
+    let agent_turn = watcher.until("done").await;
+    let started = &agent_turn[0];
+    assert_eq!(started.name, "started");
+    assert_eq!(started.data["origin"], "agent");
+    assert_eq!(text(&agent_turn), "back on my own");
+    let (_, page) = app.get(&format!("/api/v1/loops/{id}/turns"), &bearer).await;
+    let turns = page["data"].as_array().unwrap();
+    assert_eq!(turns.len(), 2);
+    assert_eq!(turns[1]["origin"], "agent");
+    assert_eq!(turns[1]["content"], "");
+    assert_eq!(turns[1]["assistant_text"], "back on my own");
+    assert_eq!(turns[1]["status"], "done");
+}
+
+#[tokio::test]
+async fn a_stalled_client_slows_no_one_and_still_gets_every_event() {
+    let (app, bearer, id) = app_with_loop().await;
+    // A watcher that does not read at all while a long turn streams.
+    let stalled = app.watch(&bearer, &id, None).await;
+    let words: String = (0..120_000).map(|i| format!("w{i} ")).collect();
+    let started = std::time::Instant::now();
+    let events = app
+        .send(&bearer, &id, words.trim_end())
+        .await
+        .until_end()
+        .await;
+    let took = started.elapsed();
+    assert_eq!(events.last().unwrap().name, "done");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.name == "assistant_delta")
+            .count(),
+        120_000
+    );
+    // The sender's stream finished without waiting for the stalled watcher.
+    assert!(took < std::time::Duration::from_secs(60), "took {took:?}");
+    // The stalled watcher, read now, gets every event in order, none lost.
+    let mut stalled = stalled;
+    let all = stalled.until("done").await;
+    let deltas = all.iter().filter(|e| e.name == "assistant_delta").count();
+    assert_eq!(deltas, 120_000);
+    let seqs: Vec<u64> = all.iter().map(|e| e.id.unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+}
