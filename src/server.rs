@@ -104,7 +104,7 @@ fn open_url(config: &Config, addr: SocketAddr) -> String {
             format!("http://{shown}")
         }
     };
-    format!("{base}/api/v1/docs")
+    format!("{base}/")
 }
 
 fn first_start_banner(url: &str, password: &str) -> String {

@@ -53,6 +53,9 @@ pub struct Loop {
     pub repo: Option<String>,
     /// When the last message arrived (creation time before that); lists are in this order.
     pub last_active_at: DateTime<Utc>,
+    /// **(beyond)** In lists: a turn is running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy: Option<bool>,
 }
 
 /// A loop with what its runtime is doing now.
@@ -113,6 +116,7 @@ impl From<LoopRecord> for Loop {
             vault: r.vault,
             repo: r.repo,
             last_active_at: r.last_active_at,
+            busy: None,
         }
     }
 }
@@ -249,7 +253,14 @@ pub async fn list_loops(
     };
     let include_archived = query.archived.unwrap_or(false);
     let page = state.loops.list(&caller.user_id, include_archived, &page)?;
-    let data: Vec<Loop> = page.data.into_iter().map(Loop::from).collect();
+    let mut data: Vec<Loop> = Vec::with_capacity(page.data.len());
+    for record in page.data {
+        let busy = state.runtime.log(record.id)?.view(|v| v.busy());
+        data.push(Loop {
+            busy: Some(busy),
+            ..record.into()
+        });
+    }
     Ok(axum::Json(LoopList {
         first_id: data.first().map(|l| l.id.clone()),
         last_id: data.last().map(|l| l.id.clone()),

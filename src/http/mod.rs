@@ -9,6 +9,7 @@ mod session;
 mod sse;
 mod tokens;
 mod turns;
+mod web;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -98,6 +99,7 @@ pub fn router(state: AppState) -> Router {
 
     routes
         .merge(docs::assets())
+        .merge(web::router())
         .fallback(|| async { ApiError::not_found("route_not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed(

@@ -73,6 +73,9 @@ pub struct TurnPage {
     pub first_id: Option<String>,
     pub last_id: Option<String>,
     pub has_more: bool,
+    /// **(beyond)** The seq of the last event these turns reflect: follow
+    /// `GET /events?after=<last_seq>` to keep them current without a gap.
+    pub last_seq: u64,
 }
 
 /// Which turns a page asks for.
@@ -126,9 +129,11 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
             first_id: None,
             last_id: None,
             has_more,
+            last_seq: log.view(|v| v.next_seq - 1),
         });
     };
     let events = log.read_from_offset(offset)?;
+    let last_seq = events.last().map_or(0, |e| e.seq);
     let mut turns: Vec<Turn> = ids.iter().map(|(id, origin)| empty(id, *origin)).collect();
     let index: HashMap<&str, usize> = ids
         .iter()
@@ -146,6 +151,7 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
         last_id: turns.last().map(|t| t.turn_id.clone()),
         has_more,
         data: turns,
+        last_seq,
     })
 }
 

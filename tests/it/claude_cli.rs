@@ -6,32 +6,41 @@ use std::sync::OnceLock;
 
 use crate::mock_anthropic::RunningMock;
 
-/// The CLI from `node_modules` (installed with `npm install` on first use),
-/// or `LOOPD_TEST_CLAUDE_BIN`.
-pub fn claude_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("LOOPD_TEST_CLAUDE_BIN") {
-            return PathBuf::from(bin);
-        }
+/// `node_modules` of the repository (installed with `npm install` from
+/// `package.json` on first use): the Claude Code CLI and playwright-core.
+pub fn node_modules() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let bin = root.join("node_modules/.bin/claude");
-        if !bin.exists() {
+        let wanted = [
+            "node_modules/.bin/claude",
+            "node_modules/playwright-core/package.json",
+        ];
+        if !wanted.iter().all(|p| root.join(p).exists()) {
             let status = std::process::Command::new("npm")
                 .args(["install", "--no-audit", "--no-fund"])
                 .current_dir(root)
                 .status()
-                .expect("npm is needed to install the Claude Code CLI for the tests");
+                .expect("npm is needed to install the test tools (package.json)");
             assert!(status.success(), "npm install failed");
         }
-        assert!(
-            bin.exists(),
-            "{} is missing after npm install",
-            bin.display()
-        );
-        bin
+        root.join("node_modules")
     })
     .clone()
+}
+
+/// The CLI from `node_modules`, or `LOOPD_TEST_CLAUDE_BIN`.
+pub fn claude_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("LOOPD_TEST_CLAUDE_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = node_modules().join(".bin/claude");
+    assert!(
+        bin.exists(),
+        "{} is missing after npm install",
+        bin.display()
+    );
+    bin
 }
 
 /// The environment an agent gets in tests: a private HOME, the mock API.

@@ -90,7 +90,7 @@ async fn first_start_creates_admin_and_prints_the_password_once() {
         user = user.or(field("username:"));
         password = password.or(field("password:"));
     }
-    assert_eq!(url.unwrap(), format!("http://127.0.0.1:{port}/api/v1/docs"));
+    assert_eq!(url.unwrap(), format!("http://127.0.0.1:{port}/"));
     assert_eq!(user.as_deref(), Some("admin"));
     let password = password.unwrap();
     assert!(child.stdout.take().is_some());

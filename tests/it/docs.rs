@@ -151,3 +151,51 @@ async fn docs_page_is_served_from_the_binary_with_a_strict_policy() {
     );
     assert!(js.bytes().await.unwrap().len() > 1_000_000);
 }
+
+#[tokio::test]
+async fn the_web_chat_is_served_from_the_binary_under_a_strict_policy() {
+    let app = TestApp::start().await;
+    let resp = app.http.get(app.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for rule in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(rule), "{csp}");
+    }
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("http"),
+        "{csp}"
+    );
+    let html = resp.text().await.unwrap();
+    // Every script comes from a file of this origin; none is inline.
+    assert_eq!(
+        html.matches("<script").count(),
+        html.matches("<script src=\"/").count(),
+        "{html}"
+    );
+    assert!(
+        !html.contains("https://") && !html.contains("http://"),
+        "no remote origin"
+    );
+    for (path, kind) in [
+        ("/app.js", "javascript"),
+        ("/app.css", "css"),
+        ("/vendor/marked.js", "javascript"),
+        ("/vendor/purify.js", "javascript"),
+        ("/favicon.svg", "svg"),
+    ] {
+        let r = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert!(
+            r.headers()["content-type"].to_str().unwrap().contains(kind),
+            "{path}"
+        );
+    }
+}

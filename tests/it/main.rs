@@ -14,3 +14,4 @@ mod loops;
 mod mock_anthropic;
 mod support;
 mod tokens;
+mod web;

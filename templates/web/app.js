@@ -1,0 +1,506 @@
+// loopd web chat: the reference client of /api/v1, with the session cookie.
+// Plain JavaScript, no build step. Model output is rendered as Markdown and
+// sanitized with DOMPurify; everything else goes in as text.
+"use strict";
+
+const view = document.getElementById("view");
+const banner = document.getElementById("banner");
+const nav = document.getElementById("nav");
+
+// ---------- small helpers ----------
+
+/** Makes an element; strings become text nodes, never HTML. */
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function showError(message) {
+  banner.textContent = message;
+  banner.hidden = !message;
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const err = (body && body.error) || {};
+    super(err.message || `HTTP ${status}`);
+    this.status = status;
+    this.code = err.code;
+  }
+}
+
+async function api(method, path, body) {
+  const init = { method, credentials: "same-origin", headers: {} };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  const text = await res.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!res.ok) {
+    if (res.status === 401 && !path.startsWith("/api/auth/login")) {
+      go("#/login");
+    }
+    throw new ApiError(res.status, data);
+  }
+  return data;
+}
+
+function go(hash) {
+  if (location.hash !== hash) location.hash = hash;
+  else route();
+}
+
+function escapeHtml(text) {
+  return text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;");
+}
+
+let markedReady = false;
+
+/** Model output as Markdown: raw HTML in it shows as text, and the result is sanitized. */
+function markdown(text) {
+  if (!markedReady) {
+    marked.use({ renderer: { html: (token) => escapeHtml(token.text ?? token.raw ?? "") } });
+    markedReady = true;
+  }
+  return DOMPurify.sanitize(marked.parse(text, { gfm: true, breaks: true }));
+}
+
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString() : "";
+}
+
+/** Parses an SSE byte stream; calls onEvent({name, id, data}) per frame. */
+async function readSse(body, onEvent) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buf.indexOf("\n\n")) >= 0) {
+      const frame = buf.slice(0, end);
+      buf = buf.slice(end + 2);
+      let name = "message", id = null, data = "";
+      for (const line of frame.split("\n")) {
+        if (line.startsWith("event: ")) name = line.slice(7);
+        else if (line.startsWith("id: ")) id = Number(line.slice(4));
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      if (name !== "ping") onEvent({ name, id, data: JSON.parse(data || "{}") });
+    }
+  }
+}
+
+// ---------- routing ----------
+
+let leaving = () => {};
+
+async function route() {
+  leaving();
+  leaving = () => {};
+  showError("");
+  const hash = location.hash || "#/loops";
+  try {
+    if (hash === "#/login") return renderLogin();
+    const me = await api("GET", "/api/auth/me").catch(() => null);
+    if (!me) return go("#/login");
+    nav.hidden = false;
+    if (hash.startsWith("#/loop/")) return await renderChat(decodeURIComponent(hash.slice(7)));
+    if (hash === "#/settings") return await renderSettings();
+    return await renderLoops();
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+window.addEventListener("hashchange", route);
+document.getElementById("logout").addEventListener("click", async () => {
+  await api("POST", "/api/auth/logout").catch(() => {});
+  nav.hidden = true;
+  go("#/login");
+});
+
+// ---------- login ----------
+
+function renderLogin() {
+  nav.hidden = true;
+  const user = h("input", { type: "text", id: "username", name: "username", autocomplete: "username", required: true });
+  const pass = h("input", { type: "password", id: "password", name: "password", autocomplete: "current-password", required: true });
+  const form = h("form", { class: "card login", "aria-label": "Log in" },
+    h("h1", {}, "Log in to loopd"),
+    h("div", { class: "field" }, h("label", { for: "username" }, "Username"), user),
+    h("div", { class: "field" }, h("label", { for: "password" }, "Password"), pass),
+    h("button", { type: "submit", class: "primary" }, "Log in"));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await api("POST", "/api/auth/login", { username: user.value, password: pass.value });
+      go("#/loops");
+    } catch (e) {
+      showError(e.message);
+    }
+  });
+  view.replaceChildren(form);
+  user.focus();
+}
+
+// ---------- loops ----------
+
+async function renderLoops() {
+  const list = await api("GET", "/api/v1/loops?limit=100");
+  const input = (id, label, hint) => h("div", { class: "field" },
+    h("label", { for: id }, label), h("input", { type: "text", id, name: id, placeholder: hint || "" }));
+  const form = h("form", { class: "card", "aria-label": "New loop" },
+    h("div", { class: "row" },
+      input("title", "Title", "untitled"),
+      input("profiles", "Profiles", "comma-separated"),
+      input("vault", "Vault", "default"),
+      input("repo", "Repo", "none"),
+      h("button", { type: "submit", class: "primary" }, "Create loop")));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const f = new FormData(form);
+    const body = { title: f.get("title") || undefined };
+    const profiles = String(f.get("profiles") || "").split(",").map((s) => s.trim()).filter(Boolean);
+    if (profiles.length) body.profiles = profiles;
+    if (f.get("vault")) body.vault = f.get("vault");
+    if (f.get("repo")) body.repo = f.get("repo");
+    try {
+      const created = await api("POST", "/api/v1/loops", body);
+      go(`#/loop/${encodeURIComponent(created.id)}`);
+    } catch (e) {
+      showError(e.message);
+    }
+  });
+  const items = list.data.map((l) => h("li", {},
+    h("span", { class: l.busy ? "dot busy" : "dot", title: l.busy ? "running" : "idle", "aria-label": l.busy ? "running" : "idle" }),
+    h("a", { class: "title", href: `#/loop/${encodeURIComponent(l.id)}` }, l.title),
+    h("span", { class: "muted small" }, when(l.last_active_at)),
+    h("button", {
+      type: "button", class: "danger", "aria-label": `Archive ${l.title}`,
+      onclick: async () => {
+        try { await api("DELETE", `/api/v1/loops/${l.id}`); route(); } catch (e) { showError(e.message); }
+      },
+    }, "Archive")));
+  view.replaceChildren(
+    h("h1", {}, "Loops"), form,
+    h("h2", {}, "Most recently active"),
+    items.length ? h("ul", { class: "plain loops" }, items) : h("p", { class: "muted" }, "No loops yet."));
+}
+
+// ---------- chat ----------
+
+async function renderChat(loopId) {
+  const loop = await api("GET", `/api/v1/loops/${encodeURIComponent(loopId)}`);
+  const page = await api("GET", `/api/v1/loops/${encodeURIComponent(loopId)}/turns?limit=50`);
+  const chat = new Chat(loop);
+  view.replaceChildren(chat.el);
+  for (const t of page.data) chat.addHistory(t);
+  chat.follow(page.last_seq);
+  leaving = () => chat.close();
+  chat.input.focus();
+}
+
+class Chat {
+  constructor(loop) {
+    this.loop = loop;
+    this.turns = new Map();
+    this.seen = new Set();
+    this.sentContents = [];
+    this.log = h("div", { class: "log", role: "log", "aria-label": "Conversation" });
+    this.input = h("textarea", { id: "message", name: "message", rows: 2, placeholder: "Message (Enter sends, Shift+Enter for a new line, Esc interrupts)" });
+    this.sendBtn = h("button", { type: "submit", class: "primary" }, "Send");
+    this.stopBtn = h("button", { type: "button", "aria-label": "Interrupt the running turn", hidden: true, onclick: () => this.interrupt() }, "Interrupt");
+    const composer = h("form", { class: "composer", "aria-label": "Send a message" },
+      h("div", { class: "field" }, h("label", { for: "message", class: "sr-only", hidden: true }, "Message"), this.input),
+      this.stopBtn, this.sendBtn);
+    composer.addEventListener("submit", (ev) => { ev.preventDefault(); this.send(); });
+    this.input.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); this.send(); }
+    });
+    this.onKey = (ev) => { if (ev.key === "Escape") this.interrupt(); };
+    document.addEventListener("keydown", this.onKey);
+    this.el = h("section", { class: "chat" },
+      h("div", { class: "chat-head" }, h("h1", {}, loop.title), h("a", { href: "#/loops", class: "small" }, "All loops")),
+      this.log, composer);
+  }
+
+  close() {
+    if (this.es) this.es.close();
+    document.removeEventListener("keydown", this.onKey);
+  }
+
+  /** Watches the loop from `after` on; EventSource resumes with Last-Event-ID by itself. */
+  follow(after) {
+    this.es = new EventSource(`/api/v1/loops/${encodeURIComponent(this.loop.id)}/events?after=${after}`);
+    const names = ["user_message", "queued", "started", "snapshot", "assistant_delta", "thinking_delta",
+      "tool_call", "tool_result", "requires_choice", "choice_resolved", "done", "interrupted", "error"];
+    for (const name of names) {
+      this.es.addEventListener(name, (ev) => {
+        this.apply({ name, id: ev.lastEventId ? Number(ev.lastEventId) : null, data: JSON.parse(ev.data) });
+      });
+    }
+  }
+
+  turn(id, origin) {
+    let t = this.turns.get(id);
+    if (!t) {
+      t = new TurnView(this, id, origin || "user");
+      this.turns.set(id, t);
+      this.log.append(t.el);
+    }
+    return t;
+  }
+
+  addHistory(r) {
+    const t = this.turn(r.turn_id, r.origin);
+    Object.assign(t, {
+      content: r.content, text: r.assistant_text, thinking: r.thinking_text, status: r.status,
+      usage: r.usage, error: r.error,
+    });
+    for (const c of r.tool_calls) t.tools.set(c.tool_use_id, { tool: c.tool, summary: c.input_summary, ok: c.ok });
+    for (const c of r.choices) t.choices.set(c.choice_id, { ...c, resolved: c.answer !== null });
+    t.render();
+  }
+
+  /** One event, from either stream; the seq makes sure it is applied once. */
+  apply(ev) {
+    if (ev.id !== null) {
+      if (this.seen.has(ev.id)) return;
+      this.seen.add(ev.id);
+    }
+    const d = ev.data;
+    if (!d.turn_id && ev.name === "error") return showError(`${d.code}: ${d.message}`);
+    const t = this.turn(d.turn_id, d.origin);
+    switch (ev.name) {
+      case "user_message": t.content = d.content; t.status = t.status || "queued"; break;
+      case "queued": t.status = "queued"; t.position = d.position; break;
+      case "started": t.status = "running"; t.origin = d.origin || t.origin; break;
+      case "snapshot":
+        t.status = "running"; t.text = d.assistant_text_so_far;
+        if (d.pending_choice) t.choices.set(d.pending_choice.choice_id, { ...d.pending_choice, resolved: false });
+        break;
+      case "assistant_delta": t.text += d.text; break;
+      case "thinking_delta": t.thinking += d.text; break;
+      case "tool_call": t.tools.set(d.tool_use_id, { tool: d.tool, summary: d.input_summary, ok: null }); break;
+      case "tool_result": { const c = t.tools.get(d.tool_use_id); if (c) c.ok = d.ok; break; }
+      case "requires_choice": t.choices.set(d.choice_id, { choice_id: d.choice_id, kind: d.kind, payload: d.payload, resolved: false }); break;
+      case "choice_resolved": { const c = t.choices.get(d.choice_id); if (c) Object.assign(c, { resolved: true, source: d.source, answer: d.answer }); break; }
+      case "done": t.status = "done"; t.usage = d.usage; break;
+      case "interrupted": t.status = "interrupted"; break;
+      case "error": t.status = "error"; t.error = { code: d.code, message: d.message }; break;
+    }
+    // The sender's own stream carries no user_message: it fills the words in.
+    if (!t.content && t.origin === "user" && this.sentContents.length && ev.name !== "user_message") {
+      t.content = this.sentContents.shift();
+    }
+    t.schedule();
+    this.updateBusy();
+  }
+
+  updateBusy() {
+    const busy = [...this.turns.values()].some((t) => t.status === "running" || t.status === "queued");
+    this.stopBtn.hidden = !busy;
+  }
+
+  async send() {
+    const content = this.input.value;
+    if (!content.trim()) return;
+    this.input.value = "";
+    this.sentContents.push(content);
+    try {
+      const res = await fetch(`/api/v1/loops/${encodeURIComponent(this.loop.id)}/messages`, {
+        method: "POST", credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
+        body: JSON.stringify({ content }),
+      });
+      if (!res.ok) {
+        this.sentContents.pop();
+        throw new ApiError(res.status, await res.json().catch(() => null));
+      }
+      await readSse(res.body, (ev) => this.apply(ev));
+    } catch (e) {
+      showError(e.message);
+    }
+  }
+
+  async interrupt() {
+    try {
+      await api("POST", `/api/v1/loops/${encodeURIComponent(this.loop.id)}/interrupt`);
+    } catch (e) {
+      showError(e.message);
+    }
+  }
+
+  async answer(choiceId, body) {
+    try {
+      await api("POST", `/api/v1/loops/${encodeURIComponent(this.loop.id)}/choices/${encodeURIComponent(choiceId)}`, body);
+    } catch (e) {
+      showError(e.message);
+    }
+  }
+}
+
+class TurnView {
+  constructor(chat, id, origin) {
+    Object.assign(this, { chat, id, origin, content: "", text: "", thinking: "", status: "", position: 0,
+      usage: null, error: null, tools: new Map(), choices: new Map(), choiceEls: new Map(), pending: false });
+    this.userEl = h("div", { class: "user" });
+    this.thinkingEl = h("details", { class: "thinking", hidden: true }, h("summary", {}, "Thinking"), h("pre"));
+    this.toolsEl = h("div", { class: "tools" });
+    this.textEl = h("div", { class: "md" });
+    this.choicesEl = h("div", { class: "choices" });
+    this.statusEl = h("div", { class: "status" });
+    this.el = h("article", { class: "turn", "data-turn": id },
+      this.userEl, h("div", { class: "agent" }, this.thinkingEl, this.toolsEl, this.textEl, this.choicesEl, this.statusEl));
+  }
+
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => {
+      this.pending = false;
+      // Follow new output, unless the reader scrolled up to read something.
+      const atBottom = window.innerHeight + window.scrollY >= document.body.scrollHeight - 80;
+      this.render();
+      if (atBottom) window.scrollTo(0, document.body.scrollHeight);
+    });
+  }
+
+  render() {
+    this.userEl.hidden = !this.content;
+    this.userEl.textContent = this.content;
+    this.thinkingEl.hidden = !this.thinking;
+    this.thinkingEl.querySelector("pre").textContent = this.thinking;
+    this.toolsEl.replaceChildren(...[...this.tools.values()].map((c) => h("div", {
+      class: `tool ${c.ok === true ? "ok" : c.ok === false ? "bad" : ""}`,
+    }, h("span", { class: "name" }, c.tool), h("span", { class: "sum" }, c.summary || ""),
+      h("span", { "aria-label": "outcome" }, c.ok === true ? "✓" : c.ok === false ? "✗" : "…"))));
+    this.textEl.innerHTML = this.text ? markdown(this.text) : "";
+    for (const [id, c] of this.choices) this.renderChoice(id, c);
+    const s = this.statusEl;
+    s.className = `status ${this.status}`;
+    const usage = this.usage ? [
+      this.usage.input_tokens != null ? `in ${this.usage.input_tokens}` : null,
+      this.usage.output_tokens != null ? `out ${this.usage.output_tokens}` : null,
+      this.usage.cost_usd != null ? `$${Number(this.usage.cost_usd).toFixed(4)}` : null,
+      this.usage.duration_ms != null ? `${this.usage.duration_ms} ms` : null,
+    ].filter(Boolean).join(" · ") : "";
+    switch (this.status) {
+      case "queued": s.replaceChildren(`Queued${this.position ? ` (position ${this.position})` : ""}`); break;
+      case "running": s.replaceChildren(h("span", { class: "spinner", "aria-hidden": "true" }), " Working…"); break;
+      case "done": s.replaceChildren(h("span", { class: "usage" }, usage)); break;
+      case "interrupted": s.replaceChildren("Interrupted"); break;
+      case "error": s.replaceChildren(`Error ${this.error.code}: ${this.error.message}`); break;
+      default: s.replaceChildren();
+    }
+  }
+
+  renderChoice(id, c) {
+    let el = this.choiceEls.get(id);
+    if (el && el.dataset.resolved === String(c.resolved)) return;
+    const next = c.resolved ? this.resolvedChoice(c) : c.kind === "question" ? this.questionForm(c) : this.permissionCard(c);
+    next.dataset.resolved = String(c.resolved);
+    if (el) el.replaceWith(next); else this.choicesEl.append(next);
+    this.choiceEls.set(id, next);
+  }
+
+  resolvedChoice(c) {
+    const a = c.answer || {};
+    const what = a.allow === true ? "Allowed" : a.allow === false ? "Denied" : a.answers ? "Answered" : "Resolved";
+    const who = c.source ? ` (from the ${c.source === "web" ? "web" : "API"})` : "";
+    const subject = c.kind === "permission" ? `${c.payload.tool}: ${c.payload.input_summary || ""}` : "Question";
+    return h("div", { class: "choice resolved small" }, `${what}${who} — ${subject}`);
+  }
+
+  permissionCard(c) {
+    const p = c.payload;
+    return h("div", { class: "choice", role: "group", "aria-label": `Permission for ${p.tool}` },
+      h("div", {}, h("strong", {}, p.tool), " wants to run:"),
+      p.title ? h("div", {}, p.title) : null,
+      h("pre", {}, p.input_summary || JSON.stringify(p.input, null, 2)),
+      h("details", {}, h("summary", { class: "small" }, "Full input"), h("pre", {}, JSON.stringify(p.input, null, 2))),
+      h("div", { class: "row" },
+        h("button", { type: "button", class: "primary", onclick: () => this.chat.answer(c.choice_id, { allow: true }) }, "Allow"),
+        h("button", { type: "button", class: "danger", onclick: () => this.chat.answer(c.choice_id, { allow: false }) }, "Deny")));
+  }
+
+  questionForm(c) {
+    const form = h("form", { class: "choice", "aria-label": "Questions" });
+    c.payload.questions.forEach((q, qi) => {
+      const name = `${c.choice_id}-${qi}`;
+      form.append(h("fieldset", {}, h("legend", {}, q.question),
+        q.options.map((o, oi) => {
+          const id = `${name}-${oi}`;
+          return h("label", { class: "opt", for: id },
+            h("input", { type: q.multi_select ? "checkbox" : "radio", id, name, value: o.label }),
+            h("span", {}, o.label, o.description ? h("span", { class: "muted small" }, ` — ${o.description}`) : null));
+        })));
+    });
+    form.append(h("button", { type: "submit", class: "primary" }, "Answer"));
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const answers = {};
+      c.payload.questions.forEach((q, qi) => {
+        const picked = [...form.querySelectorAll(`input[name="${CSS.escape(`${c.choice_id}-${qi}`)}"]:checked`)].map((i) => i.value);
+        if (picked.length) answers[q.question] = q.multi_select ? picked : picked[0];
+      });
+      if (!Object.keys(answers).length) return showError("Pick an answer first.");
+      this.chat.answer(c.choice_id, { answers });
+    });
+    return form;
+  }
+}
+
+// ---------- settings ----------
+
+async function renderSettings() {
+  const { tokens } = await api("GET", "/api/v1/me/tokens");
+  const label = h("input", { type: "text", id: "label", name: "label", placeholder: "e.g. slack bot" });
+  const shown = h("div");
+  const form = h("form", { class: "card", "aria-label": "New API token" },
+    h("div", { class: "row" }, h("div", { class: "field" }, h("label", { for: "label" }, "Label"), label),
+      h("button", { type: "submit", class: "primary" }, "Create token")), shown);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const t = await api("POST", "/api/v1/me/tokens", label.value ? { label: label.value } : {});
+      const copy = h("button", { type: "button", onclick: async () => {
+        await navigator.clipboard.writeText(t.token).catch(() => {});
+        copy.textContent = "Copied";
+      } }, "Copy");
+      shown.replaceChildren(h("p", {}, "Your new token — it is shown only this once:"),
+        h("div", { class: "row" }, h("code", { class: "token", id: "new-token" }, t.token), copy));
+      label.value = "";
+      list.replaceChildren(...(await api("GET", "/api/v1/me/tokens")).tokens.map(row));
+    } catch (e) {
+      showError(e.message);
+    }
+  });
+  const row = (t) => h("li", {},
+    h("span", { class: "title" }, t.label || "(no label)"),
+    h("span", { class: "muted small" }, `${t.tokenId} · created ${when(t.createdAt)} · ${t.lastUsedAt ? `used ${when(t.lastUsedAt)}` : "never used"}`),
+    h("button", { type: "button", class: "danger", "aria-label": `Revoke ${t.label || t.tokenId}`, onclick: async () => {
+      try { await api("DELETE", `/api/v1/me/tokens/${t.tokenId}`); renderSettings(); } catch (e) { showError(e.message); }
+    } }, "Revoke"));
+  const list = h("ul", { class: "plain loops", "aria-label": "API tokens" }, tokens.map(row));
+  view.replaceChildren(h("h1", {}, "Settings"), h("h2", {}, "API tokens"),
+    h("p", { class: "muted" }, "Bots use these with Authorization: Bearer …. They can do everything you can, except manage tokens."),
+    form, list);
+}
+
+route();

@@ -1,0 +1,179 @@
+// The web chat in a real browser (Debian's Chromium, driven by Playwright),
+// against a running loopd with the echo agent. Each step saves a screenshot.
+// Run by tests/it/web.rs: node tests/web/chat.mjs (settings from the env).
+import { chromium } from "playwright-core";
+import { mkdtempSync, mkdirSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const url = process.env.LOOPD_URL;
+const user = process.env.LOOPD_USER;
+const password = process.env.LOOPD_PASSWORD;
+const botToken = process.env.LOOPD_BOT_TOKEN;
+const shots = process.env.SHOTS_DIR;
+mkdirSync(shots, { recursive: true });
+const WAIT = { timeout: 20000 };
+
+const context = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "loopd-chromium-")), {
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync"],
+  viewport: { width: 1000, height: 760 },
+});
+const page = context.pages()[0] || (await context.newPage());
+const problems = [];
+page.on("dialog", async (d) => { problems.push(`a dialog opened: ${d.message()}`); await d.dismiss(); });
+page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+// A 401 is how the page learns it must log in; anything else logged as an error is a bug.
+page.on("console", (m) => {
+  if (m.type() === "error" && !/status of 401/.test(m.text())) problems.push(`console error: ${m.text()}`);
+});
+
+let n = 0;
+async function step(name, fn) {
+  process.stdout.write(`- ${name} … `);
+  await fn();
+  n += 1;
+  await page.screenshot({ path: join(shots, `${String(n).padStart(2, "0")}-${name}.png`), fullPage: true });
+  console.log("ok");
+}
+
+const lastTurn = () => page.locator("article.turn").last();
+async function send(text) {
+  await page.getByPlaceholder(/Message/).fill(text);
+  await page.getByPlaceholder(/Message/).press("Enter");
+}
+
+try {
+  await step("login", async () => {
+    await page.goto(url);
+    await page.getByLabel("Username").fill(user);
+    await page.getByLabel("Password").fill(password);
+    await page.getByRole("button", { name: "Log in" }).click();
+    await page.getByRole("heading", { name: "Loops" }).waitFor(WAIT);
+  });
+
+  await step("create-loop", async () => {
+    await page.getByLabel("Title").fill("Browser test");
+    await page.getByRole("button", { name: "Create loop" }).click();
+    await page.getByRole("heading", { name: "Browser test" }).waitFor(WAIT);
+  });
+  const loopId = decodeURIComponent(new URL(page.url()).hash.slice("#/loop/".length));
+
+  await step("send-and-stream", async () => {
+    await send("hello from the browser");
+    await lastTurn().locator(".md", { hasText: "hello from the browser" }).waitFor(WAIT);
+    await lastTurn().locator(".usage").waitFor(WAIT);
+  });
+
+  await step("permission", async () => {
+    await send("/permission rm -rf build");
+    await page.getByRole("button", { name: "Allow" }).click(WAIT);
+    await lastTurn().getByText("Allowed: rm -rf build").waitFor(WAIT);
+    await lastTurn().getByText("Allowed (from the web)").waitFor(WAIT);
+  });
+
+  await step("question", async () => {
+    await send("/question");
+    await page.getByLabel(/^Blue/).check(WAIT);
+    await page.getByLabel(/^S\b/).check();
+    await page.getByLabel(/^L\b/).check();
+    await page.getByRole("button", { name: "Answer" }).click();
+    await lastTurn().locator(".md", { hasText: '"Which color do you prefer?":"Blue"' }).waitFor(WAIT);
+    await lastTurn().locator(".md", { hasText: '"Which sizes do you need?":"S, L"' }).waitFor(WAIT);
+  });
+
+  await step("interrupt", async () => {
+    await send("/sleep 30");
+    await lastTurn().getByText("Working…").waitFor(WAIT);
+    await page.keyboard.press("Escape");
+    await lastTurn().getByText("Interrupted").waitFor(WAIT);
+  });
+
+  await step("reload-mid-turn", async () => {
+    await send("/sleep 3");
+    await lastTurn().getByText("Sleeping").waitFor(WAIT);
+    await page.reload();
+    await page.getByRole("heading", { name: "Browser test" }).waitFor(WAIT);
+    await lastTurn().getByText("Sleeping").waitFor(WAIT);
+    await lastTurn().getByText("awake.").waitFor(WAIT);
+  });
+
+  await step("bot-turn-appears-live", async () => {
+    const res = await fetch(`${url}/api/v1/loops/${encodeURIComponent(loopId)}/messages`, {
+      method: "POST",
+      headers: { Authorization: `Bearer ${botToken}`, "Content-Type": "application/json" },
+      body: JSON.stringify({ content: "message from a bot" }),
+    });
+    if (!res.ok) throw new Error(`bot send failed: ${res.status}`);
+    await res.text(); // the bot reads its own stream to the end
+    await page.locator(".user", { hasText: "message from a bot" }).waitFor(WAIT);
+    await lastTurn().locator(".md", { hasText: "message from a bot" }).waitFor(WAIT);
+  });
+
+  await step("html-renders-as-text", async () => {
+    const evil = "<img src=x onerror=alert(1)>";
+    await send(evil);
+    await lastTurn().locator(".user", { hasText: evil }).waitFor(WAIT);
+    await lastTurn().locator(".md", { hasText: evil }).waitFor(WAIT);
+    const images = await page.locator("main img").count();
+    if (images !== 0) throw new Error(`model output made ${images} <img> element(s)`);
+  });
+
+  await step("dark-mode", async () => {
+    await page.emulateMedia({ colorScheme: "dark" });
+    const bg = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+    if (bg === "rgb(255, 255, 255)") throw new Error("dark mode did not apply");
+    await page.emulateMedia({ colorScheme: "light" });
+  });
+
+  await step("phone-width", async () => {
+    await page.setViewportSize({ width: 390, height: 760 });
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    if (overflow > 0) throw new Error(`the page is ${overflow}px wider than a phone`);
+  });
+
+  await step("tokens", async () => {
+    await page.setViewportSize({ width: 1000, height: 760 });
+    await page.getByRole("link", { name: "Settings" }).click();
+    await page.getByLabel("Label").fill("from the browser");
+    await page.getByRole("button", { name: "Create token" }).click();
+    const token = await page.locator("#new-token").textContent(WAIT);
+    if (!/^la_[0-9a-f]{48}$/.test(token)) throw new Error(`not a token: ${token}`);
+    await page.getByRole("list", { name: "API tokens" }).getByText("from the browser").waitFor(WAIT);
+    await page.getByRole("button", { name: "Revoke from the browser" }).click();
+    await page.getByRole("list", { name: "API tokens" }).getByText("from the browser").waitFor({ state: "detached", ...WAIT });
+  });
+
+  await step("docs-screenshots", async () => {
+    await page.goto(`${url}/#/loop/${encodeURIComponent(loopId)}`);
+    await send("/think Let me check what deploying involves.\n\nI'll **deploy** it.");
+    await lastTurn().locator(".md strong").waitFor(WAIT);
+    await send("/permission ./deploy.sh --env production");
+    await page.getByRole("button", { name: "Allow" }).waitFor(WAIT);
+    await page.evaluate(() => window.scrollTo(0, document.body.scrollHeight));
+    await page.screenshot({ path: join(shots, "chat-light.png") });
+    await page.emulateMedia({ colorScheme: "dark" });
+    await page.screenshot({ path: join(shots, "chat-dark.png") });
+    await page.emulateMedia({ colorScheme: "light" });
+    await page.getByRole("button", { name: "Allow" }).click();
+    await lastTurn().getByText("Allowed (from the web)").waitFor(WAIT);
+  });
+
+  await step("logout", async () => {
+    await page.getByRole("button", { name: "Log out" }).click();
+    await page.getByRole("button", { name: "Log in" }).waitFor(WAIT);
+  });
+
+  if (problems.length) throw new Error(problems.join("\n"));
+  console.log(`web chat: all ${n} steps ok`);
+} catch (e) {
+  console.log("FAILED");
+  await page.screenshot({ path: join(shots, "failure.png"), fullPage: true }).catch(() => {});
+  console.error(e.stack || String(e));
+  if (problems.length) console.error(problems.join("\n"));
+  await context.close();
+  process.exit(1);
+}
+await context.close();
