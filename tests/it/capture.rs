@@ -17,20 +17,16 @@ fn record(name: &str, prompts: &[&str], answer: impl Fn(&Value) -> Option<Value>
     let mock = rt.block_on(crate::mock_anthropic::start());
     let home = tempfile::tempdir().unwrap();
     let cwd = tempfile::tempdir().unwrap();
+    // Exactly the command line loopd runs the CLI with.
+    let spec = loopd::agent::AgentSpec {
+        marker: "capture".into(),
+        cwd: cwd.path().to_owned(),
+        env: Vec::new(),
+        session: loopd::agent::Session::New(uuid::Uuid::new_v4().to_string()),
+        mode: loopd::agent::PermissionMode::Default,
+    };
     let mut child = Command::new(claude_bin())
-        .args([
-            "-p",
-            "--input-format",
-            "stream-json",
-            "--output-format",
-            "stream-json",
-            "--verbose",
-            "--include-partial-messages",
-            "--permission-prompt-tool",
-            "stdio",
-            "--permission-mode",
-            "default",
-        ])
+        .args(loopd::agent::claude::args(&spec))
         .current_dir(cwd.path())
         .env_clear()
         .envs(agent_env(&mock, home.path()))

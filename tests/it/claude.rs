@@ -89,6 +89,19 @@ impl Rig {
             .await
     }
 
+    /// Sends a message whose Bash tool runs `command` (read-only, so not
+    /// asked about); returns once that process runs.
+    async fn start_long_tool(&self, command: &str) -> crate::support::SseStream {
+        let prompt = format!("[[bash:{command}]]");
+        let mut stream = self.app.send(&self.bearer, &self.loop_id, &prompt).await;
+        stream.until("tool_call").await;
+        eventually("the tool to run", async || {
+            self.processes().iter().any(|c| c.contains(command))
+        })
+        .await;
+        stream
+    }
+
     /// Command lines of the live processes marked as this loop's.
     fn processes(&self) -> Vec<String> {
         loopd::agent::process::marked(&self.uuid())
@@ -274,15 +287,7 @@ async fn a_question_is_answered_with_labels() {
 #[tokio::test]
 async fn interrupting_a_long_tool_leaves_no_process_behind() {
     let rig = Rig::start().await;
-    let mut stream = rig
-        .app
-        .send(&rig.bearer, &rig.loop_id, "[[bash:sleep 47]]")
-        .await;
-    stream.until("tool_call").await;
-    eventually("the tool to run", async || {
-        rig.processes().iter().any(|c| c.contains("sleep 47"))
-    })
-    .await;
+    let mut stream = rig.start_long_tool("sleep 47").await;
     let (status, _) = rig
         .app
         .post(
@@ -447,15 +452,7 @@ async fn an_agent_crash_ends_the_turn_and_the_next_message_resumes() {
 #[tokio::test]
 async fn archiving_kills_the_agent_and_its_tools() {
     let rig = Rig::start().await;
-    let mut stream = rig
-        .app
-        .send(&rig.bearer, &rig.loop_id, "[[bash:sleep 53]]")
-        .await;
-    stream.until("tool_call").await;
-    eventually("the tool to run", async || {
-        rig.processes().iter().any(|c| c.contains("sleep 53"))
-    })
-    .await;
+    let mut stream = rig.start_long_tool("sleep 53").await;
     let (status, _) = rig
         .app
         .delete(&format!("/api/v1/loops/{}", rig.loop_id), &rig.bearer)
