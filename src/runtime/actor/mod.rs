@@ -7,6 +7,9 @@
 //! message goes to the agent only after the previous turn's end, and only
 //! one turn runs at a time, so the agent never merges two messages.
 
+mod lifecycle;
+mod output;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -18,14 +21,9 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::Shared;
 use super::choices::{self, ChoiceAnswer};
-use super::events::{
-    ChoiceKind, ChoiceSource, Event, IdemRecord, Origin, new_choice_id, new_turn_id,
-};
+use super::events::{ChoiceKind, ChoiceSource, Event, IdemRecord, Origin, new_turn_id};
 use super::log::{Append, EventLog};
-use crate::agent::{
-    self, AgentEvent, AgentHandle, AgentInput, AgentOutput, AgentSpec, Decision, PermissionMode,
-    Session, TurnEnd,
-};
+use crate::agent::{AgentHandle, AgentInput, AgentOutput, PermissionMode, Session};
 use crate::error::ApiError;
 use crate::store::LoopId;
 
@@ -183,7 +181,7 @@ impl Actor {
                 }
                 Wake::Slot(permit) => {
                     self.waiting_slot = None;
-                    self.spawn_agent(permit, false).await;
+                    self.spawn_agent(permit).await;
                 }
                 Wake::Idle => self.idle().await,
                 Wake::InterruptOverdue => self.interrupt_overdue().await,
@@ -342,7 +340,7 @@ impl Actor {
             if self.agent.is_none() {
                 match self.shared.slots.try_acquire() {
                     Some(permit) => {
-                        if !self.spawn_agent(permit, false).await {
+                        if !self.spawn_agent(permit).await {
                             continue;
                         }
                     }
@@ -367,35 +365,6 @@ impl Actor {
         }
     }
 
-    /// Starts the agent process. On failure the first queued turn ends with
-    /// `agent_unavailable` and `false` is returned.
-    async fn spawn_agent(&mut self, permit: OwnedSemaphorePermit, fresh_session: bool) -> bool {
-        match self.prepare_spec(fresh_session).await {
-            Ok(spec) => {
-                let session = spec.session.clone();
-                let mode = spec.mode.agent_side();
-                let config = &self.shared.config;
-                match agent::spawn(config.agent, &config.claude_bin, spec) {
-                    Ok(process) => {
-                        self.agent = Some(Live {
-                            input: process.input,
-                            output: process.output,
-                            handle: process.handle,
-                            permit,
-                            mode,
-                            session,
-                            fresh: true,
-                        });
-                        return true;
-                    }
-                    Err(err) => self.fail_first_queued("agent_unavailable", err.0),
-                }
-            }
-            Err(message) => self.fail_first_queued("agent_unavailable", message),
-        }
-        false
-    }
-
     fn fail_first_queued(&mut self, code: &str, message: String) {
         tracing::warn!(loop_id = %self.id, code, %message, "a turn could not start");
         if let Some(p) = self.queue.pop_front() {
@@ -405,56 +374,6 @@ impl Actor {
                 message,
             });
         }
-    }
-
-    /// Everything the agent starts with: workspace, environment, session.
-    async fn prepare_spec(&mut self, fresh_session: bool) -> Result<AgentSpec, String> {
-        let shared = self.shared.clone();
-        let id = self.id;
-        tokio::task::spawn_blocking(move || {
-            let record = shared.loops.get(id).ok_or("the loop is gone")?;
-            let loop_dir = shared.loops.loop_dir(id);
-            let workspace = loop_dir.join("workspace");
-            let cwd = if workspace.is_dir() {
-                workspace
-            } else {
-                super::workspace::prepare(&loop_dir, &shared.catalog, &record)
-                    .map_err(|e| e.to_string())?
-            };
-            let vault_path = shared.catalog.vault_path(&record.vault);
-            let vault = if vault_path.is_file() {
-                agent::env::read_vault(&vault_path)?
-            } else {
-                Vec::new()
-            };
-            let marker = id.0.to_string();
-            let env = agent::env::build(
-                shared.config.agent_base_env.iter().cloned(),
-                &shared.config.agent_env,
-                &vault,
-                &marker,
-            );
-            let session = match (&record.agent_session_id, fresh_session) {
-                (Some(sid), false) => Session::Resume(sid.clone()),
-                _ => {
-                    let sid = uuid::Uuid::new_v4().to_string();
-                    shared
-                        .loops
-                        .update(id, |r| r.agent_session_id = Some(sid.clone()))
-                        .map_err(|e| e.to_string())?;
-                    Session::New(sid)
-                }
-            };
-            Ok(AgentSpec {
-                marker,
-                cwd,
-                env,
-                session,
-                mode: shared.config.permission_mode,
-            })
-        })
-        .await
-        .map_err(|e| e.to_string())?
     }
 
     /// Sends a queued message to the (live) agent.
@@ -530,264 +449,6 @@ impl Actor {
         }
         self.ensure_started();
         self.turn.as_ref().expect("a turn runs").turn_id.clone()
-    }
-
-    async fn output(&mut self, output: AgentOutput) {
-        self.last_activity = Instant::now();
-        match output {
-            AgentOutput::Event(event) => self.agent_event(event).await,
-            AgentOutput::Events(events) => {
-                for event in events {
-                    self.agent_event(event).await;
-                }
-            }
-            AgentOutput::Exited { reason } => self.agent_exited(reason).await,
-        }
-    }
-
-    async fn agent_event(&mut self, event: AgentEvent) {
-        match event {
-            AgentEvent::Init { .. } => self.ensure_started(),
-            AgentEvent::TextDelta(text) => {
-                let turn_id = self.current_turn();
-                self.emit(Event::AssistantDelta { turn_id, text });
-            }
-            AgentEvent::ThinkingDelta(text) => {
-                let turn_id = self.current_turn();
-                self.emit(Event::ThinkingDelta { turn_id, text });
-            }
-            AgentEvent::ToolCall {
-                tool_use_id,
-                tool,
-                input_summary,
-            } => {
-                let turn_id = self.current_turn();
-                self.emit(Event::ToolCall {
-                    turn_id,
-                    tool_use_id,
-                    tool,
-                    input_summary,
-                });
-            }
-            AgentEvent::ToolResult { tool_use_id, ok } => {
-                let turn_id = self.current_turn();
-                self.emit(Event::ToolResult {
-                    turn_id,
-                    tool_use_id,
-                    ok,
-                });
-            }
-            AgentEvent::PermissionRequest {
-                request_id,
-                tool,
-                input,
-                title,
-            } => {
-                self.permission_request(request_id, tool, input, title);
-            }
-            AgentEvent::RequestCancelled { request_id } => {
-                if let Some(turn) = self.turn.as_mut()
-                    && turn
-                        .pending
-                        .as_ref()
-                        .is_some_and(|p| p.request_id == request_id)
-                {
-                    turn.pending = None;
-                }
-            }
-            AgentEvent::ControlResponse {
-                request_id,
-                error: Some(error),
-            } => {
-                tracing::warn!(loop_id = %self.id, %request_id, %error, "the agent refused a control request");
-            }
-            AgentEvent::ControlResponse { .. } => {}
-            AgentEvent::TurnEnd(end) => self.turn_end(end).await,
-        }
-    }
-
-    fn permission_request(
-        &mut self,
-        request_id: String,
-        tool: String,
-        input: Value,
-        title: Option<String>,
-    ) {
-        let turn_id = self.current_turn();
-        let kind = choices::kind_of(&tool);
-        let held = self.turn.as_ref().and_then(|t| t.mode.held_answer());
-        if let (ChoiceKind::Permission, Some(allow)) = (kind, held) {
-            // The loop holds this mode itself: answer without asking anyone.
-            let decision = if allow {
-                Decision::Allow {
-                    updated_input: input,
-                }
-            } else {
-                Decision::Deny {
-                    message: format!(
-                        "Permission to use {tool} was denied: this turn runs in don't-ask mode."
-                    ),
-                }
-            };
-            self.send_to_agent(AgentInput::Answer {
-                request_id,
-                decision,
-            });
-            return;
-        }
-        let choice_id = new_choice_id();
-        let payload = choices::payload(kind, &tool, &input, title.as_deref());
-        if let Some(turn) = self.turn.as_mut() {
-            turn.pending = Some(Choice {
-                choice_id: choice_id.clone(),
-                request_id,
-                kind,
-                input,
-            });
-        }
-        self.emit(Event::RequiresChoice {
-            turn_id,
-            choice_id,
-            kind,
-            payload,
-        });
-    }
-
-    fn send_to_agent(&mut self, input: AgentInput) {
-        if let Some(live) = &self.agent
-            && live.input.try_send(input).is_err()
-        {
-            tracing::warn!(loop_id = %self.id, "the agent is not taking input");
-        }
-    }
-
-    async fn turn_end(&mut self, end: TurnEnd) {
-        let Some(turn) = self.turn.as_ref() else {
-            return;
-        };
-        if let TurnEnd::Failed { message, .. } = &end
-            && self.resume_failed(message)
-        {
-            return self.restart_fresh().await;
-        }
-        let turn_id = turn.turn_id.clone();
-        let interrupted = turn.interrupt_deadline.is_some();
-        self.ensure_started();
-        let event = match end {
-            _ if interrupted => Event::Interrupted { turn_id },
-            TurnEnd::Aborted { .. } => Event::Interrupted { turn_id },
-            TurnEnd::Success { usage } => Event::Done {
-                turn_id,
-                usage: Some(usage),
-            },
-            TurnEnd::Failed { message, .. } => Event::Error {
-                turn_id: Some(turn_id),
-                code: "agent_error".into(),
-                message,
-            },
-        };
-        self.emit(event);
-        self.finish_turn();
-    }
-
-    /// A cold turn on a resumed conversation that failed before it began:
-    /// the conversation could not be resumed.
-    fn resume_failed(&self, message: &str) -> bool {
-        let resumed = matches!(
-            self.agent.as_ref().map(|a| &a.session),
-            Some(Session::Resume(_))
-        );
-        let turn = self.turn.as_ref();
-        resumed
-            && turn.is_some_and(|t| t.cold && !t.started && t.content.is_some())
-            && (message.is_empty() || message.contains("No conversation found"))
-    }
-
-    /// Starts a fresh conversation for the running turn and sends its
-    /// message again; its `started` will say `history_lost`.
-    async fn restart_fresh(&mut self) {
-        tracing::warn!(loop_id = %self.id, "the conversation could not be resumed; starting a fresh one");
-        let Some(permit) = self.stop_agent_keep_permit().await else {
-            return;
-        };
-        let mut turn = self.turn.take().expect("a turn runs");
-        if !self.spawn_fresh(permit).await {
-            self.emit(Event::Error {
-                turn_id: Some(turn.turn_id),
-                code: "agent_unavailable".into(),
-                message:
-                    "the conversation could not be resumed, and a fresh one could not be started"
-                        .into(),
-            });
-            return;
-        }
-        let live = self.agent.as_mut().expect("just spawned");
-        live.fresh = false;
-        if turn.mode.agent_side() != live.mode {
-            live.mode = turn.mode.agent_side();
-            let _ = live.input.try_send(AgentInput::SetMode(live.mode));
-        }
-        let content = turn.content.clone().unwrap_or_default();
-        let _ = live.input.try_send(AgentInput::User(content));
-        turn.history_lost = true;
-        self.turn = Some(turn);
-    }
-
-    async fn spawn_fresh(&mut self, permit: OwnedSemaphorePermit) -> bool {
-        match self.prepare_spec(true).await {
-            Ok(spec) => {
-                let session = spec.session.clone();
-                let mode = spec.mode.agent_side();
-                let config = &self.shared.config;
-                match agent::spawn(config.agent, &config.claude_bin, spec) {
-                    Ok(p) => {
-                        self.agent = Some(Live {
-                            input: p.input,
-                            output: p.output,
-                            handle: p.handle,
-                            permit,
-                            mode,
-                            session,
-                            fresh: true,
-                        });
-                        true
-                    }
-                    Err(_) => false,
-                }
-            }
-            Err(_) => false,
-        }
-    }
-
-    async fn agent_exited(&mut self, reason: String) {
-        if self.turn.is_some() && self.resume_failed("") {
-            return self.restart_fresh().await;
-        }
-        tracing::warn!(loop_id = %self.id, %reason, "the agent exited");
-        if let Some(turn) = self.turn.as_ref() {
-            let turn_id = turn.turn_id.clone();
-            self.ensure_started();
-            self.emit(Event::Error {
-                turn_id: Some(turn_id),
-                code: "agent_crashed".into(),
-                message: reason,
-            });
-            self.finish_turn();
-        }
-        self.stop_agent(false).await;
-    }
-
-    fn finish_turn(&mut self) {
-        self.turn = None;
-        self.last_activity = Instant::now();
-        let base = self.shared.config.permission_mode.agent_side();
-        if let Some(live) = self.agent.as_mut() {
-            if live.mode != base {
-                live.mode = base;
-                let _ = live.input.try_send(AgentInput::SetMode(base));
-            }
-            self.shared.slots.set_idle(self.id, self.me.clone());
-        }
     }
 
     async fn answer(
@@ -867,45 +528,6 @@ impl Actor {
             tracing::info!(loop_id = %self.id, "reclaiming an idle agent");
             self.stop_agent(false).await;
         }
-    }
-
-    /// Ends the agent process and everything it started. `wait`: return only
-    /// once it is gone (otherwise it ends in the background).
-    async fn stop_agent(&mut self, wait: bool) {
-        self.shared.slots.set_busy(self.id);
-        let Some(live) = self.agent.take() else {
-            return;
-        };
-        let Live {
-            input,
-            handle,
-            permit,
-            ..
-        } = live;
-        drop(input); // closes the agent's stdin
-        let ending = async move {
-            handle.stop().await;
-            drop(permit);
-        };
-        if wait {
-            ending.await;
-        } else {
-            tokio::spawn(ending);
-        }
-    }
-
-    /// Like [`Self::stop_agent`] with waiting, but keeps the slot for a respawn.
-    async fn stop_agent_keep_permit(&mut self) -> Option<OwnedSemaphorePermit> {
-        let live = self.agent.take()?;
-        let Live {
-            input,
-            handle,
-            permit,
-            ..
-        } = live;
-        drop(input);
-        handle.stop().await;
-        Some(permit)
     }
 
     async fn stop(&mut self, reason: StopReason) {
