@@ -222,11 +222,12 @@ class Chat {
     this.seen = new Set();
     this.sentContents = [];
     this.log = h("div", { class: "log", role: "log", "aria-label": "Conversation" });
-    this.input = h("textarea", { id: "message", name: "message", rows: 2, placeholder: "Message (Enter sends, Shift+Enter for a new line, Esc interrupts)" });
+    this.input = h("textarea", { id: "message", name: "message", rows: 2, "aria-label": "Message",
+      placeholder: "Message (Enter sends, Shift+Enter for a new line, Esc interrupts)" });
     this.sendBtn = h("button", { type: "submit", class: "primary" }, "Send");
     this.stopBtn = h("button", { type: "button", "aria-label": "Interrupt the running turn", hidden: true, onclick: () => this.interrupt() }, "Interrupt");
     const composer = h("form", { class: "composer", "aria-label": "Send a message" },
-      h("div", { class: "field" }, h("label", { for: "message", class: "sr-only", hidden: true }, "Message"), this.input),
+      h("div", { class: "field" }, this.input),
       this.stopBtn, this.sendBtn);
     composer.addEventListener("submit", (ev) => { ev.preventDefault(); this.send(); });
     this.input.addEventListener("keydown", (ev) => {

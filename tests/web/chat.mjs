@@ -41,8 +41,9 @@ async function step(name, fn) {
 
 const lastTurn = () => page.locator("article.turn").last();
 async function send(text) {
-  await page.getByPlaceholder(/Message/).fill(text);
-  await page.getByPlaceholder(/Message/).press("Enter");
+  const box = page.getByRole("textbox", { name: "Message" });
+  await box.fill(text);
+  await box.press("Enter");
 }
 
 try {
