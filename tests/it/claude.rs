@@ -530,3 +530,44 @@ async fn the_agent_gets_its_vault_and_none_of_the_servers_settings() {
     assert!(!env.contains("LOOPD_"), "{env}");
     assert!(!env.contains("AWS_SECRET_ACCESS_KEY"), "{env}");
 }
+
+#[tokio::test]
+async fn a_permission_mode_applies_to_its_turn_only() {
+    let rig = Rig::start().await;
+    let first = rig.workspace().join("first.txt");
+    let prompt = |path: &std::path::Path| format!("[[write:{}|hello]]", path.display());
+    // acceptEdits for this turn: Claude Code writes without asking.
+    let body = json!({"content": prompt(&first), "permission_mode": "acceptEdits"});
+    let events = rig
+        .app
+        .send_with(&rig.bearer, &rig.loop_id, body, None)
+        .await
+        .until_end()
+        .await;
+    assert!(
+        !names(&events).contains(&"requires_choice"),
+        "{:?}",
+        names(&events)
+    );
+    assert_eq!(events.last().unwrap().name, "done");
+    assert_eq!(std::fs::read_to_string(&first).unwrap(), "hello");
+    // The next turn is back in the server's mode (default): it asks.
+    let second = rig.workspace().join("second.txt");
+    let mut stream = rig
+        .app
+        .send(&rig.bearer, &rig.loop_id, &prompt(&second))
+        .await;
+    let asked = stream.until("requires_choice").await.pop().unwrap();
+    assert_eq!(asked.data["payload"]["tool"], "Write");
+    let choice_id = asked.data["choice_id"].as_str().unwrap();
+    rig.app
+        .choose(
+            &rig.bearer,
+            &rig.loop_id,
+            choice_id,
+            json!({"allow": false}),
+        )
+        .await;
+    assert_eq!(stream.until_end().await.pop().unwrap().name, "done");
+    assert!(!second.exists());
+}

@@ -5,6 +5,7 @@
 //! | prompt contains | reply |
 //! |---|---|
 //! | `[[bash:CMD]]` | a `Bash` tool_use running CMD; after its result, text quoting the result |
+//! | `[[write:PATH|TEXT]]` | a `Write` tool_use writing TEXT to PATH (in the working directory) |
 //! | `[[ask]]` | an `AskUserQuestion` tool_use (two questions, one multi-select) |
 //! | `[[think:TEXT]]` | a thinking block TEXT, then text |
 //! | `[[slow:N]]` | N text chunks, 200 ms apart |
@@ -193,6 +194,18 @@ fn script(messages: &[Value], last: &Value, n: usize) -> Reply {
                     input,
                 },
             ],
+            delay: fast,
+        };
+    }
+    if let Some(spec) = directive(&prompt, "write") {
+        let (path, content) = spec.split_once('|').unwrap_or((spec, ""));
+        let input = json!({"file_path": path, "content": content});
+        return Reply::Stream {
+            blocks: vec![Block::ToolUse {
+                id: tool_id,
+                name: "Write".into(),
+                input,
+            }],
             delay: fast,
         };
     }
