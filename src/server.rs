@@ -29,7 +29,7 @@ pub async fn run(
     let dir = DataDir::create(&config.data_dir)?;
     // Held until this function returns: one server per data directory.
     let _serving = dir.lock_for_serving()?;
-    let state = AppState::open(config, &dir, shutdown.clone())?;
+    let state = AppState::open(config, &dir)?;
     let addr = listener.local_addr()?;
 
     if let Some(password) = bootstrap_admin(&state.accounts)? {

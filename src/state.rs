@@ -17,8 +17,6 @@ pub struct AppState {
     pub loops: Arc<LoopStore>,
     pub catalog: Arc<Catalog>,
     pub runtime: Arc<Runtime>,
-    /// Cancelled when the server begins to shut down.
-    pub shutdown: CancellationToken,
     /// Cancelled once agents have stopped; SSE streams end on it.
     pub streams: CancellationToken,
     pub started_at: Instant,
@@ -27,11 +25,7 @@ pub struct AppState {
 impl AppState {
     /// Opens every store of the data directory and every loop's event log;
     /// a file that cannot be parsed is an error naming it.
-    pub fn open(
-        config: Config,
-        dir: &DataDir,
-        shutdown: CancellationToken,
-    ) -> Result<Self, StoreError> {
+    pub fn open(config: Config, dir: &DataDir) -> Result<Self, StoreError> {
         let config = Arc::new(config);
         let loops = Arc::new(LoopStore::open(dir.loops())?);
         let catalog = Arc::new(Catalog::new(dir.root()));
@@ -47,7 +41,6 @@ impl AppState {
             catalog,
             runtime: Arc::new(runtime),
             config,
-            shutdown,
             streams: CancellationToken::new(),
             started_at: Instant::now(),
         })

@@ -4,7 +4,6 @@
 //! ping every 15 s and end on shutdown.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -14,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::log::{Entry, EventLog, Follower};
+use crate::runtime::log::{Entry, Follower};
 
 const PING_EVERY: Duration = Duration::from_secs(15);
 const PING: &[u8] = b"event: ping\ndata: {}\n\n";
@@ -48,7 +47,6 @@ pub fn stream(
     mut follower: Follower,
     scope: Scope,
     shutdown: CancellationToken,
-    log: Arc<EventLog>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     async_stream::stream! {
         if let Some(first) = first {
@@ -62,7 +60,7 @@ pub fn stream(
                         Ok(batch) if !batch.is_empty() => batch,
                         Ok(_) => break,
                         Err(err) => {
-                            tracing::error!(path = %log.path().display(), error = %err, "reading the event log");
+                            tracing::error!(path = %follower.path().display(), error = %err, "reading the event log");
                             break;
                         }
                     };

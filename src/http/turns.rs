@@ -120,7 +120,6 @@ pub async fn send_message(
         follower,
         Scope::Turn(accepted.turn),
         state.streams.clone(),
-        accepted.log,
     );
     Ok(sse::response(stream))
 }
@@ -207,13 +206,7 @@ pub async fn watch_events(
             })
         }),
     };
-    let stream = sse::stream(
-        first,
-        follower,
-        Scope::Everything,
-        state.streams.clone(),
-        log,
-    );
+    let stream = sse::stream(first, follower, Scope::Everything, state.streams.clone());
     Ok(sse::response(stream))
 }
 

@@ -220,7 +220,7 @@ pub fn encode(
 
     let mut line = Vec::with_capacity(json.len() + 64);
     line.extend_from_slice(b"{\"seq\":");
-    line.extend_from_slice(itoa(seq).as_bytes());
+    line.extend_from_slice(seq.to_string().as_bytes());
     if let Some(at) = at {
         line.extend_from_slice(b",\"at\":");
         serde_json::to_writer(&mut line, &at).expect("timestamps serialize");
@@ -237,7 +237,7 @@ pub fn encode(
     frame.extend_from_slice(b"event: ");
     frame.extend_from_slice(name.as_bytes());
     frame.extend_from_slice(b"\nid: ");
-    frame.extend_from_slice(itoa(seq).as_bytes());
+    frame.extend_from_slice(seq.to_string().as_bytes());
     frame.extend_from_slice(b"\ndata: ");
     frame.extend_from_slice(data);
     frame.extend_from_slice(b"\n\n");
@@ -253,10 +253,6 @@ pub fn frame_without_id(name: &str, data: &impl Serialize) -> Bytes {
     serde_json::to_writer(&mut frame, data).expect("frames serialize");
     frame.extend_from_slice(b"\n\n");
     Bytes::from(frame)
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 /// A line of `events.jsonl` as read back.

@@ -291,38 +291,18 @@ impl EventLog {
 
     /// Reads up to `BATCH` events from the file, starting at seq `from`.
     fn read_file(&self, from: u64) -> Result<Vec<Entry>, StoreError> {
-        let (start, end) = {
+        let start = {
             let state = self.state.lock().expect("log poisoned");
             let idx = state.sparse.partition_point(|&(seq, _)| seq <= from);
-            let start = if idx == 0 { 0 } else { state.sparse[idx - 1].1 };
-            (start, state.len)
+            if idx == 0 { 0 } else { state.sparse[idx - 1].1 }
         };
-        let mut file = File::open(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
-        file.seek(SeekFrom::Start(start))
-            .map_err(|e| StoreError::io(&self.path, e))?;
-        let mut reader = BufReader::new(file.take(end - start));
         let mut found = Vec::new();
-        let mut line = Vec::new();
-        while found.len() < BATCH {
-            line.clear();
-            if reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| StoreError::io(&self.path, e))?
-                == 0
-            {
-                break;
-            }
-            let stored: StoredEvent =
-                serde_json::from_slice(&line).map_err(|e| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    line: 0,
-                    column: e.column(),
-                    message: e.to_string(),
-                })?;
+        self.scan(start, |stored| {
             if stored.seq >= from {
                 found.push(stored);
             }
-        }
+            found.len() < BATCH
+        })?;
         let state = self.state.lock().expect("log poisoned");
         Ok(found
             .into_iter()
@@ -337,23 +317,45 @@ impl EventLog {
 
     /// Every stored event from byte `offset` on (for deriving turns).
     pub fn read_from_offset(&self, offset: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::new();
+        self.scan(offset, |stored| {
+            out.push(stored);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Parses the stored events from byte `start` up to what was written so
+    /// far, handing each to `take` until it returns false.
+    fn scan(
+        &self,
+        start: u64,
+        mut take: impl FnMut(StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
         let end = self.state.lock().expect("log poisoned").len;
         let mut file = File::open(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
-        file.seek(SeekFrom::Start(offset))
+        file.seek(SeekFrom::Start(start))
             .map_err(|e| StoreError::io(&self.path, e))?;
-        let reader = BufReader::new(file.take(end.saturating_sub(offset)));
-        let mut out = Vec::new();
-        for line in reader.split(b'\n') {
-            let line = line.map_err(|e| StoreError::io(&self.path, e))?;
+        let mut reader = BufReader::new(file.take(end.saturating_sub(start)));
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| StoreError::io(&self.path, e))?;
+            if n == 0 {
+                return Ok(());
+            }
             let stored = serde_json::from_slice(&line).map_err(|e| StoreError::Corrupt {
                 path: self.path.clone(),
                 line: 0,
                 column: e.column(),
                 message: e.to_string(),
             })?;
-            out.push(stored);
+            if !take(stored) {
+                return Ok(());
+            }
         }
-        Ok(out)
     }
 }
 
@@ -397,6 +399,11 @@ impl Follower {
                 return Ok(Vec::new());
             }
         }
+    }
+
+    /// The file this reader reads.
+    pub fn path(&self) -> &Path {
+        self.log.path()
     }
 
     /// The seq this reader will return next.

@@ -89,7 +89,7 @@ pub struct TurnQuery {
 /// The page of turns: the newest `limit` by default, the `limit` just
 /// before `before` or just after `after`; always oldest first.
 pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
-    let (range, has_more, offset, ids) = log.view(|v| {
+    let (has_more, offset, ids) = log.view(|v| {
         let cursor = |id: &Option<String>| -> Result<Option<usize>, ApiError> {
             id.as_ref()
                 .map(|id| {
@@ -120,9 +120,8 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
             .iter()
             .map(|t| (t.turn_id.clone(), t.origin))
             .collect();
-        Ok(((start, end), more, offset, ids))
+        Ok((more, offset, ids))
     })?;
-    let _ = range;
     let Some(offset) = offset else {
         return Ok(TurnPage {
             data: vec![],

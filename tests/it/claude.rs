@@ -81,6 +81,11 @@ impl Rig {
             .join("workspace")
     }
 
+    /// Sends a message to the rig's loop; returns its turn's stream.
+    async fn send(&self, content: &str) -> crate::support::SseStream {
+        self.app.send(&self.bearer, &self.loop_id, content).await
+    }
+
     async fn turn(&self, content: &str) -> Vec<crate::support::Sse> {
         self.app
             .send(&self.bearer, &self.loop_id, content)
@@ -93,7 +98,7 @@ impl Rig {
     /// asked about); returns once that process runs.
     async fn start_long_tool(&self, command: &str) -> crate::support::SseStream {
         let prompt = format!("[[bash:{command}]]");
-        let mut stream = self.app.send(&self.bearer, &self.loop_id, &prompt).await;
+        let mut stream = self.send(&prompt).await;
         stream.until("tool_call").await;
         eventually("the tool to run", async || {
             self.processes().iter().any(|c| c.contains(command))
@@ -149,14 +154,7 @@ async fn hello_streams_the_models_text() {
 #[tokio::test]
 async fn an_allowed_bash_tool_really_writes_in_the_workspace_and_a_denied_one_does_not() {
     let rig = Rig::start().await;
-    let mut stream = rig
-        .app
-        .send(
-            &rig.bearer,
-            &rig.loop_id,
-            "[[bash:echo made by claude > made.txt]]",
-        )
-        .await;
+    let mut stream = rig.send("[[bash:echo made by claude > made.txt]]").await;
     let asked = stream.until("requires_choice").await;
     let choice = asked.last().unwrap();
     assert_eq!(choice.data["kind"], "permission");
@@ -185,10 +183,7 @@ async fn an_allowed_bash_tool_really_writes_in_the_workspace_and_a_denied_one_do
         "made by claude\n"
     );
 
-    let mut stream = rig
-        .app
-        .send(&rig.bearer, &rig.loop_id, "[[bash:touch denied.txt]]")
-        .await;
+    let mut stream = rig.send("[[bash:touch denied.txt]]").await;
     let choice = stream.until("requires_choice").await.pop().unwrap();
     let choice_id = choice.data["choice_id"].as_str().unwrap();
     rig.app
@@ -211,16 +206,8 @@ async fn an_allowed_bash_tool_really_writes_in_the_workspace_and_a_denied_one_do
 #[tokio::test]
 async fn a_failing_tool_reports_not_ok() {
     let rig = Rig::start().await;
-    let mut stream = rig
-        .app
-        .send(
-            &rig.bearer,
-            &rig.loop_id,
-            "[[bash:ls /definitely/not/here]]",
-        )
-        .await;
-    let first = stream.until("tool_call").await;
-    assert!(names(&first).contains(&"tool_call"));
+    let mut stream = rig.send("[[bash:ls /definitely/not/here]]").await;
+    stream.until("tool_call").await;
     // Reading outside the workspace may be asked about first.
     let mut rest = Vec::new();
     loop {
@@ -260,7 +247,7 @@ async fn the_conversation_keeps_its_history_across_turns() {
 #[tokio::test]
 async fn a_question_is_answered_with_labels() {
     let rig = Rig::start().await;
-    let mut stream = rig.app.send(&rig.bearer, &rig.loop_id, "[[ask]]").await;
+    let mut stream = rig.send("[[ask]]").await;
     let asked = stream.until("requires_choice").await.pop().unwrap();
     assert_eq!(asked.data["kind"], "question");
     assert_eq!(asked.data["payload"]["questions"][1]["multi_select"], true);
@@ -312,12 +299,9 @@ async fn interrupting_a_long_tool_leaves_no_process_behind() {
 #[tokio::test]
 async fn a_second_message_while_busy_waits_for_its_own_turn() {
     let rig = Rig::start().await;
-    let mut first = rig.app.send(&rig.bearer, &rig.loop_id, "[[slow:8]]").await;
+    let mut first = rig.send("[[slow:8]]").await;
     first.until("assistant_delta").await;
-    let mut second = rig
-        .app
-        .send(&rig.bearer, &rig.loop_id, "the second one")
-        .await;
+    let mut second = rig.send("the second one").await;
     assert_eq!(second.next().await.unwrap().name, "queued");
     let first_events = first.until_end().await;
     assert!(
@@ -360,7 +344,7 @@ async fn watchers_and_last_event_id_resume_see_every_event_once() {
     let rig = Rig::start().await;
     let mut w1 = rig.app.watch(&rig.bearer, &rig.loop_id, None).await;
     let mut w2 = rig.app.watch(&rig.bearer, &rig.loop_id, None).await;
-    let mut stream = rig.app.send(&rig.bearer, &rig.loop_id, "[[slow:6]]").await;
+    let mut stream = rig.send("[[slow:6]]").await;
     let early = w1.until("assistant_delta").await;
     let cut = early.last().unwrap().id.unwrap();
     drop(w1);
@@ -433,7 +417,7 @@ async fn a_lost_conversation_starts_fresh_and_says_so() {
 async fn an_agent_crash_ends_the_turn_and_the_next_message_resumes() {
     let rig = Rig::start().await;
     rig.turn("first of all").await;
-    let mut stream = rig.app.send(&rig.bearer, &rig.loop_id, "[[slow:30]]").await;
+    let mut stream = rig.send("[[slow:30]]").await;
     stream.until("assistant_delta").await;
     let cli: Vec<i32> = loopd::agent::process::marked(&rig.uuid());
     for pid in cli {
