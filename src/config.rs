@@ -7,17 +7,25 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use axum::http::Uri;
 
-use crate::agent::{AgentKind, PermissionMode};
+use crate::agent::sandbox::{Sandbox, SandboxMode};
+use crate::agent::{AgentKind, NativeModes, PermissionMode};
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub bind: SocketAddr,
     pub data_dir: PathBuf,
     pub agent: AgentKind,
-    /// Why the echo agent runs although nobody asked for it (shown in `/healthz`).
-    pub agent_warning: Option<String>,
+    /// What operators must know (shown in the log and `/healthz`): the echo
+    /// agent runs although nobody asked for it, agents run without a sandbox.
+    pub warnings: Vec<String>,
     pub claude_bin: PathBuf,
+    /// Where agent processes run.
+    pub sandbox: Sandbox,
     pub permission_mode: PermissionMode,
+    /// The modes a turn may ask for (`--permission-modes`).
+    pub permission_modes: Vec<PermissionMode>,
+    /// Loader variables (`PATH`, `LD_*`, …) a vault may set anyway.
+    pub vault_allow_env: Vec<String>,
     pub idle_timeout: Duration,
     pub max_agents: usize,
     /// `scheme://host[:port]` when `--public-url` was given.
@@ -31,14 +39,19 @@ pub struct Config {
 
 impl Config {
     /// Settings for a server on `data_dir` with everything else at its default
-    /// and the echo agent (what tests and `Config::default`-style callers want).
+    /// (the sandbox of `--sandbox auto`) and the echo agent (what tests and
+    /// `Config::default`-style callers want).
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let (sandbox, warning) = Sandbox::resolve(SandboxMode::Auto).expect("auto never fails");
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8787)),
             data_dir: data_dir.into(),
             agent: AgentKind::Echo,
-            agent_warning: None,
+            warnings: warning.into_iter().collect(),
             claude_bin: PathBuf::from("claude"),
+            permission_modes: default_permission_modes(&sandbox),
+            sandbox,
+            vault_allow_env: Vec::new(),
             permission_mode: PermissionMode::Default,
             idle_timeout: Duration::from_secs(1800),
             max_agents: DEFAULT_MAX_AGENTS,
@@ -46,6 +59,16 @@ impl Config {
             agent_env: Vec::new(),
             agent_base_env: std::env::vars().collect(),
         }
+    }
+
+    /// Which prompt-skipping modes the agent runs itself (loopd holds the rest).
+    pub fn native_modes(&self) -> NativeModes {
+        NativeModes::of(self.agent, self.sandbox.agent_is_root())
+    }
+
+    /// Whether a turn may ask for `mode`.
+    pub fn mode_allowed(&self, mode: PermissionMode) -> bool {
+        self.permission_modes.contains(&mode)
     }
 
     /// Whether cookies must carry `Secure` (the server is reached over https).
@@ -57,6 +80,18 @@ impl Config {
 }
 
 pub const DEFAULT_MAX_AGENTS: usize = 8;
+
+/// `--permission-modes` when not given: every mode, but `bypassPermissions`
+/// only inside a sandbox (without one it would let any token run anything
+/// as loopd's user).
+pub fn default_permission_modes(sandbox: &Sandbox) -> Vec<PermissionMode> {
+    use clap::ValueEnum;
+    PermissionMode::value_variants()
+        .iter()
+        .copied()
+        .filter(|m| *m != PermissionMode::BypassPermissions || matches!(sandbox, Sandbox::Bwrap(_)))
+        .collect()
+}
 
 /// `--data-dir`, else `$LOOPD_HOME`, else `~/.loopd`.
 pub fn resolve_data_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {

@@ -38,13 +38,14 @@ pub async fn run(
             first_start_banner(&open_url(&state.config, addr), &password)
         );
     }
-    if let Some(warning) = &state.config.agent_warning {
+    for warning in &state.config.warnings {
         tracing::warn!("{warning}");
     }
     tracing::info!(
         %addr,
         data_dir = %dir.root().display(),
         agent = ?state.config.agent,
+        sandbox = state.config.sandbox.name(),
         "loopd listening"
     );
 

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use super::mapping::{MapState, map_line};
 use super::process::{signal_group, sweep};
+use super::sandbox::Sandbox;
 use super::{
     AgentHandle, AgentInput, AgentOutput, AgentProcess, AgentSpec, CHANNEL, Decision, Session,
     SpawnError,
@@ -44,11 +45,14 @@ pub fn args(spec: &AgentSpec) -> Vec<String> {
         "--permission-prompt-tool",
         "stdio",
         "--permission-mode",
-        spec.mode.agent_side().as_str(),
+        spec.mode.as_str(),
     ]
     .into_iter()
     .map(str::to_owned)
     .collect();
+    if spec.allow_bypass {
+        args.push("--allow-dangerously-skip-permissions".to_owned());
+    }
     match &spec.session {
         Session::New(id) => args.extend(["--session-id".to_owned(), id.clone()]),
         Session::Resume(id) => args.extend(["--resume".to_owned(), id.clone()]),
@@ -56,10 +60,13 @@ pub fn args(spec: &AgentSpec) -> Vec<String> {
     args
 }
 
-pub fn spawn(bin: &Path, spec: AgentSpec) -> Result<AgentProcess, SpawnError> {
-    let mut child = Command::new(bin)
-        .args(args(&spec))
-        .current_dir(&spec.cwd)
+/// Starts the CLI in `sandbox`. Call it from a runtime worker thread, not a
+/// blocking-pool one: bubblewrap's `--die-with-parent` follows the thread
+/// that spawned it, and blocking threads exit when idle.
+pub fn spawn(bin: &Path, sandbox: &Sandbox, spec: AgentSpec) -> Result<AgentProcess, SpawnError> {
+    // Found here, not by the sandbox (which would only fail after starting).
+    let bin = which::which(bin).map_err(|_| not_found(bin))?;
+    let mut child = Command::from(sandbox.command(&bin, &args(&spec), &spec.mounts, &spec.cwd))
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
@@ -69,16 +76,11 @@ pub fn spawn(bin: &Path, spec: AgentSpec) -> Result<AgentProcess, SpawnError> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {
-            SpawnError(if e.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "the Claude Code CLI was not found at `{}`: install it with \
-                     `npm install -g @anthropic-ai/claude-code` (and set ANTHROPIC_API_KEY or log in \
-                     with `claude`), or point --claude-bin / LOOPD_CLAUDE_BIN at it",
-                    bin.display()
-                )
+            if e.kind() == std::io::ErrorKind::NotFound {
+                not_found(&bin)
             } else {
-                format!("could not start `{}`: {e}", bin.display())
-            })
+                SpawnError(format!("could not start `{}`: {e}", bin.display()))
+            }
         })?;
     let pid = child
         .id()
@@ -104,6 +106,15 @@ pub fn spawn(bin: &Path, spec: AgentSpec) -> Result<AgentProcess, SpawnError> {
             marker: spec.marker,
         })),
     })
+}
+
+fn not_found(bin: &Path) -> SpawnError {
+    SpawnError(format!(
+        "the Claude Code CLI was not found at `{}`: install it with \
+         `npm install -g @anthropic-ai/claude-code` (and set ANTHROPIC_API_KEY or log in \
+         with `claude`), or point --claude-bin / LOOPD_CLAUDE_BIN at it",
+        bin.display()
+    ))
 }
 
 /// The stdin line for an input: always one valid JSON object.
@@ -267,11 +278,13 @@ mod tests {
             env: vec![],
             session,
             mode,
+            allow_bypass: false,
+            mounts: vec![],
         }
     }
 
     #[test]
-    fn command_line_starts_or_resumes_and_never_asks_for_bypass_as_such() {
+    fn command_line_starts_or_resumes_in_the_mode_given() {
         let a = args(&spec(
             Session::New("s1".into()),
             PermissionMode::AcceptEdits,
@@ -286,12 +299,13 @@ mod tests {
                 .any(|w| w == ["--permission-prompt-tool", "stdio"])
         );
         assert!(a.contains(&"--include-partial-messages".to_owned()));
-        let b = args(&spec(
-            Session::Resume("s1".into()),
-            PermissionMode::BypassPermissions,
-        ));
+        assert!(!a.contains(&"--allow-dangerously-skip-permissions".to_owned()));
+        let mut resumed = spec(Session::Resume("s1".into()), PermissionMode::Default);
+        resumed.allow_bypass = true;
+        let b = args(&resumed);
         assert!(b.windows(2).any(|w| w == ["--resume", "s1"]));
         assert!(b.windows(2).any(|w| w == ["--permission-mode", "default"]));
+        assert!(b.contains(&"--allow-dangerously-skip-permissions".to_owned()));
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! HOME, LANG and USER, the `ANTHROPIC_*`, `CLAUDE_*` and `DISABLE_*`
 //! variables of the server's environment, the names given with
 //! `--agent-env`, the loop's vault, and its marker. Nothing of the server's
-//! own (`LOOPD_*`) reaches it.
+//! own (`LOOPD_*`) reaches it. In a sandbox, HOME is the loop's agent home.
+//!
+//! A vault cannot set the variables that decide what code runs (`PATH`,
+//! `LD_*`, `NODE_OPTIONS`, …) unless the operator allows them by name.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,12 +20,38 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("DISABLE_AUTOUPDATER", "1"),
 ];
 
-/// The environment for an agent, from the server's environment `server_env`.
+/// Variables a vault may not set (exact names, then prefixes): they decide
+/// which programs and libraries run, or where the agent keeps its state.
+const LOADER_VARS: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "NODE_OPTIONS", "NODE_PATH",
+    "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PERL5LIB", "PERL5OPT", "PERLLIB", "RUBYOPT",
+    "RUBYLIB", "BASH_ENV", "ENV", "PROMPT_COMMAND", "IFS", "GCONV_PATH", "GIT_EXEC_PATH",
+    "GIT_ASKPASS", "GIT_PROXY_COMMAND", "GIT_EXTERNAL_DIFF", "CLAUDE_CONFIG_DIR", MARKER_VAR,
+];
+const LOADER_PREFIXES: &[&str] = &["LD_", "DYLD_", "BASH_FUNC_", "GIT_CONFIG", "GIT_SSH", "BUN_", "LOOPD_"];
+
+/// Refuses a vault that sets a loader variable not in `allowed`.
+pub fn check_vault(vault: &[(String, String)], allowed: &[String]) -> Result<(), String> {
+    for (key, _) in vault {
+        let loader = LOADER_VARS.contains(&key.as_str())
+            || LOADER_PREFIXES.iter().any(|p| key.starts_with(p));
+        if loader && !allowed.contains(key) {
+            return Err(format!(
+                "the loop's vault sets `{key}`, which decides what code the agent runs;                  the operator can allow it with --vault-allow-env {key}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The environment for an agent, from the server's environment `server_env`;
+/// `home`: the agent's own HOME (in a sandbox).
 pub fn build(
     server_env: impl IntoIterator<Item = (String, String)>,
     extra_names: &[String],
     vault: &[(String, String)],
     marker: &str,
+    home: Option<&Path>,
 ) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = DEFAULTS
         .iter()
@@ -38,6 +67,11 @@ pub fn build(
     }
     for (key, value) in vault {
         env.insert(key.clone(), value.clone());
+    }
+    if let Some(home) = home {
+        env.insert("HOME".to_owned(), home.display().to_string());
+        // A config dir of the server's user is not in the sandbox.
+        env.remove("CLAUDE_CONFIG_DIR");
     }
     env.insert(MARKER_VAR.to_owned(), marker.to_owned());
     env.into_iter().collect()
@@ -98,7 +132,7 @@ mod tests {
             ("DISABLE_AUTOUPDATER", "0"),
         ]);
         let vault = vars(&[("DEPLOY_TOKEN", "v1"), (MARKER_VAR, "spoofed")]);
-        let env: BTreeMap<_, _> = build(server, &["GIT_AUTHOR_NAME".into()], &vault, "m1")
+        let env: BTreeMap<_, _> = build(server, &["GIT_AUTHOR_NAME".into()], &vault, "m1", None)
             .into_iter()
             .collect();
         assert_eq!(env["PATH"], "/usr/bin");
@@ -114,6 +148,28 @@ mod tests {
         assert_eq!(env[MARKER_VAR], "m1", "the marker cannot be overridden");
         assert!(!env.contains_key("LOOPD_DATA_DIR"));
         assert!(!env.contains_key("AWS_SECRET_ACCESS_KEY"));
+    }
+
+    #[test]
+    fn a_sandboxed_agent_gets_its_own_home() {
+        let server = vars(&[("HOME", "/root"), ("CLAUDE_CONFIG_DIR", "/root/.claude")]);
+        let env: BTreeMap<_, _> = build(server, &[], &[], "m", Some(Path::new("/d/loops/1/home")))
+            .into_iter()
+            .collect();
+        assert_eq!(env["HOME"], "/d/loops/1/home");
+        assert!(!env.contains_key("CLAUDE_CONFIG_DIR"));
+    }
+
+    #[test]
+    fn vaults_cannot_set_loader_variables_unless_allowed() {
+        for key in ["PATH", "HOME", "LD_PRELOAD", "NODE_OPTIONS", "BASH_ENV", "GIT_SSH_COMMAND", "LOOPD_X"] {
+            let vault = vars(&[("OK", "1"), (key, "x")]);
+            let err = check_vault(&vault, &[]).unwrap_err();
+            assert!(err.contains(key), "{err}");
+            check_vault(&vault, &[key.to_owned()]).unwrap();
+        }
+        check_vault(&vars(&[("DEPLOY_TOKEN", "x"), ("PATHWAY", "y"), ("GIT_AUTHOR_NAME", "me")]), &[])
+            .unwrap();
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod echo;
 pub mod env;
 pub mod mapping;
 pub mod process;
+pub mod sandbox;
 
 use std::path::PathBuf;
 
@@ -66,22 +67,47 @@ impl PermissionMode {
         }
     }
 
-    /// Modes loopd holds itself by answering permission requests (Claude Code
-    /// refuses `bypassPermissions` as root): allow or deny, with no prompt.
-    pub fn held_answer(self) -> Option<bool> {
+    /// How loopd answers permission requests in this mode when the agent
+    /// cannot run it itself: allow or deny at once, with no prompt.
+    pub fn held_answer(self, native: NativeModes) -> Option<bool> {
         match self {
-            Self::BypassPermissions => Some(true),
-            Self::DontAsk => Some(false),
+            Self::BypassPermissions if !native.bypass => Some(true),
+            Self::DontAsk if !native.dont_ask => Some(false),
             _ => None,
         }
     }
 
     /// The mode the agent process itself runs in for this mode.
-    pub fn agent_side(self) -> Self {
-        if self.held_answer().is_some() {
+    pub fn agent_side(self, native: NativeModes) -> Self {
+        if self.held_answer(native).is_some() {
             Self::Default
         } else {
             self
+        }
+    }
+}
+
+/// Which of the modes that skip prompts an agent runs itself; loopd holds
+/// the others (answers their permission requests at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NativeModes {
+    pub bypass: bool,
+    pub dont_ask: bool,
+}
+
+impl NativeModes {
+    /// Claude Code runs both, but refuses `bypassPermissions` as root; the
+    /// echo agent runs neither.
+    pub fn of(kind: AgentKind, agent_is_root: bool) -> Self {
+        match kind {
+            AgentKind::Claude => Self {
+                bypass: !agent_is_root,
+                dont_ask: true,
+            },
+            AgentKind::Echo => Self {
+                bypass: false,
+                dont_ask: false,
+            },
         }
     }
 }
@@ -109,7 +135,12 @@ pub struct AgentSpec {
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
     pub session: Session,
+    /// The mode the agent process starts in (already [`PermissionMode::agent_side`]).
     pub mode: PermissionMode,
+    /// Whether a turn may switch the agent to `bypassPermissions` later.
+    pub allow_bypass: bool,
+    /// What of the host the agent sees, when it runs in a sandbox.
+    pub mounts: Vec<sandbox::Mount>,
 }
 
 /// What the runtime tells an agent.
@@ -231,14 +262,15 @@ pub const CHANNEL: usize = 1024;
 #[error("{0}")]
 pub struct SpawnError(pub String);
 
-/// Starts an agent of this kind.
+/// Starts an agent of this kind (a process: inside `sandbox`).
 pub fn spawn(
     kind: AgentKind,
     claude_bin: &std::path::Path,
+    sandbox: &sandbox::Sandbox,
     spec: AgentSpec,
 ) -> Result<AgentProcess, SpawnError> {
     match kind {
-        AgentKind::Claude => claude::spawn(claude_bin, spec),
+        AgentKind::Claude => claude::spawn(claude_bin, sandbox, spec),
         AgentKind::Echo => Ok(echo::spawn(spec)),
     }
 }

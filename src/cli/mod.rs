@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::agent::sandbox::{Sandbox, SandboxMode};
 use crate::agent::{AgentKind, PermissionMode};
 use crate::config::{self, Config, DEFAULT_MAX_AGENTS};
 
@@ -81,18 +82,45 @@ pub struct ServeArgs {
     /// More environment variable names to pass to agents (comma-separated).
     #[arg(long, env = "LOOPD_AGENT_ENV", value_delimiter = ',')]
     pub agent_env: Vec<String>,
+    /// Where agents run: `bwrap` (bubblewrap, or refuse to start), `none`,
+    /// or `auto` (bubblewrap when it works here, else none with a warning).
+    #[arg(long, env = "LOOPD_SANDBOX", value_enum, default_value_t = SandboxMode::Auto)]
+    pub sandbox: SandboxMode,
+    /// The permission modes a turn may ask for (comma-separated) [default:
+    /// all; `bypassPermissions` only with a sandbox unless listed here]
+    #[arg(long, env = "LOOPD_PERMISSION_MODES", value_enum, value_delimiter = ',')]
+    pub permission_modes: Vec<PermissionMode>,
+    /// Loader variables (PATH, HOME, LD_*, NODE_OPTIONS, …) a vault may set
+    /// anyway (comma-separated names).
+    #[arg(long, env = "LOOPD_VAULT_ALLOW_ENV", value_delimiter = ',')]
+    pub vault_allow_env: Vec<String>,
 }
 
 impl ServeArgs {
     pub fn into_config(self, data_dir: PathBuf) -> anyhow::Result<Config> {
         let (agent, claude_bin, agent_warning) = config::resolve_agent(self.agent, self.claude_bin);
         anyhow::ensure!(self.max_agents >= 1, "--max-agents must be at least 1");
+        let (sandbox, sandbox_warning) =
+            Sandbox::resolve(self.sandbox).map_err(anyhow::Error::msg)?;
+        let permission_modes = if self.permission_modes.is_empty() {
+            config::default_permission_modes(&sandbox)
+        } else {
+            self.permission_modes
+        };
+        anyhow::ensure!(
+            permission_modes.contains(&self.permission_mode),
+            "--permission-mode {} is not among --permission-modes",
+            self.permission_mode.as_str()
+        );
         Ok(Config {
             bind: self.bind,
             data_dir,
             agent,
-            agent_warning,
+            warnings: agent_warning.into_iter().chain(sandbox_warning).collect(),
             claude_bin,
+            sandbox,
+            permission_modes,
+            vault_allow_env: self.vault_allow_env,
             permission_mode: self.permission_mode,
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout),
             max_agents: self.max_agents,

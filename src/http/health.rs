@@ -14,9 +14,13 @@ pub struct Health {
     pub version: &'static str,
     pub uptime_s: u64,
     pub agent: AgentKind,
+    /// Where agents run: `bwrap` or `none`.
+    #[schema(example = "bwrap")]
+    pub sandbox: &'static str,
     pub live_agents: usize,
     pub max_agents: usize,
-    /// E.g. that the echo development agent is in use because Claude Code was not found.
+    /// E.g. that the echo development agent is in use because Claude Code
+    /// was not found, or that agents run without a sandbox.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
@@ -33,8 +37,9 @@ pub async fn healthz(State(state): State<AppState>) -> axum::Json<Health> {
         version: env!("CARGO_PKG_VERSION"),
         uptime_s: state.started_at.elapsed().as_secs(),
         agent: config.agent,
+        sandbox: config.sandbox.name(),
         live_agents: state.runtime.slots().live(),
         max_agents: config.max_agents,
-        warnings: config.agent_warning.iter().cloned().collect(),
+        warnings: config.warnings.clone(),
     })
 }

@@ -172,7 +172,9 @@ fn validate(
     let vault = body
         .vault
         .unwrap_or_else(|| crate::store::DEFAULT_VAULT.to_owned());
-    state.catalog.check_vault(&vault)?;
+    state
+        .catalog
+        .check_vault(&vault, &caller.user_id, caller.admin)?;
     if let Some(repo) = &body.repo {
         state.catalog.check_repo(repo)?;
     }

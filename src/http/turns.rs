@@ -59,7 +59,7 @@ const STREAM_DOC: &str = "`event: <name>\\nid: <seq>\\ndata: <json>` frames: `qu
         (status = 200, content_type = "text/event-stream", body = String, description = STREAM_DOC),
         (status = 400, body = ErrorEnvelope, description = "`missing_content`, `content_too_large`, `invalid_permission_mode`, `idempotency_key_too_long`, `loop_archived`"),
         (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope, description = "`not_loop_owner`"),
+        (status = 403, body = ErrorEnvelope, description = "`not_loop_owner`, `permission_mode_forbidden`"),
         (status = 404, body = ErrorEnvelope, description = "`loop_not_found`"),
         (status = 409, body = ErrorEnvelope, description = "`idempotency_key_reused`"),
     )
@@ -97,6 +97,17 @@ pub async fn send_message(
             )
         })?),
     };
+    if let Some(mode) = mode
+        && !state.config.mode_allowed(mode)
+    {
+        return Err(ApiError::forbidden(
+            "permission_mode_forbidden",
+            format!(
+                "this server does not allow the permission mode `{}` (see --permission-modes)",
+                mode.as_str()
+            ),
+        ));
+    }
     if record.archived {
         return Err(ApiError::bad_request(
             "loop_archived",

@@ -10,6 +10,7 @@ pub mod log;
 pub mod slots;
 pub mod turns;
 pub mod view;
+pub mod agent_home;
 pub mod workspace;
 
 use std::collections::HashMap;

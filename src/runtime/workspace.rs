@@ -1,6 +1,10 @@
 //! A loop's working directory, `loops/<uuid>/workspace/`: a `CLAUDE.md` made
 //! from `templates/CLAUDE.md` and the selected profiles, and for a loop with
 //! a `repo`, a `git worktree` of it on the branch `loop/<short id>`.
+//!
+//! loopd's own `git` runs with a built environment (never the server's) and
+//! with the repository's hooks and fsmonitor off, so nothing a loop wrote
+//! into a repository runs with loopd's authority.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,11 +40,26 @@ pub fn prepare(
     Ok(workspace)
 }
 
+/// `git -C dir` with a built environment and no hooks, fsmonitor, system
+/// or global config.
+pub fn git(dir: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+        .env("LANG", "C.UTF-8")
+        .env("HOME", "/nonexistent")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .args(["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"])
+        .arg("-C")
+        .arg(dir);
+    cmd
+}
+
 fn add_worktree(repo: &Path, workspace: &Path, record: &LoopRecord) -> Result<(), StoreError> {
     let branch = format!("loop/{}", &record.id.0.simple().to_string()[..8]);
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(repo)
+    let out = git(repo)
         .args(["worktree", "add", "-b", &branch])
         .arg(workspace)
         .output()
@@ -63,7 +82,7 @@ mod tests {
     use super::*;
     use crate::store::{LoopStore, NewLoop};
 
-    fn git(dir: &Path, args: &[&str]) {
+    fn run_git(dir: &Path, args: &[&str]) {
         let ok = Command::new("git")
             .arg("-C")
             .arg(dir)
@@ -88,10 +107,16 @@ mod tests {
         std::fs::write(root.join("profiles/b/CLAUDE.md"), "Layer B.\n").unwrap();
         let repo = root.join("repos/app");
         std::fs::create_dir_all(&repo).unwrap();
-        git(&repo, &["init", "-q", "-b", "main"]);
+        run_git(&repo, &["init", "-q", "-b", "main"]);
         std::fs::write(repo.join("README"), "hi\n").unwrap();
-        git(&repo, &["add", "."]);
-        git(&repo, &["commit", "-qm", "init"]);
+        run_git(&repo, &["add", "."]);
+        run_git(&repo, &["commit", "-qm", "init"]);
+        // A hook planted in the repository must not run when loopd checks out.
+        let hook = repo.join(".git/hooks/post-checkout");
+        let witness = root.join("hook-ran");
+        std::fs::write(&hook, format!("#!/bin/sh\nenv > {}\n", witness.display())).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
 
         let catalog = Catalog::new(root);
         let loops = LoopStore::open(root.join("loops")).unwrap();
@@ -122,6 +147,7 @@ mod tests {
             branch.trim(),
             format!("loop/{}", &record.id.0.simple().to_string()[..8])
         );
+        assert!(!witness.exists(), "the repository's hook ran");
         // Preparing again is harmless.
         prepare(&loops.loop_dir(record.id), &catalog, &record).unwrap();
     }

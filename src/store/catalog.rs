@@ -1,5 +1,9 @@
 //! The optional building blocks a loop can name: `profiles/<name>/CLAUDE.md`,
 //! `vaults/<name>.env` and `repos/<name>/` (a git repository).
+//!
+//! A vault is granted per user: `vaults/<name>.users` lists who may use it
+//! (one username a line, `#` comments, `*` for everyone). Admins may use
+//! every vault, and `default` is everyone's.
 
 use std::path::{Path, PathBuf};
 
@@ -50,15 +54,34 @@ impl Catalog {
         Ok(())
     }
 
-    /// The default vault may be absent (then the agent gets no extra variables).
-    pub fn check_vault(&self, name: &str) -> Result<(), StoreError> {
-        if name == DEFAULT_VAULT || (valid_name(name) && self.vault_path(name).is_file()) {
+    pub fn vault_grants_path(&self, name: &str) -> PathBuf {
+        self.root.join("vaults").join(format!("{name}.users"))
+    }
+
+    /// Whether `user` may use vault `name`. The default vault may be absent
+    /// (then the agent gets no extra variables). An unknown vault and one not
+    /// granted answer alike, so names cannot be probed.
+    pub fn check_vault(&self, name: &str, user: &str, admin: bool) -> Result<(), StoreError> {
+        if name == DEFAULT_VAULT
+            || (valid_name(name)
+                && self.vault_path(name).is_file()
+                && (admin || self.vault_granted(name, user)))
+        {
             return Ok(());
         }
         Err(StoreError::Invalid(
             "vault_not_found",
-            format!("no vault `{name}` (expected vaults/{name}.env in the data directory)"),
+            format!("no vault `{name}` that you may use"),
         ))
+    }
+
+    fn vault_granted(&self, name: &str, user: &str) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.vault_grants_path(name)) else {
+            return false;
+        };
+        text.lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .any(|l| l == "*" || l == user)
     }
 
     pub fn check_repo(&self, name: &str) -> Result<(), StoreError> {
@@ -105,10 +128,23 @@ mod tests {
             code(c.check_profiles(&["rust".into(), "rust".into()])),
             "duplicate_profile"
         );
-        c.check_vault("default").unwrap();
-        c.check_vault("prod").unwrap();
-        assert_eq!(code(c.check_vault("staging")), "vault_not_found");
-        assert_eq!(code(c.check_vault("../vaults/prod")), "vault_not_found");
+        fs::write(root.join("vaults/team.env"), "A=1\n").unwrap();
+        fs::write(root.join("vaults/team.users"), "# who may\nalice\n  bob  # too\n").unwrap();
+        fs::write(root.join("vaults/open.env"), "A=1\n").unwrap();
+        fs::write(root.join("vaults/open.users"), "*\n").unwrap();
+        c.check_vault("default", "carol", false).unwrap();
+        c.check_vault("prod", "root", true).unwrap();
+        c.check_vault("team", "alice", false).unwrap();
+        c.check_vault("team", "bob", false).unwrap();
+        c.check_vault("open", "carol", false).unwrap();
+        // Not granted, unknown, or a path: the same answer.
+        let denied = |name: &str, user: &str| match c.check_vault(name, user, false) {
+            Err(StoreError::Invalid(code, message)) => (code, message.replace(name, "?")),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(denied("prod", "alice"), denied("staging", "alice"));
+        assert_eq!(denied("team", "carol").0, "vault_not_found");
+        assert_eq!(denied("../vaults/prod", "alice").0, "vault_not_found");
         c.check_repo("app").unwrap();
         assert_eq!(code(c.check_repo("plain")), "repo_not_found");
         assert_eq!(code(c.check_repo("..")), "repo_not_found");

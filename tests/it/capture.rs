@@ -24,6 +24,8 @@ fn record(name: &str, prompts: &[&str], answer: impl Fn(&Value) -> Option<Value>
         env: Vec::new(),
         session: loopd::agent::Session::New(uuid::Uuid::new_v4().to_string()),
         mode: loopd::agent::PermissionMode::Default,
+        allow_bypass: false,
+        mounts: Vec::new(),
     };
     let mut child = Command::new(claude_bin())
         .args(loopd::agent::claude::args(&spec))

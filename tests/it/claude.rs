@@ -81,6 +81,16 @@ impl Rig {
             .join("workspace")
     }
 
+    /// Where the agent keeps its transcripts: the loop's own home in a
+    /// sandbox, else the HOME the server gave it.
+    async fn agent_home(&self) -> PathBuf {
+        let (_, health) = self.app.get("/healthz", &Auth::None).await;
+        match health["sandbox"].as_str().unwrap() {
+            "bwrap" => self.data.path().join("loops").join(self.uuid()).join("home"),
+            _ => self.home.path().to_owned(),
+        }
+    }
+
     /// Sends a message to the rig's loop; returns its turn's stream.
     async fn send(&self, content: &str) -> crate::support::SseStream {
         self.app.send(&self.bearer, &self.loop_id, content).await
@@ -405,7 +415,7 @@ async fn a_lost_conversation_starts_fresh_and_says_so() {
     })
     .await;
     // The CLI's transcripts are gone (a new machine, a wiped HOME).
-    std::fs::remove_dir_all(rig.home.path().join(".claude/projects")).unwrap();
+    std::fs::remove_dir_all(rig.agent_home().await.join(".claude/projects")).unwrap();
     let events = rig.turn("[[history]]").await;
     assert_eq!(events[0].name, "started");
     assert_eq!(events[0].data["history_lost"], true, "{:?}", events[0]);
@@ -485,6 +495,7 @@ async fn the_agent_gets_its_vault_and_none_of_the_servers_settings() {
         "DEPLOY_TOKEN=vault-value\n",
     )
     .unwrap();
+    std::fs::write(rig.data.path().join("vaults/deploy.users"), "alice\n").unwrap();
     let id = rig
         .app
         .create_loop(&rig.bearer, json!({"vault": "deploy"}))

@@ -24,7 +24,8 @@ async fn healthz_warns_when_the_echo_agent_stands_in_for_claude() {
     let mut config = loopd::Config::for_data_dir(tmp.path());
     let (agent, bin, warning) =
         loopd::config::resolve_agent(None, Some(std::path::PathBuf::from("/nonexistent/claude")));
-    (config.agent, config.claude_bin, config.agent_warning) = (agent, bin, warning);
+    (config.agent, config.claude_bin) = (agent, bin);
+    config.warnings = warning.into_iter().collect();
     let app = TestApp::start_with(config).await;
     let (_, body) = app.get("/healthz", &Auth::None).await;
     assert_eq!(body["agent"], "echo");

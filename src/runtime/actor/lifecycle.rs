@@ -5,7 +5,9 @@
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Actor, Live};
-use crate::agent::{self, AgentInput, AgentSpec, Session};
+use crate::agent::sandbox::Sandbox;
+use crate::agent::{self, AgentInput, AgentSpec, PermissionMode, Session};
+use crate::runtime::agent_home;
 use crate::runtime::events::Event;
 
 impl Actor {
@@ -26,9 +28,10 @@ impl Actor {
     async fn launch(&mut self, permit: OwnedSemaphorePermit, fresh: bool) -> Result<(), String> {
         let spec = self.prepare_spec(fresh).await?;
         let session = spec.session.clone();
-        let mode = spec.mode.agent_side();
+        let mode = spec.mode;
         let config = &self.shared.config;
-        let process = agent::spawn(config.agent, &config.claude_bin, spec).map_err(|e| e.0)?;
+        let process = agent::spawn(config.agent, &config.claude_bin, &config.sandbox, spec)
+            .map_err(|e| e.0)?;
         self.agent = Some(Live {
             input: process.input,
             output: process.output,
@@ -55,19 +58,14 @@ impl Actor {
                 crate::runtime::workspace::prepare(&loop_dir, &shared.catalog, &record)
                     .map_err(|e| e.to_string())?
             };
+            let config = &shared.config;
             let vault_path = shared.catalog.vault_path(&record.vault);
             let vault = if vault_path.is_file() {
                 agent::env::read_vault(&vault_path)?
             } else {
                 Vec::new()
             };
-            let marker = id.0.to_string();
-            let env = agent::env::build(
-                shared.config.agent_base_env.iter().cloned(),
-                &shared.config.agent_env,
-                &vault,
-                &marker,
-            );
+            agent::env::check_vault(&vault, &config.vault_allow_env)?;
             let session = match (&record.agent_session_id, fresh_session) {
                 (Some(sid), false) => Session::Resume(sid.clone()),
                 _ => {
@@ -79,12 +77,48 @@ impl Actor {
                     Session::New(sid)
                 }
             };
+            let marker = id.0.to_string();
+            let (home, mounts, cwd) = match config.sandbox {
+                Sandbox::None => (None, Vec::new(), cwd),
+                Sandbox::Bwrap(_) => {
+                    let loop_dir = std::fs::canonicalize(&loop_dir).map_err(|e| e.to_string())?;
+                    let data_dir = std::fs::canonicalize(&config.data_dir).map_err(|e| e.to_string())?;
+                    let cwd = std::fs::canonicalize(&cwd).map_err(|e| e.to_string())?;
+                    let server_home = config
+                        .agent_base_env
+                        .iter()
+                        .find(|(k, _)| k == "HOME")
+                        .map(|(_, v)| std::path::PathBuf::from(v));
+                    let home = agent_home::prepare(&loop_dir, server_home.as_deref(), Some(session.id()))?;
+                    let repo = record.repo.as_ref().map(|r| shared.catalog.repo_path(r));
+                    let repo = repo.map(|r| std::fs::canonicalize(&r).map_err(|e| e.to_string())).transpose()?;
+                    let credentials = agent_home::credentials(&config.agent_base_env);
+                    let mounts = agent_home::mounts(&agent_home::LoopPaths {
+                        data_dir: &data_dir,
+                        workspace: &cwd,
+                        home: &home,
+                        credentials: credentials.as_deref(),
+                        repo: repo.as_deref(),
+                    })?;
+                    (Some(home), mounts, cwd)
+                }
+            };
+            let env = agent::env::build(
+                config.agent_base_env.iter().cloned(),
+                &config.agent_env,
+                &vault,
+                &marker,
+                home.as_deref(),
+            );
+            let native = config.native_modes();
             Ok(AgentSpec {
                 marker,
                 cwd,
                 env,
                 session,
-                mode: shared.config.permission_mode,
+                mode: config.permission_mode.agent_side(native),
+                allow_bypass: native.bypass && config.mode_allowed(PermissionMode::BypassPermissions),
+                mounts,
             })
         })
         .await
@@ -124,8 +158,9 @@ impl Actor {
         }
         let live = self.agent.as_mut().expect("just started");
         live.fresh = false;
-        if turn.mode.agent_side() != live.mode {
-            live.mode = turn.mode.agent_side();
+        let native = self.shared.config.native_modes();
+        if turn.mode.agent_side(native) != live.mode {
+            live.mode = turn.mode.agent_side(native);
             let _ = live.input.try_send(AgentInput::SetMode(live.mode));
         }
         let content = turn.content.clone().unwrap_or_default();

@@ -383,8 +383,9 @@ impl Actor {
         let live = self.agent.as_mut().expect("an agent is live");
         let cold = live.fresh;
         live.fresh = false;
-        if mode.agent_side() != live.mode {
-            live.mode = mode.agent_side();
+        let native = self.shared.config.native_modes();
+        if mode.agent_side(native) != live.mode {
+            live.mode = mode.agent_side(native);
             let _ = live.input.try_send(AgentInput::SetMode(live.mode));
         }
         let _ = live

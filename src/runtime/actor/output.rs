@@ -95,7 +95,8 @@ impl Actor {
     ) {
         let turn_id = self.current_turn();
         let kind = choices::kind_of(&tool);
-        let held = self.turn.as_ref().and_then(|t| t.mode.held_answer());
+        let native = self.shared.config.native_modes();
+        let held = self.turn.as_ref().and_then(|t| t.mode.held_answer(native));
         if let (ChoiceKind::Permission, Some(allow)) = (kind, held) {
             // The loop holds this mode itself: answer without asking anyone.
             let decision = if allow {
@@ -191,7 +192,11 @@ impl Actor {
     pub(super) fn finish_turn(&mut self) {
         self.turn = None;
         self.last_activity = Instant::now();
-        let base = self.shared.config.permission_mode.agent_side();
+        let base = self
+            .shared
+            .config
+            .permission_mode
+            .agent_side(self.shared.config.native_modes());
         if let Some(live) = self.agent.as_mut() {
             if live.mode != base {
                 live.mode = base;
