@@ -23,12 +23,43 @@ const DEFAULTS: &[(&str, &str)] = &[
 /// Variables a vault may not set (exact names, then prefixes): they decide
 /// which programs and libraries run, or where the agent keeps its state.
 const LOADER_VARS: &[&str] = &[
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "NODE_OPTIONS", "NODE_PATH",
-    "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PERL5LIB", "PERL5OPT", "PERLLIB", "RUBYOPT",
-    "RUBYLIB", "BASH_ENV", "ENV", "PROMPT_COMMAND", "IFS", "GCONV_PATH", "GIT_EXEC_PATH",
-    "GIT_ASKPASS", "GIT_PROXY_COMMAND", "GIT_EXTERNAL_DIFF", "CLAUDE_CONFIG_DIR", MARKER_VAR,
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "TMPDIR",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "PYTHONPATH",
+    "PYTHONSTARTUP",
+    "PYTHONHOME",
+    "PERL5LIB",
+    "PERL5OPT",
+    "PERLLIB",
+    "RUBYOPT",
+    "RUBYLIB",
+    "BASH_ENV",
+    "ENV",
+    "PROMPT_COMMAND",
+    "IFS",
+    "GCONV_PATH",
+    "GIT_EXEC_PATH",
+    "GIT_ASKPASS",
+    "GIT_PROXY_COMMAND",
+    "GIT_EXTERNAL_DIFF",
+    "CLAUDE_CONFIG_DIR",
+    MARKER_VAR,
 ];
-const LOADER_PREFIXES: &[&str] = &["LD_", "DYLD_", "BASH_FUNC_", "GIT_CONFIG", "GIT_SSH", "BUN_", "LOOPD_"];
+const LOADER_PREFIXES: &[&str] = &[
+    "LD_",
+    "DYLD_",
+    "BASH_FUNC_",
+    "GIT_CONFIG",
+    "GIT_SSH",
+    "BUN_",
+    "LOOPD_",
+];
 
 /// Refuses a vault that sets a loader variable not in `allowed`.
 pub fn check_vault(vault: &[(String, String)], allowed: &[String]) -> Result<(), String> {
@@ -162,14 +193,29 @@ mod tests {
 
     #[test]
     fn vaults_cannot_set_loader_variables_unless_allowed() {
-        for key in ["PATH", "HOME", "LD_PRELOAD", "NODE_OPTIONS", "BASH_ENV", "GIT_SSH_COMMAND", "LOOPD_X"] {
+        for key in [
+            "PATH",
+            "HOME",
+            "LD_PRELOAD",
+            "NODE_OPTIONS",
+            "BASH_ENV",
+            "GIT_SSH_COMMAND",
+            "LOOPD_X",
+        ] {
             let vault = vars(&[("OK", "1"), (key, "x")]);
             let err = check_vault(&vault, &[]).unwrap_err();
             assert!(err.contains(key), "{err}");
             check_vault(&vault, &[key.to_owned()]).unwrap();
         }
-        check_vault(&vars(&[("DEPLOY_TOKEN", "x"), ("PATHWAY", "y"), ("GIT_AUTHOR_NAME", "me")]), &[])
-            .unwrap();
+        check_vault(
+            &vars(&[
+                ("DEPLOY_TOKEN", "x"),
+                ("PATHWAY", "y"),
+                ("GIT_AUTHOR_NAME", "me"),
+            ]),
+            &[],
+        )
+        .unwrap();
     }
 
     #[test]

@@ -52,9 +52,12 @@ pub enum Mount {
     ReadOnly(PathBuf),
     ReadWrite(PathBuf),
     /// `src` on the host, read-only at `dest` inside.
-    ReadOnlyAt { src: PathBuf, dest: PathBuf },
-    /// An empty directory over whatever is there (e.g. the data directory,
-    /// before the loop's own parts of it are bound back in).
+    ReadOnlyAt {
+        src: PathBuf,
+        dest: PathBuf,
+    },
+    /// An empty read-only directory over whatever is there (e.g. the data
+    /// directory, before the loop's own parts of it are bound back in).
     Empty(PathBuf),
 }
 
@@ -116,7 +119,13 @@ impl Sandbox {
 
     /// The command that runs `program args` in this sandbox with `mounts`
     /// and `cwd` (the environment is the caller's to set).
-    pub fn command(&self, program: &Path, args: &[String], mounts: &[Mount], cwd: &Path) -> Command {
+    pub fn command(
+        &self,
+        program: &Path,
+        args: &[String],
+        mounts: &[Mount],
+        cwd: &Path,
+    ) -> Command {
         match self {
             Self::None => {
                 let mut cmd = Command::new(program);
@@ -128,8 +137,7 @@ impl Sandbox {
                 let mut all = program_mounts(&program);
                 all.extend_from_slice(mounts);
                 let mut cmd = Command::new(&b.bin);
-                cmd.args(b.wrap(&program, args, &all, cwd))
-                    .current_dir("/");
+                cmd.args(b.wrap(&program, args, &all, cwd)).current_dir("/");
                 cmd
             }
         }
@@ -147,7 +155,11 @@ impl Bwrap {
             match fs::symlink_metadata(path) {
                 Ok(meta) if meta.file_type().is_symlink() => {
                     let target = fs::read_link(path).map_err(|e| format!("{dir}: {e}"))?;
-                    system.extend(["--symlink".into(), target.display().to_string(), (*dir).into()]);
+                    system.extend([
+                        "--symlink".into(),
+                        target.display().to_string(),
+                        (*dir).into(),
+                    ]);
                 }
                 Ok(_) => system.extend(["--ro-bind".into(), (*dir).into(), (*dir).into()]),
                 Err(_) => {}
@@ -199,7 +211,13 @@ impl Bwrap {
         .to_vec();
         if self.remap_uid {
             let id = SANDBOX_UID.to_string();
-            a.extend(["--unshare-user".into(), "--uid".into(), id.clone(), "--gid".into(), id]);
+            a.extend([
+                "--unshare-user".into(),
+                "--uid".into(),
+                id.clone(),
+                "--gid".into(),
+                id,
+            ]);
         }
         a.extend(self.system.iter().cloned());
         for (path, dir) in &self.masked {
@@ -211,8 +229,11 @@ impl Bwrap {
             }
         }
         a.extend(
-            ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/run"]
-                .map(str::to_owned),
+            [
+                "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp",
+                "--tmpfs", "/run",
+            ]
+            .map(str::to_owned),
         );
         for mount in mounts {
             let (flag, src, dest) = match mount {
@@ -224,7 +245,17 @@ impl Bwrap {
                     continue;
                 }
             };
-            a.extend([flag.into(), src.display().to_string(), dest.display().to_string()]);
+            a.extend([
+                flag.into(),
+                src.display().to_string(),
+                dest.display().to_string(),
+            ]);
+        }
+        // Read-only once every mount point inside has been made.
+        for mount in mounts {
+            if let Mount::Empty(p) = mount {
+                a.extend(["--remount-ro".into(), p.display().to_string()]);
+            }
         }
         a.extend(["--chdir".into(), cwd.display().to_string(), "--".into()]);
         a.push(program.display().to_string());
@@ -290,7 +321,10 @@ mod tests {
         Bwrap {
             bin: "/usr/bin/bwrap".into(),
             system: vec!["--ro-bind".into(), "/usr".into(), "/usr".into()],
-            masked: vec![("/etc/shadow".into(), false), ("/etc/ssl/private".into(), true)],
+            masked: vec![
+                ("/etc/shadow".into(), false),
+                ("/etc/ssl/private".into(), true),
+            ],
             remap_uid,
         }
     }
@@ -319,7 +353,12 @@ mod tests {
             &mounts,
             Path::new("/d/loops/1/workspace"),
         );
-        for flag in ["--unshare-all", "--die-with-parent", "--new-session", "--share-net"] {
+        for flag in [
+            "--unshare-all",
+            "--die-with-parent",
+            "--new-session",
+            "--share-net",
+        ] {
             assert!(a.contains(&flag.to_owned()), "{flag}");
         }
         pos(&a, &["--uid", "1000", "--gid", "1000"]);
@@ -328,28 +367,115 @@ mod tests {
         pos(&a, &["--proc", "/proc"]);
         pos(&a, &["--tmpfs", "/tmp"]);
         let hidden = pos(&a, &["--tmpfs", "/d"]);
-        let ws = pos(&a, &["--bind", "/d/loops/1/workspace", "/d/loops/1/workspace"]);
-        assert!(hidden < ws, "the data directory is emptied before the loop's parts come back");
+        let ws = pos(
+            &a,
+            &["--bind", "/d/loops/1/workspace", "/d/loops/1/workspace"],
+        );
+        assert!(
+            hidden < ws,
+            "the data directory is emptied before the loop's parts come back"
+        );
+        let ro = pos(&a, &["--remount-ro", "/d"]);
+        assert!(
+            ro > pos(&a, &["--ro-bind", "/root/.claude/.credentials.json"]),
+            "and read-only after them"
+        );
         let git = pos(&a, &["--ro-bind", "/d/repos/app/.git", "/d/repos/app/.git"]);
-        let objects = pos(&a, &["--bind", "/d/repos/app/.git/objects", "/d/repos/app/.git/objects"]);
-        assert!(ws < git && git < objects, "mounts keep their order: rw inside ro");
-        pos(&a, &["--ro-bind", "/root/.claude/.credentials.json", "/d/loops/1/home/.claude/.credentials.json"]);
+        let objects = pos(
+            &a,
+            &[
+                "--bind",
+                "/d/repos/app/.git/objects",
+                "/d/repos/app/.git/objects",
+            ],
+        );
+        assert!(
+            ws < git && git < objects,
+            "mounts keep their order: rw inside ro"
+        );
+        pos(
+            &a,
+            &[
+                "--ro-bind",
+                "/root/.claude/.credentials.json",
+                "/d/loops/1/home/.claude/.credentials.json",
+            ],
+        );
         // Masks come after /etc is bound, so they hide what it showed.
-        assert!(pos(&a, &["--ro-bind", "/usr", "/usr"]) < pos(&a, &["--tmpfs", "/etc/ssl/private"]));
-        let end = pos(&a, &["--chdir", "/d/loops/1/workspace", "--", "/opt/claude", "-p"]);
+        assert!(
+            pos(&a, &["--ro-bind", "/usr", "/usr"]) < pos(&a, &["--tmpfs", "/etc/ssl/private"])
+        );
+        let end = pos(
+            &a,
+            &["--chdir", "/d/loops/1/workspace", "--", "/opt/claude", "-p"],
+        );
         assert_eq!(end + 5, a.len(), "the program and its arguments come last");
-        assert!(!bwrap(false).wrap(Path::new("/x"), &[], &[], Path::new("/")).contains(&"--uid".to_owned()));
+        assert!(ro < end);
+        assert!(
+            !bwrap(false)
+                .wrap(Path::new("/x"), &[], &[], Path::new("/"))
+                .contains(&"--uid".to_owned())
+        );
+    }
+
+    /// Whether a process with this exact command line runs on the host.
+    fn running(cmdline: &str) -> bool {
+        fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim() == cmdline)
+        })
+    }
+
+    /// Needs a working bubblewrap (CI installs it): no sweep, no marker,
+    /// only the PID namespace ends a process that left the agent's session.
+    #[test]
+    fn no_process_outlives_its_sandbox_by_construction() {
+        let (sandbox, warning) =
+            Sandbox::resolve(SandboxMode::Bwrap).expect("bubblewrap works here");
+        assert!(warning.is_none());
+        let tmp = tempfile::tempdir().unwrap();
+        let script = "setsid nohup sleep 4711 >/dev/null 2>&1 & exec sleep 4712";
+        let mut child = sandbox
+            .command(
+                Path::new("/bin/sh"),
+                &["-c".into(), script.into()],
+                &[Mount::ReadWrite(tmp.path().to_owned())],
+                tmp.path(),
+            )
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(running("sleep 4711") && running("sleep 4712")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sleepers never ran"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.kill().unwrap(); // SIGKILL to bwrap alone
+        child.wait().unwrap();
+        while running("sleep 4711") || running("sleep 4712") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a process outlived its sandbox"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]
     fn the_program_brings_its_node_modules_or_its_directory() {
         assert_eq!(
-            program_mounts(Path::new("/w/node_modules/@anthropic-ai/claude-code/bin/claude.exe")),
+            program_mounts(Path::new(
+                "/w/node_modules/@anthropic-ai/claude-code/bin/claude.exe"
+            )),
             vec![Mount::ReadOnly("/w/node_modules".into())]
         );
         assert_eq!(
             program_mounts(Path::new("/home/u/.local/share/claude/versions/2.1/claude")),
-            vec![Mount::ReadOnly("/home/u/.local/share/claude/versions/2.1/claude".into())]
+            vec![Mount::ReadOnly(
+                "/home/u/.local/share/claude/versions/2.1/claude".into()
+            )]
         );
         assert!(program_mounts(Path::new("/usr/local/bin/claude")).is_empty());
     }

@@ -88,7 +88,12 @@ pub struct ServeArgs {
     pub sandbox: SandboxMode,
     /// The permission modes a turn may ask for (comma-separated) [default:
     /// all; `bypassPermissions` only with a sandbox unless listed here]
-    #[arg(long, env = "LOOPD_PERMISSION_MODES", value_enum, value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "LOOPD_PERMISSION_MODES",
+        value_enum,
+        value_delimiter = ','
+    )]
     pub permission_modes: Vec<PermissionMode>,
     /// Loader variables (PATH, HOME, LD_*, NODE_OPTIONS, …) a vault may set
     /// anyway (comma-separated names).

@@ -12,7 +12,11 @@ use crate::agent::sandbox::Mount;
 /// The loop's agent home, created if missing. A transcript of `session`
 /// still in the server user's home (a loop from before sandboxing, or from
 /// `--sandbox none`) moves into it, so the conversation resumes.
-pub fn prepare(loop_dir: &Path, server_home: Option<&Path>, session: Option<&str>) -> Result<PathBuf, String> {
+pub fn prepare(
+    loop_dir: &Path,
+    server_home: Option<&Path>,
+    session: Option<&str>,
+) -> Result<PathBuf, String> {
     let home = loop_dir.join("home");
     fs::create_dir_all(home.join(".claude")).map_err(|e| format!("{}: {e}", home.display()))?;
     if let (Some(server_home), Some(session)) = (server_home, session) {
@@ -57,7 +61,11 @@ fn move_path(src: &Path, dest: &Path) -> Result<(), String> {
         return Ok(());
     }
     copy_tree(src, dest).map_err(|e| format!("{} -> {}: {e}", src.display(), dest.display()))?;
-    let removed = if src.is_dir() { fs::remove_dir_all(src) } else { fs::remove_file(src) };
+    let removed = if src.is_dir() {
+        fs::remove_dir_all(src)
+    } else {
+        fs::remove_file(src)
+    };
     removed.map_err(|e| format!("{}: {e}", src.display()))
 }
 
@@ -76,7 +84,12 @@ fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
 
 /// The Claude Code credentials file of the user running loopd, if any.
 pub fn credentials(server_env: &[(String, String)]) -> Option<PathBuf> {
-    let var = |k: &str| server_env.iter().find(|(key, _)| key == k).map(|(_, v)| PathBuf::from(v));
+    let var = |k: &str| {
+        server_env
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| PathBuf::from(v))
+    };
     let dir = var("CLAUDE_CONFIG_DIR").or_else(|| var("HOME").map(|h| h.join(".claude")))?;
     Some(dir.join(".credentials.json")).filter(|p| p.is_file())
 }
@@ -115,21 +128,34 @@ pub fn mounts(paths: &LoopPaths) -> Result<Vec<Mount>, String> {
 /// `loop/…` branches writable; the rest of `.git` (hooks, config, other
 /// refs) stays read-only.
 fn repo_mounts(repo: &Path, workspace: &Path) -> Result<Vec<Mount>, String> {
-    let git_dir = if repo.join(".git").is_dir() { repo.join(".git") } else { repo.to_owned() };
+    let git_dir = if repo.join(".git").is_dir() {
+        repo.join(".git")
+    } else {
+        repo.to_owned()
+    };
     let pointer = fs::read_to_string(workspace.join(".git"))
         .map_err(|e| format!("{}: {e}", workspace.join(".git").display()))?;
     let admin = pointer
         .trim()
         .strip_prefix("gitdir: ")
         .map(PathBuf::from)
-        .filter(|p| p.starts_with(git_dir.join("worktrees")) && !p.components().any(|c| c.as_os_str() == ".."))
+        .filter(|p| {
+            p.starts_with(git_dir.join("worktrees"))
+                && !p.components().any(|c| c.as_os_str() == "..")
+        })
         // Both ends must agree: the admin dir names this workspace back (a
         // loop can rewrite its own `.git` file, not another loop's admin dir).
         .filter(|admin| {
             fs::read_to_string(admin.join("gitdir"))
                 .is_ok_and(|back| Path::new(back.trim()) == workspace.join(".git"))
         })
-        .ok_or_else(|| format!("{}: not a worktree of {}", workspace.display(), repo.display()))?;
+        .ok_or_else(|| {
+            format!(
+                "{}: not a worktree of {}",
+                workspace.display(),
+                repo.display()
+            )
+        })?;
     let branches = git_dir.join("refs/heads/loop");
     let reflogs = git_dir.join("logs/refs/heads/loop");
     for dir in [&branches, &reflogs] {
@@ -162,7 +188,10 @@ mod tests {
         assert_eq!(fs::read_to_string(moved.join("s1.jsonl")).unwrap(), "{}\n");
         assert!(moved.join("s1/subagents").is_dir());
         assert!(!project.join("s1.jsonl").exists());
-        assert!(project.join("other.jsonl").exists(), "other conversations stay");
+        assert!(
+            project.join("other.jsonl").exists(),
+            "other conversations stay"
+        );
         // Again: nothing to move, nothing lost.
         prepare(&loop_dir, Some(&server_home), Some("s1")).unwrap();
         assert!(moved.join("s1.jsonl").is_file());
@@ -176,7 +205,11 @@ mod tests {
         fs::create_dir_all(&admin).unwrap();
         let ws = tmp.path().join("loops/1/workspace");
         fs::create_dir_all(&ws).unwrap();
-        fs::write(admin.join("gitdir"), format!("{}\n", ws.join(".git").display())).unwrap();
+        fs::write(
+            admin.join("gitdir"),
+            format!("{}\n", ws.join(".git").display()),
+        )
+        .unwrap();
         fs::write(ws.join(".git"), format!("gitdir: {}\n", admin.display())).unwrap();
         let home = tmp.path().join("loops/1/home");
         let got = mounts(&LoopPaths {
@@ -210,8 +243,18 @@ mod tests {
         let other = repo.join(".git/worktrees/workspace3");
         fs::create_dir_all(&other).unwrap();
         fs::write(other.join("gitdir"), "/d/loops/2/workspace/.git\n").unwrap();
-        let paths = LoopPaths { data_dir: tmp.path(), workspace: &ws, home: &home, credentials: None, repo: Some(&repo) };
-        for target in ["/etc".into(), other.display().to_string(), format!("{}/../../x", admin.display())] {
+        let paths = LoopPaths {
+            data_dir: tmp.path(),
+            workspace: &ws,
+            home: &home,
+            credentials: None,
+            repo: Some(&repo),
+        };
+        for target in [
+            "/etc".into(),
+            other.display().to_string(),
+            format!("{}/../../x", admin.display()),
+        ] {
             fs::write(ws.join(".git"), format!("gitdir: {target}\n")).unwrap();
             assert!(mounts(&paths).is_err(), "{target}");
         }

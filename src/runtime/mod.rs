@@ -3,6 +3,7 @@
 //! handlers use [`Runtime`]; they never touch an agent themselves.
 
 pub mod actor;
+pub mod agent_home;
 pub mod choices;
 pub mod events;
 pub mod idempotency;
@@ -10,7 +11,6 @@ pub mod log;
 pub mod slots;
 pub mod turns;
 pub mod view;
-pub mod agent_home;
 pub mod workspace;
 
 use std::collections::HashMap;

@@ -129,7 +129,11 @@ mod tests {
             "duplicate_profile"
         );
         fs::write(root.join("vaults/team.env"), "A=1\n").unwrap();
-        fs::write(root.join("vaults/team.users"), "# who may\nalice\n  bob  # too\n").unwrap();
+        fs::write(
+            root.join("vaults/team.users"),
+            "# who may\nalice\n  bob  # too\n",
+        )
+        .unwrap();
         fs::write(root.join("vaults/open.env"), "A=1\n").unwrap();
         fs::write(root.join("vaults/open.users"), "*\n").unwrap();
         c.check_vault("default", "carol", false).unwrap();

@@ -12,21 +12,21 @@ use crate::claude_cli::{agent_env, claude_bin};
 use crate::mock_anthropic::{self, RunningMock};
 use crate::support::{Auth, PASSWORD, TestApp, eventually, names, text};
 
-struct Rig {
-    app: TestApp,
-    mock: RunningMock,
-    home: TempDir,
-    data: TempDir,
-    bearer: Auth,
-    loop_id: String,
+pub struct Rig {
+    pub app: TestApp,
+    pub mock: RunningMock,
+    pub home: TempDir,
+    pub data: TempDir,
+    pub bearer: Auth,
+    pub loop_id: String,
 }
 
 impl Rig {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
 
-    async fn start_with(tweak: impl FnOnce(&mut loopd::Config)) -> Self {
+    pub async fn start_with(tweak: impl FnOnce(&mut loopd::Config)) -> Self {
         let mock = mock_anthropic::start().await;
         let home = tempfile::tempdir().unwrap();
         let data = tempfile::tempdir().unwrap();
@@ -48,7 +48,11 @@ impl Rig {
         }
     }
 
-    async fn restart(self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    pub async fn restart_with(self, tweak: impl FnOnce(&mut loopd::Config)) -> Self {
         let Self {
             app,
             mock,
@@ -58,7 +62,7 @@ impl Rig {
             loop_id,
         } = self;
         app.stop().await;
-        let app = TestApp::start_with(config_for(&data, &mock, &home, |_| {})).await;
+        let app = TestApp::start_with(config_for(&data, &mock, &home, tweak)).await;
         Self {
             app,
             mock,
@@ -69,11 +73,11 @@ impl Rig {
         }
     }
 
-    fn uuid(&self) -> String {
+    pub fn uuid(&self) -> String {
         self.loop_id.strip_prefix("loop_").unwrap().to_owned()
     }
 
-    fn workspace(&self) -> PathBuf {
+    pub fn workspace(&self) -> PathBuf {
         self.data
             .path()
             .join("loops")
@@ -83,20 +87,25 @@ impl Rig {
 
     /// Where the agent keeps its transcripts: the loop's own home in a
     /// sandbox, else the HOME the server gave it.
-    async fn agent_home(&self) -> PathBuf {
+    pub async fn agent_home(&self) -> PathBuf {
         let (_, health) = self.app.get("/healthz", &Auth::None).await;
         match health["sandbox"].as_str().unwrap() {
-            "bwrap" => self.data.path().join("loops").join(self.uuid()).join("home"),
+            "bwrap" => self
+                .data
+                .path()
+                .join("loops")
+                .join(self.uuid())
+                .join("home"),
             _ => self.home.path().to_owned(),
         }
     }
 
     /// Sends a message to the rig's loop; returns its turn's stream.
-    async fn send(&self, content: &str) -> crate::support::SseStream {
+    pub async fn send(&self, content: &str) -> crate::support::SseStream {
         self.app.send(&self.bearer, &self.loop_id, content).await
     }
 
-    async fn turn(&self, content: &str) -> Vec<crate::support::Sse> {
+    pub async fn turn(&self, content: &str) -> Vec<crate::support::Sse> {
         self.app
             .send(&self.bearer, &self.loop_id, content)
             .await
@@ -106,7 +115,7 @@ impl Rig {
 
     /// Sends a message whose Bash tool runs `command` (read-only, so not
     /// asked about); returns once that process runs.
-    async fn start_long_tool(&self, command: &str) -> crate::support::SseStream {
+    pub async fn start_long_tool(&self, command: &str) -> crate::support::SseStream {
         let prompt = format!("[[bash:{command}]]");
         let mut stream = self.send(&prompt).await;
         stream.until("tool_call").await;
@@ -118,7 +127,7 @@ impl Rig {
     }
 
     /// Command lines of the live processes marked as this loop's.
-    fn processes(&self) -> Vec<String> {
+    pub fn processes(&self) -> Vec<String> {
         loopd::agent::process::marked(&self.uuid())
             .into_iter()
             .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())

@@ -335,6 +335,9 @@ fn every_flag_has_an_environment_variable() {
         "LOOPD_MAX_AGENTS",
         "LOOPD_PUBLIC_URL",
         "LOOPD_AGENT_ENV",
+        "LOOPD_SANDBOX",
+        "LOOPD_PERMISSION_MODES",
+        "LOOPD_VAULT_ALLOW_ENV",
         "LOOPD_LOG",
     ] {
         assert!(help.contains(var), "{var} missing from `serve --help`");
@@ -348,4 +351,90 @@ fn every_flag_has_an_environment_variable() {
         .unwrap();
     assert!(out.status.success());
     assert!(tmp.path().join("users.json").exists());
+}
+
+#[test]
+fn sandbox_bwrap_refuses_to_start_where_bubblewrap_cannot_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_loopd"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--agent",
+            "echo",
+            "--sandbox",
+            "bwrap",
+        ])
+        .env("LOOPD_DATA_DIR", tmp.path())
+        .env("PATH", tmp.path().join("no-bin"))
+        .output()
+        .unwrap();
+    let err = failed(&out);
+    assert!(
+        err.contains("--sandbox bwrap") && err.contains("bubblewrap"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn sandbox_none_runs_but_warns_in_the_log_and_healthz() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loopd"))
+        .args([
+            "serve",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--agent",
+            "echo",
+        ])
+        .env("LOOPD_DATA_DIR", tmp.path())
+        .env("LOOPD_SANDBOX", "none")
+        .env("LOOPD_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut warned = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("the server never said it listens");
+        warned |= line.contains(r#""level":"WARN""#) && line.contains("--sandbox none");
+        if line.contains("loopd listening") {
+            assert!(line.contains(r#""sandbox":"none""#), "{line}");
+            break;
+        }
+    }
+    assert!(warned, "no warning in the log");
+    let health: Value = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["sandbox"], "none");
+    assert!(
+        health["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("--sandbox none")),
+        "{health}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -726,3 +726,25 @@ async fn a_stalled_client_slows_no_one_and_still_gets_every_event() {
     let seqs: Vec<u64> = all.iter().map(|e| e.id.unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
 }
+
+#[tokio::test]
+async fn a_vault_cannot_set_loader_variables() {
+    let (app, bearer, _) = app_with_loop().await;
+    std::fs::create_dir_all(app.dir.join("vaults")).unwrap();
+    std::fs::write(
+        app.dir.join("vaults/evil.env"),
+        "OK=1\nLD_PRELOAD=/tmp/x.so\n",
+    )
+    .unwrap();
+    std::fs::write(app.dir.join("vaults/evil.users"), "alice\n").unwrap();
+    let id = app.create_loop(&bearer, json!({"vault": "evil"})).await;
+    let events = app.send(&bearer, &id, "hi").await.until_end().await;
+    let end = events.last().unwrap();
+    assert_eq!(end.name, "error");
+    assert_eq!(end.data["code"], "agent_unavailable");
+    assert!(
+        end.data["message"].as_str().unwrap().contains("LD_PRELOAD"),
+        "{}",
+        end.data
+    );
+}

@@ -96,6 +96,7 @@ async fn profiles_vaults_and_repos_that_exist_are_accepted() {
     std::fs::write(d.join("profiles/reviewer/CLAUDE.md"), "Review carefully.\n").unwrap();
     std::fs::create_dir_all(d.join("vaults")).unwrap();
     std::fs::write(d.join("vaults/ci.env"), "TOKEN=x\n").unwrap();
+    std::fs::write(d.join("vaults/ci.users"), "# granted to\nalice\n").unwrap();
     let repo = d.join("repos/app");
     std::fs::create_dir_all(&repo).unwrap();
     let git = std::process::Command::new("git")
@@ -115,6 +116,25 @@ async fn profiles_vaults_and_repos_that_exist_are_accepted() {
     assert_eq!(body["profiles"], json!(["reviewer"]));
     assert_eq!(body["vault"], "ci");
     assert_eq!(body["repo"], "app");
+    // Bob was not granted `ci`: to him it does not exist.
+    let bob = app.bearer("bob").await;
+    let got = app
+        .post("/api/v1/loops", &bob, json!({"vault": "ci"}))
+        .await;
+    crate::support::assert_error(&got, 400, "invalid_request_error", "vault_not_found");
+    let unknown = app
+        .post("/api/v1/loops", &bob, json!({"vault": "nope"}))
+        .await;
+    assert_eq!(
+        got.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("ci", "?"),
+        unknown.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("nope", "?")
+    );
 }
 
 fn ids(page: &Value) -> Vec<String> {

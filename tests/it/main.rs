@@ -12,6 +12,7 @@ mod echo;
 mod lifecycle;
 mod loops;
 mod mock_anthropic;
+mod sandbox;
 mod support;
 mod tokens;
 mod web;

@@ -82,16 +82,20 @@ impl Actor {
                 Sandbox::None => (None, Vec::new(), cwd),
                 Sandbox::Bwrap(_) => {
                     let loop_dir = std::fs::canonicalize(&loop_dir).map_err(|e| e.to_string())?;
-                    let data_dir = std::fs::canonicalize(&config.data_dir).map_err(|e| e.to_string())?;
+                    let data_dir =
+                        std::fs::canonicalize(&config.data_dir).map_err(|e| e.to_string())?;
                     let cwd = std::fs::canonicalize(&cwd).map_err(|e| e.to_string())?;
                     let server_home = config
                         .agent_base_env
                         .iter()
                         .find(|(k, _)| k == "HOME")
                         .map(|(_, v)| std::path::PathBuf::from(v));
-                    let home = agent_home::prepare(&loop_dir, server_home.as_deref(), Some(session.id()))?;
+                    let home =
+                        agent_home::prepare(&loop_dir, server_home.as_deref(), Some(session.id()))?;
                     let repo = record.repo.as_ref().map(|r| shared.catalog.repo_path(r));
-                    let repo = repo.map(|r| std::fs::canonicalize(&r).map_err(|e| e.to_string())).transpose()?;
+                    let repo = repo
+                        .map(|r| std::fs::canonicalize(&r).map_err(|e| e.to_string()))
+                        .transpose()?;
                     let credentials = agent_home::credentials(&config.agent_base_env);
                     let mounts = agent_home::mounts(&agent_home::LoopPaths {
                         data_dir: &data_dir,
@@ -117,7 +121,8 @@ impl Actor {
                 env,
                 session,
                 mode: config.permission_mode.agent_side(native),
-                allow_bypass: native.bypass && config.mode_allowed(PermissionMode::BypassPermissions),
+                allow_bypass: native.bypass
+                    && config.mode_allowed(PermissionMode::BypassPermissions),
                 mounts,
             })
         })
