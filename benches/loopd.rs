@@ -1,6 +1,8 @@
 //! loopd against a raw relay, as `docs/performance.md` describes.
 //!
 //! `cargo bench --bench loopd [-- --runs N] [-- --only SCENARIO]`
+//! (`--only sandbox`: loopd without and with its sandbox, cold starts and
+//! paced latency)
 //!
 //! One executable plays three parts:
 //! - the **fake agent** (started with Claude Code's flags, `-p …`): on each
@@ -275,6 +277,11 @@ mod client {
     }
 
     pub async fn start(kind: Kind) -> Server {
+        start_with(kind, "auto").await
+    }
+
+    /// Starts a server; loopd with `--sandbox sandbox`.
+    pub async fn start_with(kind: Kind, sandbox: &str) -> Server {
         // BENCH_LOOPD_EXTERNAL=ADDR,TOKEN,PID: measure a loopd started by hand
         // (e.g. under a heap profiler) instead of starting one.
         if let (Kind::Loopd, Ok(ext)) = (kind, std::env::var("BENCH_LOOPD_EXTERNAL")) {
@@ -320,6 +327,8 @@ mod client {
                         "claude",
                         "--max-agents",
                         "500",
+                        "--sandbox",
+                        sandbox,
                     ])
                     .arg("--claude-bin")
                     .arg(&exe)
@@ -631,7 +640,83 @@ mod client {
         vec![("RSS (MB)", usage(s.pid()).1 as f64 / 1e6)]
     }
 
+    /// Reads a turn's stream: the time from `sent` to its first text delta.
+    async fn first_delta(resp: reqwest::Response, sent: Instant) -> Duration {
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut first = None;
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk.unwrap());
+            if first.is_none() && find(&buf, b"event: assistant_delta").is_some() {
+                first = Some(sent.elapsed());
+            }
+            if find(&buf, b"event: done").is_some() {
+                break;
+            }
+        }
+        first.expect("the turn streamed no text")
+    }
+
+    /// Cold starts (a new loop's first turn: the agent process starts) and
+    /// paced latency, loopd without and with its sandbox.
+    async fn sandbox_cost(runs: usize) {
+        println!("loopd --sandbox none vs --sandbox bwrap, {runs} run(s) each");
+        println!("| figure | none | bwrap | bwrap − none |");
+        println!("|---|---|---|---|");
+        let mut results: HashMap<&str, Vec<Figures>> = HashMap::new();
+        for _ in 0..runs {
+            for mode in ["none", "bwrap"] {
+                let s = start_with(Kind::Loopd, mode).await;
+                let mut cold = Vec::new();
+                for i in 0..20 {
+                    let id = s.new_loop(i).await;
+                    let req = s
+                        .req(reqwest::Method::POST, &format!("/loops/{id}/messages"))
+                        .body(r#"{"content":"K=1 RATE=0"}"#);
+                    let sent = Instant::now();
+                    let resp = req.send().await.unwrap();
+                    cold.push(first_delta(resp, sent).await.as_micros() as u64);
+                }
+                cold.sort_unstable();
+                let mut figures = vec![
+                    ("cold start to first event p50 (ms)", pct(&cold, 0.5) / 1e3),
+                    ("cold start to first event p90 (ms)", pct(&cold, 0.9) / 1e3),
+                ];
+                drop(s);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let s = start_with(Kind::Loopd, mode).await;
+                figures.extend(paced(&s).await);
+                results.entry(mode).or_default().push(figures);
+                drop(s);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        let names: Vec<&str> = results["none"][0].iter().map(|(n, _)| *n).collect();
+        for (i, name) in names.iter().enumerate() {
+            let median = |mode: &str| {
+                let mut v: Vec<f64> = results[mode].iter().map(|f| f[i].1).collect();
+                v.sort_by(f64::total_cmp);
+                (v[v.len() / 2], v[0], v[v.len() - 1])
+            };
+            let (n, nmin, nmax) = median("none");
+            let (b, bmin, bmax) = median("bwrap");
+            println!(
+                "| {name} | {} ({}–{}) | {} ({}–{}) | {} |",
+                fmt(n),
+                fmt(nmin),
+                fmt(nmax),
+                fmt(b),
+                fmt(bmin),
+                fmt(bmax),
+                fmt(b - n)
+            );
+        }
+    }
+
     pub async fn run(runs: usize, only: Option<String>) {
+        if only.as_deref() == Some("sandbox") {
+            return sandbox_cost(runs).await;
+        }
         let scenarios: &[&str] = &["idle", "paced", "single", "multi", "fan-out", "watchers"];
         println!(
             "loopd vs raw relay, {runs} run(s) each, {} cores",
