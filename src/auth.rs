@@ -88,7 +88,8 @@ impl FromRequestParts<AppState> for SessionCaller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let caller = Caller::from_request_parts(parts, state).await?;
         if caller.via != Via::Session {
-            return Err(ApiError::forbidden(
+            // 401, as loopat answers (and so every bot written for it expects).
+            return Err(ApiError::unauthorized(
                 "session_required",
                 "API tokens are managed from a logged-in web session, not with a Bearer token",
             ));

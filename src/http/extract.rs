@@ -37,6 +37,10 @@ where
         };
         // Syntax first (without building anything), so a broken body is
         // always `invalid_json`, even where a type error would come earlier.
+        // JSON is UTF-8; skipping a value does not check that, so check here.
+        std::str::from_utf8(body).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("the body is not UTF-8: {e}"))
+        })?;
         serde_json::from_slice::<IgnoredAny>(body).map_err(|e| {
             ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
         })?;

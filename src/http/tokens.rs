@@ -67,7 +67,7 @@ const SESSION_ONLY: &str = "`session_required` when called with a Bearer token";
         (status = 201, body = CreatedToken),
         (status = 400, body = ErrorEnvelope, description = "`label_too_long`, `label_invalid`, `invalid_json`"),
         (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope, description = SESSION_ONLY),
+        (status = 401, body = ErrorEnvelope, description = SESSION_ONLY),
     )
 )]
 pub async fn create_token(
@@ -96,7 +96,7 @@ pub async fn create_token(
     responses(
         (status = 200, body = TokenList),
         (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope, description = SESSION_ONLY),
+        (status = 401, body = ErrorEnvelope, description = SESSION_ONLY),
     )
 )]
 pub async fn list_tokens(
@@ -116,7 +116,7 @@ pub async fn list_tokens(
     responses(
         (status = 204, description = "Revoked"),
         (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope, description = SESSION_ONLY),
+        (status = 401, body = ErrorEnvelope, description = SESSION_ONLY),
         (status = 404, body = ErrorEnvelope, description = "`token_not_found`"),
     )
 )]

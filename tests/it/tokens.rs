@@ -78,7 +78,7 @@ async fn a_bot_cannot_mint_or_manage_tokens() {
         app.delete("/api/v1/me/tokens/tok_000000000000", &bearer)
             .await,
     ] {
-        assert_error(&got, 403, "permission_error", "session_required");
+        assert_error(&got, 401, "authentication_error", "session_required");
     }
     assert_error(
         &app.get("/api/v1/me/tokens", &Auth::None).await,
