@@ -3,6 +3,11 @@
 //! the credentials of the user running loopd read-only, its workspace, and
 //! for a repo loop just enough of the repository to commit, with hooks and
 //! config read-only. Everything else of the data directory is hidden.
+//!
+//! Nothing here trusts what an agent could have written: no mount comes
+//! from a file in the workspace or home, and the directories bubblewrap
+//! makes mount points in are made real (symlinks removed) before each
+//! start, when no process of the loop is alive to race it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,7 +23,14 @@ pub fn prepare(
     session: Option<&str>,
 ) -> Result<PathBuf, String> {
     let home = loop_dir.join("home");
-    fs::create_dir_all(home.join(".claude")).map_err(|e| format!("{}: {e}", home.display()))?;
+    fs::create_dir_all(loop_dir).map_err(|e| format!("{}: {e}", loop_dir.display()))?;
+    real_dir(&home)?;
+    real_dir(&home.join(".claude"))?;
+    // The credentials' mount point: absent or a plain file, never a link.
+    let credentials = home.join(".claude/.credentials.json");
+    if fs::symlink_metadata(&credentials).is_ok_and(|m| !m.is_file()) {
+        remove(&credentials)?;
+    }
     if let (Some(server_home), Some(session)) = (server_home, session) {
         move_transcript(&server_home.join(".claude"), &home.join(".claude"), session)?;
     }
@@ -39,10 +51,11 @@ fn move_transcript(from: &Path, to: &Path, session: &str) -> Result<(), String> 
             continue;
         }
         let dest_dir = to.join("projects").join(project.file_name());
-        if dest_dir.join(&file).exists() {
+        real_dir(&to.join("projects"))?;
+        real_dir(&dest_dir)?;
+        if fs::symlink_metadata(dest_dir.join(&file)).is_ok() {
             return Ok(());
         }
-        fs::create_dir_all(&dest_dir).map_err(|e| format!("{}: {e}", dest_dir.display()))?;
         for name in [file.clone(), session.to_owned()] {
             let (src, dest) = (project.path().join(&name), dest_dir.join(&name));
             if src.exists() {
@@ -53,6 +66,21 @@ fn move_transcript(from: &Path, to: &Path, session: &str) -> Result<(), String> 
         return Ok(());
     }
     Ok(())
+}
+
+/// Makes `path` a real directory: whatever else is there (a symlink an
+/// agent left, a file) is removed first.
+fn real_dir(path: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => remove(path)?,
+        Err(_) => {}
+    }
+    fs::create_dir(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn remove(path: &Path) -> Result<(), String> {
+    fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// `rename`, or copy and remove across file systems.
@@ -126,40 +154,39 @@ pub fn mounts(paths: &LoopPaths) -> Result<Vec<Mount>, String> {
 
 /// A worktree's commits need the object store, its own admin dir and the
 /// `loop/…` branches writable; the rest of `.git` (hooks, config, other
-/// refs) stays read-only.
+/// refs) stays read-only. The admin dir is the one loopd recorded when it
+/// made the worktree; every path here lies in directories no agent can
+/// write (`.git` itself is read-only to all of them).
 fn repo_mounts(repo: &Path, workspace: &Path) -> Result<Vec<Mount>, String> {
     let git_dir = if repo.join(".git").is_dir() {
         repo.join(".git")
     } else {
         repo.to_owned()
     };
-    let pointer = fs::read_to_string(workspace.join(".git"))
-        .map_err(|e| format!("{}: {e}", workspace.join(".git").display()))?;
-    let admin = pointer
-        .trim()
-        .strip_prefix("gitdir: ")
-        .map(PathBuf::from)
-        .filter(|p| {
-            p.starts_with(git_dir.join("worktrees"))
-                && !p.components().any(|c| c.as_os_str() == "..")
-        })
-        // Both ends must agree: the admin dir names this workspace back (a
-        // loop can rewrite its own `.git` file, not another loop's admin dir).
-        .filter(|admin| {
-            fs::read_to_string(admin.join("gitdir"))
-                .is_ok_and(|back| Path::new(back.trim()) == workspace.join(".git"))
-        })
-        .ok_or_else(|| {
-            format!(
-                "{}: not a worktree of {}",
-                workspace.display(),
-                repo.display()
-            )
-        })?;
+    let record = crate::runtime::workspace::worktree_record(workspace);
+    if fs::symlink_metadata(&record).is_err() {
+        record_old_worktree(&git_dir, workspace, &record)?;
+    }
+    let name = fs::read_to_string(&record).map_err(|e| format!("{}: {e}", record.display()))?;
+    let name = name.trim();
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(format!("{}: not a worktree name", record.display()));
+    }
+    let admin = git_dir.join("worktrees").join(name);
+    if !fs::symlink_metadata(&admin).is_ok_and(|m| m.is_dir()) {
+        return Err(format!(
+            "{}: not a worktree of {}",
+            admin.display(),
+            repo.display()
+        ));
+    }
     let branches = git_dir.join("refs/heads/loop");
     let reflogs = git_dir.join("logs/refs/heads/loop");
     for dir in [&branches, &reflogs] {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+            return Err(format!("{}: not a directory", dir.display()));
+        }
     }
     Ok(vec![
         Mount::ReadOnly(git_dir.clone()),
@@ -168,6 +195,37 @@ fn repo_mounts(repo: &Path, workspace: &Path) -> Result<Vec<Mount>, String> {
         Mount::ReadWrite(branches),
         Mount::ReadWrite(reflogs),
     ])
+}
+
+/// A loop from before loopd recorded its worktree: the one admin dir in
+/// `.git/worktrees/` (a directory no agent can write) whose `gitdir` names
+/// this workspace. Two claimants (one lies) are refused, not guessed at.
+fn record_old_worktree(git_dir: &Path, workspace: &Path, record: &Path) -> Result<(), String> {
+    let want = workspace.join(".git");
+    let entries = fs::read_dir(git_dir.join("worktrees"))
+        .map_err(|e| format!("{}: {e}", git_dir.display()))?;
+    let names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| {
+            let gitdir = e.path().join("gitdir");
+            fs::symlink_metadata(&gitdir).is_ok_and(|m| m.is_file())
+                && fs::read_to_string(&gitdir).is_ok_and(|t| Path::new(t.trim()) == want)
+        })
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    match names.as_slice() {
+        [name] => crate::store::write_atomic(record, name.as_bytes()).map_err(|e| e.to_string()),
+        [] => Err(format!(
+            "{}: no worktree of {} names it",
+            workspace.display(),
+            git_dir.display()
+        )),
+        _ => Err(format!(
+            "{}: several worktrees claim it: {names:?}",
+            workspace.display()
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -198,6 +256,40 @@ mod tests {
     }
 
     #[test]
+    fn links_an_agent_left_in_its_home_are_removed_before_a_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        let loop_dir = tmp.path().join("loop");
+        fs::create_dir_all(loop_dir.join("home/.claude")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.join("planted"),
+            loop_dir.join("home/.claude/.credentials.json"),
+        )
+        .unwrap();
+        prepare(&loop_dir, None, None).unwrap();
+        assert!(fs::symlink_metadata(loop_dir.join("home/.claude/.credentials.json")).is_err());
+        // `.claude` itself a link: replaced by a real directory.
+        fs::remove_dir_all(loop_dir.join("home/.claude")).unwrap();
+        std::os::unix::fs::symlink(&outside, loop_dir.join("home/.claude")).unwrap();
+        let server_home = tmp.path().join("root");
+        fs::create_dir_all(server_home.join(".claude/projects/p")).unwrap();
+        fs::write(server_home.join(".claude/projects/p/s1.jsonl"), "{}").unwrap();
+        prepare(&loop_dir, Some(&server_home), Some("s1")).unwrap();
+        assert!(
+            fs::symlink_metadata(loop_dir.join("home/.claude"))
+                .unwrap()
+                .is_dir()
+        );
+        assert!(loop_dir.join("home/.claude/projects/p/s1.jsonl").is_file());
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing was written through a link"
+        );
+    }
+
+    #[test]
     fn a_repo_loop_gets_objects_its_worktree_and_loop_branches_writable() {
         let tmp = tempfile::tempdir().unwrap();
         let repo = tmp.path().join("repos/app");
@@ -206,11 +298,12 @@ mod tests {
         let ws = tmp.path().join("loops/1/workspace");
         fs::create_dir_all(&ws).unwrap();
         fs::write(
-            admin.join("gitdir"),
-            format!("{}\n", ws.join(".git").display()),
+            crate::runtime::workspace::worktree_record(&ws),
+            "workspace2",
         )
         .unwrap();
-        fs::write(ws.join(".git"), format!("gitdir: {}\n", admin.display())).unwrap();
+        // What the agent wrote into its workspace plays no part.
+        fs::write(ws.join(".git"), "gitdir: /etc\n").unwrap();
         let home = tmp.path().join("loops/1/home");
         let got = mounts(&LoopPaths {
             data_dir: tmp.path(),
@@ -238,11 +331,15 @@ mod tests {
                 Mount::ReadWrite(git.join("logs/refs/heads/loop")),
             ]
         );
-        // A workspace whose `.git` points elsewhere gets nothing of the repo:
-        // outside the repo, or another loop's worktree.
-        let other = repo.join(".git/worktrees/workspace3");
-        fs::create_dir_all(&other).unwrap();
-        fs::write(other.join("gitdir"), "/d/loops/2/workspace/.git\n").unwrap();
+        // A loop from before the record: found once by the admin dir that
+        // names it, and recorded; two claimants are refused.
+        let record = crate::runtime::workspace::worktree_record(&ws);
+        fs::remove_file(&record).unwrap();
+        fs::write(
+            admin.join("gitdir"),
+            format!("{}\n", ws.join(".git").display()),
+        )
+        .unwrap();
         let paths = LoopPaths {
             data_dir: tmp.path(),
             workspace: &ws,
@@ -250,13 +347,37 @@ mod tests {
             credentials: None,
             repo: Some(&repo),
         };
-        for target in [
-            "/etc".into(),
-            other.display().to_string(),
-            format!("{}/../../x", admin.display()),
-        ] {
-            fs::write(ws.join(".git"), format!("gitdir: {target}\n")).unwrap();
-            assert!(mounts(&paths).is_err(), "{target}");
+        assert!(
+            mounts(&paths)
+                .unwrap()
+                .contains(&Mount::ReadWrite(admin.clone()))
+        );
+        assert_eq!(fs::read_to_string(&record).unwrap(), "workspace2");
+        fs::remove_file(&record).unwrap();
+        let liar = repo.join(".git/worktrees/workspace7");
+        fs::create_dir_all(&liar).unwrap();
+        fs::write(
+            liar.join("gitdir"),
+            format!("{}\n", ws.join(".git").display()),
+        )
+        .unwrap();
+        assert!(mounts(&paths).is_err());
+        fs::remove_dir_all(&liar).unwrap();
+        // A record that names no worktree of this repo gets nothing of it.
+        let paths = LoopPaths {
+            data_dir: tmp.path(),
+            workspace: &ws,
+            home: &home,
+            credentials: None,
+            repo: Some(&repo),
+        };
+        for bad in ["", "..", "../../x", "workspace9"] {
+            fs::write(crate::runtime::workspace::worktree_record(&ws), bad).unwrap();
+            assert!(mounts(&paths).is_err(), "{bad:?}");
         }
+        fs::create_dir_all(repo.join(".git/worktrees")).unwrap();
+        std::os::unix::fs::symlink(&admin, repo.join(".git/worktrees/link")).unwrap();
+        fs::write(crate::runtime::workspace::worktree_record(&ws), "link").unwrap();
+        assert!(mounts(&paths).is_err(), "a symlinked admin dir");
     }
 }

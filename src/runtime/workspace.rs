@@ -82,7 +82,29 @@ fn add_worktree(repo: &Path, workspace: &Path, record: &LoopRecord) -> Result<()
             ),
         ));
     }
+    // Which `.git/worktrees/<name>` is this loop's, read now, before any
+    // agent ran: later the workspace's `.git` file is the agent's to rewrite.
+    let pointer = workspace.join(".git");
+    let text = std::fs::read_to_string(&pointer).map_err(|e| StoreError::io(&pointer, e))?;
+    let name = Path::new(text.trim().trim_start_matches("gitdir: "))
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            StoreError::Invalid(
+                "repo_not_found",
+                format!("{}: no gitdir", pointer.display()),
+            )
+        })?;
+    let record_path = worktree_record(workspace);
+    crate::store::write_atomic(&record_path, name.as_bytes())?;
     Ok(())
+}
+
+/// Where loopd keeps the name of a loop's worktree admin dir: beside the
+/// workspace, out of the agent's reach.
+pub fn worktree_record(workspace: &Path) -> PathBuf {
+    workspace.with_file_name("worktree")
 }
 
 #[cfg(test)]
@@ -156,6 +178,14 @@ mod tests {
             format!("loop/{}", &record.id.0.simple().to_string()[..8])
         );
         assert!(!witness.exists(), "the repository's hook ran");
+        let admin = std::fs::read_to_string(worktree_record(&ws)).unwrap();
+        assert!(
+            repo.join(".git/worktrees")
+                .join(&admin)
+                .join("gitdir")
+                .is_file(),
+            "{admin}"
+        );
         // Preparing again is harmless.
         prepare(&loops.loop_dir(record.id), &catalog, &record).unwrap();
     }
