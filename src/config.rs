@@ -35,6 +35,129 @@ pub struct Config {
     /// The environment agents' environments are built from (see
     /// `agent::env`): the server's own, read once at start.
     pub agent_base_env: Vec<(String, String)>,
+    /// Extra names the `Host` header may carry (`--allowed-hosts`).
+    pub allowed_hosts: Vec<String>,
+    /// Take the client address from the last `X-Forwarded-For` entry.
+    pub trust_forwarded_for: bool,
+    pub connections: ConnLimits,
+    pub limits: Limits,
+}
+
+/// Bounds on connections (see `http::serve`).
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Open connections at once, in total (SSE streams included).
+    pub max_connections: usize,
+    /// Open connections at once from one client address (an IPv6 /64).
+    pub max_per_client: usize,
+    /// How long a client may take to send a request's headers, and how long
+    /// a kept-alive connection may wait for its next request.
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            max_per_client: 1024,
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 32 * 1024,
+        }
+    }
+}
+
+/// What one caller may pile up. Every bound is generous: a normal bot never
+/// meets one; a flood does.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Password checks (argon2, 19 MiB each) running at once.
+    pub password_checks: usize,
+    /// How long a login waits for a password check before 429.
+    pub password_wait: Duration,
+    /// Login attempts per client address: burst, then one per period.
+    pub login_per_client: Rate,
+    /// Login attempts per username: burst, then one per period.
+    pub login_per_user: Rate,
+    /// Requests per API token or web session: burst, then one per period.
+    pub requests_per_caller: Rate,
+    /// Open SSE streams per user.
+    pub streams_per_user: usize,
+    /// Turns waiting behind the running one, per loop.
+    pub queued_turns_per_loop: usize,
+    /// Loops per user that are not archived.
+    pub loops_per_user: usize,
+    /// Idempotency keys remembered per user (the oldest goes first).
+    pub idempotency_keys_per_user: usize,
+}
+
+/// `burst` at once, then one more every `period`. Written `BURST/PERIOD`,
+/// e.g. `20/3s`, `600/50ms`, `10/1m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub burst: u32,
+    pub period: Duration,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("`{text}` is not BURST/PERIOD (e.g. 20/3s, 600/50ms, 10/1m)");
+        let (burst, period) = text.split_once('/').ok_or_else(bad)?;
+        let burst: u32 = burst.trim().parse().map_err(|_| bad())?;
+        let period = period.trim();
+        let (digits, unit) = period.split_at(
+            period
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(period.len()),
+        );
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let period = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" | "" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            _ => return Err(bad()),
+        };
+        if burst == 0 || period.is_zero() {
+            return Err(format!(
+                "`{text}`: the burst and the period must be above zero"
+            ));
+        }
+        Ok(Self { burst, period })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}ms", self.burst, self.period.as_millis())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            password_checks: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            password_wait: Duration::from_secs(1),
+            login_per_client: Rate {
+                burst: 20,
+                period: Duration::from_secs(3),
+            },
+            login_per_user: Rate {
+                burst: 10,
+                period: Duration::from_secs(6),
+            },
+            requests_per_caller: Rate {
+                burst: 600,
+                period: Duration::from_millis(50),
+            },
+            streams_per_user: 256,
+            queued_turns_per_loop: 64,
+            loops_per_user: 10_000,
+            idempotency_keys_per_user: 10_000,
+        }
+    }
 }
 
 impl Config {
@@ -58,6 +181,10 @@ impl Config {
             public_origin: None,
             agent_env: Vec::new(),
             agent_base_env: std::env::vars().collect(),
+            allowed_hosts: Vec::new(),
+            trust_forwarded_for: false,
+            connections: ConnLimits::default(),
+            limits: Limits::default(),
         }
     }
 
@@ -169,6 +296,35 @@ mod tests {
         );
         assert!(public_origin("loopd.example.com").is_err());
         assert!(public_origin("ftp://x").is_err());
+    }
+
+    #[test]
+    fn rates_read_as_burst_over_period() {
+        let rate = |s: &str| s.parse::<Rate>();
+        assert_eq!(
+            rate("20/3s"),
+            Ok(Rate {
+                burst: 20,
+                period: Duration::from_secs(3)
+            })
+        );
+        assert_eq!(
+            rate("600/50ms"),
+            Ok(Rate {
+                burst: 600,
+                period: Duration::from_millis(50)
+            })
+        );
+        assert_eq!(
+            rate("10/1m"),
+            Ok(Rate {
+                burst: 10,
+                period: Duration::from_secs(60)
+            })
+        );
+        for bad in ["20", "x/3s", "20/3h", "0/1s", "5/0s", "20/s"] {
+            assert!(rate(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

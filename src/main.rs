@@ -26,7 +26,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let data_dir = resolve_data_dir(cli.data_dir)?;
     match cli.command {
         Command::Serve(args) => {
-            let config = args.into_config(data_dir)?;
+            let config = (*args).into_config(data_dir)?;
             raise_open_file_limit();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

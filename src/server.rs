@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -55,29 +53,22 @@ pub async fn run(
     let streams = state.streams.clone();
     let runtime = state.runtime.clone();
     let stopping = shutdown.clone();
-    // One router for all connections: serving the Router itself would clone
-    // its whole route table for every connection (~11 KB each).
-    // Event frames are small and must go out at once: no Nagle delay.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "could not set TCP_NODELAY");
-        }
-    });
-    let served = axum::serve(listener, router(state.clone()).into_make_service())
-        .with_graceful_shutdown(async move {
-            stopping.cancelled().await;
-            runtime.shutdown().await;
-            streams.cancel();
-        })
-        .await
-        .context("serving HTTP");
+    // Event frames are small and must go out at once: every connection
+    // gets TCP_NODELAY (in `serve`).
+    let limits = state.config.connections.clone();
+    crate::http::serve::serve(listener, router(state.clone()), limits, async move {
+        stopping.cancelled().await;
+        runtime.shutdown().await;
+        streams.cancel();
+    })
+    .await;
     shutdown.cancel();
     state.runtime.shutdown().await;
     state.streams.cancel();
     flusher.await?;
     flush_last_used(state.accounts.clone()).await;
     tracing::info!("loopd stopped");
-    served
+    Ok(())
 }
 
 /// On the very first start (no users at all), creates `admin` with a random

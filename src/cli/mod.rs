@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::agent::sandbox::{Sandbox, SandboxMode};
 use crate::agent::{AgentKind, PermissionMode};
-use crate::config::{self, Config, DEFAULT_MAX_AGENTS};
+use crate::config::{self, Config, ConnLimits, DEFAULT_MAX_AGENTS, Limits, Rate};
 
 pub use manage::{run_token, run_user};
 
@@ -46,7 +46,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -99,6 +99,105 @@ pub struct ServeArgs {
     /// anyway (comma-separated names).
     #[arg(long, env = "LOOPD_VAULT_ALLOW_ENV", value_delimiter = ',')]
     pub vault_allow_env: Vec<String>,
+    /// More names the `Host` header may carry (comma-separated), besides the
+    /// bind address, loopback names and --public-url's host.
+    #[arg(long, env = "LOOPD_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Behind a reverse proxy: take the client address (for login throttles)
+    /// from the last `X-Forwarded-For` entry, which the proxy appends.
+    #[arg(long, env = "LOOPD_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// The limits of `serve` (see docs/security.md).
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Open connections at once, in total (SSE streams included).
+    #[arg(long, env = "LOOPD_MAX_CONNECTIONS", default_value_t = ConnLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Open connections at once from one client address (IPv6: one /64).
+    #[arg(long, env = "LOOPD_MAX_CONNECTIONS_PER_CLIENT", default_value_t = ConnLimits::default().max_per_client)]
+    pub max_connections_per_client: usize,
+    /// Seconds a client may take to send a request's headers, and a
+    /// kept-alive connection may wait for its next request.
+    #[arg(long, env = "LOOPD_HEADER_TIMEOUT", default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Largest request head (request line and headers), in bytes.
+    #[arg(long, env = "LOOPD_MAX_HEADER_BYTES", default_value_t = ConnLimits::default().max_header_bytes)]
+    pub max_header_bytes: usize,
+    /// Password checks running at once [default: the number of cores]
+    #[arg(long, env = "LOOPD_PASSWORD_CHECKS")]
+    pub password_checks: Option<usize>,
+    /// Login attempts per client address: BURST/PERIOD (then one per PERIOD).
+    #[arg(long, env = "LOOPD_LOGIN_RATE_PER_CLIENT", default_value = "20/3s")]
+    pub login_rate_per_client: Rate,
+    /// Login attempts per username: BURST/PERIOD.
+    #[arg(long, env = "LOOPD_LOGIN_RATE_PER_USER", default_value = "10/6s")]
+    pub login_rate_per_user: Rate,
+    /// Requests per API token or web session: BURST/PERIOD.
+    #[arg(long, env = "LOOPD_REQUEST_RATE", default_value = "600/50ms")]
+    pub request_rate: Rate,
+    /// Open SSE streams per user.
+    #[arg(long, env = "LOOPD_MAX_STREAMS_PER_USER", default_value_t = Limits::default().streams_per_user)]
+    pub max_streams_per_user: usize,
+    /// Turns waiting behind the running one, per loop.
+    #[arg(long, env = "LOOPD_MAX_QUEUED_TURNS", default_value_t = Limits::default().queued_turns_per_loop)]
+    pub max_queued_turns: usize,
+    /// Loops per user that are not archived.
+    #[arg(long, env = "LOOPD_MAX_LOOPS_PER_USER", default_value_t = Limits::default().loops_per_user)]
+    pub max_loops_per_user: usize,
+    /// Idempotency keys remembered per user (the oldest is forgotten first).
+    #[arg(long, env = "LOOPD_MAX_IDEMPOTENCY_KEYS_PER_USER", default_value_t = Limits::default().idempotency_keys_per_user)]
+    pub max_idempotency_keys_per_user: usize,
+}
+
+impl LimitArgs {
+    fn resolve(self) -> anyhow::Result<(ConnLimits, Limits)> {
+        for (name, value) in [
+            ("--max-connections", self.max_connections),
+            (
+                "--max-connections-per-client",
+                self.max_connections_per_client,
+            ),
+            ("--max-streams-per-user", self.max_streams_per_user),
+            ("--max-loops-per-user", self.max_loops_per_user),
+            (
+                "--max-idempotency-keys-per-user",
+                self.max_idempotency_keys_per_user,
+            ),
+            ("--header-timeout", self.header_timeout as usize),
+        ] {
+            anyhow::ensure!(value >= 1, "{name} must be at least 1");
+        }
+        anyhow::ensure!(
+            self.max_header_bytes >= 1024,
+            "--max-header-bytes must be at least 1024"
+        );
+        let defaults = Limits::default();
+        let password_checks = self.password_checks.unwrap_or(defaults.password_checks);
+        anyhow::ensure!(password_checks >= 1, "--password-checks must be at least 1");
+        Ok((
+            ConnLimits {
+                max_connections: self.max_connections,
+                max_per_client: self.max_connections_per_client,
+                header_timeout: std::time::Duration::from_secs(self.header_timeout),
+                max_header_bytes: self.max_header_bytes,
+            },
+            Limits {
+                password_checks,
+                password_wait: defaults.password_wait,
+                login_per_client: self.login_rate_per_client,
+                login_per_user: self.login_rate_per_user,
+                requests_per_caller: self.request_rate,
+                streams_per_user: self.max_streams_per_user,
+                queued_turns_per_loop: self.max_queued_turns,
+                loops_per_user: self.max_loops_per_user,
+                idempotency_keys_per_user: self.max_idempotency_keys_per_user,
+            },
+        ))
+    }
 }
 
 impl ServeArgs {
@@ -117,7 +216,12 @@ impl ServeArgs {
             "--permission-mode {} is not among --permission-modes",
             self.permission_mode.as_str()
         );
+        let (connections, limits) = self.limits.resolve()?;
         Ok(Config {
+            allowed_hosts: self.allowed_hosts,
+            trust_forwarded_for: self.trust_forwarded_for,
+            connections,
+            limits,
             bind: self.bind,
             data_dir,
             agent,

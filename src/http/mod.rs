@@ -5,6 +5,7 @@ mod docs;
 mod extract;
 mod health;
 mod loops;
+pub mod serve;
 mod session;
 mod sse;
 mod tokens;

@@ -86,7 +86,10 @@ async fn create_validates_every_field() {
         bad("invalid_json")(crate::support::read(resp).await);
     }
     // Not UTF-8, inside a string and as a whole: still `invalid_json`.
-    for raw in [b"{\"title\": \"\xff\xfe\"}".to_vec(), vec![0xff, 0xfe, 0x00]] {
+    for raw in [
+        b"{\"title\": \"\xff\xfe\"}".to_vec(),
+        vec![0xff, 0xfe, 0x00],
+    ] {
         let resp = app
             .request(Method::POST, "/api/v1/loops", &bearer)
             .body(raw)
