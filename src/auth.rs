@@ -44,6 +44,9 @@ impl FromRequestParts<AppState> for Caller {
                 .ok_or_else(|| {
                     ApiError::unauthorized("invalid_token", "unknown or revoked API token")
                 })?;
+            state
+                .guards
+                .request(&format!("t:{}", crate::ids::sha256_hex(token)))?;
             return Ok(Self {
                 user_id: user.name,
                 admin: user.admin,
@@ -64,6 +67,9 @@ impl FromRequestParts<AppState> for Caller {
             if !is_safe(&parts.method) {
                 check_same_origin(&parts.headers, state.config.public_origin.as_deref())?;
             }
+            state
+                .guards
+                .request(&format!("s:{}", crate::ids::sha256_hex(&secret)))?;
             return Ok(Self {
                 user_id: user.name,
                 admin: user.admin,

@@ -24,8 +24,9 @@ pub enum ApiError {
     Conflict(&'static str, String),
     #[error("{1}")]
     PayloadTooLarge(&'static str, String),
+    /// 429, with when to try again (`Retry-After`).
     #[error("{1}")]
-    RateLimited(&'static str, String),
+    RateLimited(&'static str, String, std::time::Duration),
     /// 503: the server cannot take this now (it is shutting down).
     #[error("{1}")]
     Unavailable(&'static str, String),
@@ -102,7 +103,7 @@ impl ApiError {
             Self::Forbidden(c, m) => ("permission_error", *c, m.clone()),
             Self::NotFound(c, m) => ("not_found_error", *c, m.clone()),
             Self::Conflict(c, m) => ("conflict_error", *c, m.clone()),
-            Self::RateLimited(c, m) => ("rate_limit_error", *c, m.clone()),
+            Self::RateLimited(c, m, _) => ("rate_limit_error", *c, m.clone()),
             Self::Unavailable(c, m) => ("unavailable_error", *c, m.clone()),
             Self::Internal(_) => (
                 "internal_error",
@@ -126,7 +127,16 @@ impl IntoResponse for ApiError {
             // The one place a 500 is logged; the client only learns that it happened.
             tracing::error!(error = format!("{cause:#}"), "internal error");
         }
-        (self.status(), axum::Json(self.envelope())).into_response()
+        let mut response = (self.status(), axum::Json(self.envelope())).into_response();
+        if let Self::RateLimited(_, _, wait) = &self {
+            // Whole seconds, rounded up: never "0", which invites a hot retry.
+            let secs = wait.as_millis().div_ceil(1000).max(1);
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs as u64),
+            );
+        }
+        response
     }
 }
 
@@ -137,6 +147,7 @@ impl From<crate::store::StoreError> for ApiError {
             E::NotFound(code, msg) => Self::NotFound(code, msg),
             E::Invalid(code, msg) => Self::BadRequest(code, msg),
             E::Conflict(code, msg) => Self::Conflict(code, msg),
+            E::Full(code, msg) => Self::RateLimited(code, msg, std::time::Duration::from_secs(60)),
             other => Self::Internal(other.into()),
         }
     }

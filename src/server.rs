@@ -28,6 +28,8 @@ pub async fn run(
     // Held until this function returns: one server per data directory.
     let _serving = dir.lock_for_serving()?;
     let state = AppState::open(config, &dir)?;
+    let accounts = state.accounts.clone();
+    tokio::task::spawn_blocking(move || accounts.users.prepare_dummy_hash()).await?;
     let addr = listener.local_addr()?;
 
     if let Some(password) = bootstrap_admin(&state.accounts)? {
@@ -47,7 +49,11 @@ pub async fn run(
         "loopd listening"
     );
 
-    let flusher = tokio::spawn(flush_periodically(state.accounts.clone(), shutdown.clone()));
+    let flusher = tokio::spawn(flush_periodically(
+        state.accounts.clone(),
+        state.guards.clone(),
+        shutdown.clone(),
+    ));
     // On shutdown, agents stop first and turns still running are closed in
     // their logs, so open streams deliver that end before they close.
     let streams = state.streams.clone();
@@ -111,12 +117,19 @@ fn first_start_banner(url: &str, password: &str) -> String {
     )
 }
 
-async fn flush_periodically(accounts: Arc<Accounts>, shutdown: CancellationToken) {
+async fn flush_periodically(
+    accounts: Arc<Accounts>,
+    guards: Arc<crate::http::limits::Guards>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(LAST_USED_FLUSH_EVERY);
     tick.tick().await;
     loop {
         tokio::select! {
-            _ = tick.tick() => flush_last_used(accounts.clone()).await,
+            _ = tick.tick() => {
+                flush_last_used(accounts.clone()).await;
+                guards.prune();
+            }
             () = shutdown.cancelled() => return,
         }
     }

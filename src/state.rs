@@ -17,6 +17,8 @@ pub struct AppState {
     pub loops: Arc<LoopStore>,
     pub catalog: Arc<Catalog>,
     pub runtime: Arc<Runtime>,
+    /// Throttles, pools and caps on what callers may pile up.
+    pub guards: Arc<crate::http::limits::Guards>,
     /// Cancelled once agents have stopped; SSE streams end on it.
     pub streams: CancellationToken,
     pub started_at: Instant,
@@ -36,6 +38,7 @@ impl AppState {
             slots: Arc::new(Slots::new(config.max_agents)),
         })?;
         Ok(Self {
+            guards: Arc::new(crate::http::limits::Guards::new(&config.limits)),
             accounts: Arc::new(Accounts::open(dir)?),
             loops,
             catalog,

@@ -19,6 +19,17 @@ pub fn signal_group(pgid: u32, signal: Signal) {
 /// Pids of live processes whose environment has `MARKER_VAR=marker`.
 pub fn marked(marker: &str) -> Vec<i32> {
     let needle = format!("{MARKER_VAR}={marker}");
+    find(|var| var == needle.as_bytes())
+}
+
+/// Pids of live processes of any agent of the loop `loop_uuid` (markers
+/// are `<loop uuid>.<agent>`).
+pub fn marked_loop(loop_uuid: &str) -> Vec<i32> {
+    let prefix = format!("{MARKER_VAR}={loop_uuid}.");
+    find(|var| var.starts_with(prefix.as_bytes()))
+}
+
+fn find(matches: impl Fn(&[u8]) -> bool) -> Vec<i32> {
     let me = std::process::id() as i32;
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
@@ -28,20 +39,29 @@ pub fn marked(marker: &str) -> Vec<i32> {
         .filter(|&pid| pid != me)
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == needle.as_bytes()))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(&matches))
         })
         .collect()
 }
 
 /// Kills every process marked with `marker`, until none is left (a few
-/// rounds, for processes forked meanwhile). Returns how many were killed.
+/// rounds, for processes forked meanwhile). A process in the middle of an
+/// `exec` briefly has no readable environment, so one empty round is not
+/// enough: it stops after two in a row. Returns how many were killed.
 pub async fn sweep(marker: &str) -> usize {
     let mut killed = 0;
-    for _ in 0..5 {
+    let mut empty_rounds = 0;
+    for _ in 0..6 {
         let pids = marked(marker);
         if pids.is_empty() {
-            break;
+            empty_rounds += 1;
+            if empty_rounds == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
         }
+        empty_rounds = 0;
         for pid in &pids {
             if kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
                 killed += 1;

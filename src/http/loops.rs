@@ -209,8 +209,9 @@ pub async fn create_loop(
 ) -> Result<(StatusCode, axum::Json<Loop>), ApiError> {
     let new = validate(&state, &caller, body)?;
     let (loops, catalog) = (state.loops.clone(), state.catalog.clone());
+    let max = state.config.limits.loops_per_user;
     let record = blocking(move || {
-        let record = loops.create(new)?;
+        let record = loops.create_within(new, max)?;
         if let Err(err) =
             crate::runtime::workspace::prepare(&loops.loop_dir(record.id), &catalog, &record)
         {

@@ -4,6 +4,7 @@
 mod docs;
 mod extract;
 mod health;
+pub mod limits;
 mod loops;
 pub mod serve;
 mod session;
@@ -122,6 +123,7 @@ pub fn router(state: AppState) -> Router {
             header::X_FRAME_OPTIONS,
             HeaderValue::from_static("DENY"),
         ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limits::check_host))
         .layer(
             TraceLayer::new_for_http()
                 // The path only: no query string, no headers (tokens, cookies).

@@ -6,6 +6,7 @@ use axum::response::{AppendHeaders, IntoResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::limits::ClientAddr;
 use super::{Json, blocking};
 use crate::auth::{Caller, check_same_origin, session_cookie, set_session_cookie};
 use crate::error::{ApiError, ErrorEnvelope};
@@ -32,27 +33,44 @@ pub struct Me {
         (status = 200, body = Me, description = "Logged in; `Set-Cookie: loopd_session=…`"),
         (status = 401, body = ErrorEnvelope, description = "`invalid_credentials`"),
         (status = 403, body = ErrorEnvelope, description = "`cross_origin_request`"),
+        (status = 429, body = ErrorEnvelope, description = "`too_many_login_attempts` (per address or username) or `login_busy`; `Retry-After` says when"),
     )
 )]
 pub async fn login(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     headers: HeaderMap,
     Json(body): Json<LoginRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     check_same_origin(&headers, state.config.public_origin.as_deref())?;
+    let shown: String = body.username.chars().take(64).collect();
+    let permit = match state.guards.login(client, &body.username).await {
+        Ok(permit) => permit,
+        Err(err) => {
+            tracing::warn!(username = ?shown, %client, "login refused: throttled");
+            return Err(err);
+        }
+    };
     let accounts = state.accounts.clone();
-    let (user, secret) = blocking(move || {
-        let user = accounts
-            .users
-            .verify(&body.username, &body.password)
-            .ok_or_else(|| {
-                ApiError::unauthorized("invalid_credentials", "wrong username or password")
-            })?;
+    let verified = blocking(move || {
+        // The permit is held while the password is checked: at most
+        // --password-checks argon2 runs (19 MiB each) at once.
+        let _permit = permit;
+        let Some(user) = accounts.users.verify(&body.username, &body.password) else {
+            return Ok(None);
+        };
         let secret = accounts.sessions.create(&user.name)?;
-        Ok((user, secret))
+        Ok(Some((user, secret)))
     })
     .await?;
-    tracing::info!(user = %user.name, "logged in");
+    let Some((user, secret)) = verified else {
+        tracing::warn!(username = ?shown, %client, "login failed");
+        return Err(ApiError::unauthorized(
+            "invalid_credentials",
+            "wrong username or password",
+        ));
+    };
+    tracing::info!(user = %user.name, %client, "logged in");
     let cookie = set_session_cookie(Some(&secret), state.config.secure_cookies());
     Ok((
         AppendHeaders([(header::SET_COOKIE, cookie)]),

@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio_util::sync::CancellationToken;
 
+use super::limits::StreamSlot;
 use crate::runtime::log::{Entry, Follower};
 
 const PING_EVERY: Duration = Duration::from_secs(15);
@@ -41,14 +42,17 @@ pub fn response(
     response
 }
 
-/// The stream of `follower`'s events in `scope`, after an optional first frame.
+/// The stream of `follower`'s events in `scope`, after an optional first
+/// frame. It holds `slot` (its place among its user's streams) until it ends.
 pub fn stream(
     first: Option<Bytes>,
     mut follower: Follower,
     scope: Scope,
     shutdown: CancellationToken,
+    slot: StreamSlot,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     async_stream::stream! {
+        let _slot = slot;
         if let Some(first) = first {
             yield Ok(first);
         }

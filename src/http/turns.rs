@@ -118,6 +118,8 @@ pub async fn send_message(
         key,
         body_hash: ids::sha256_hex(&json!([record.id.to_string(), content, mode]).to_string()),
     });
+    // Before sending: a stream refused must not leave a message sent.
+    let slot = state.guards.stream(&caller.user_id)?;
     let accepted = state
         .runtime
         .send(&caller.user_id, &record, content, mode, idem)
@@ -131,6 +133,7 @@ pub async fn send_message(
         follower,
         Scope::Turn(accepted.turn),
         state.streams.clone(),
+        slot,
     );
     Ok(sse::response(stream))
 }
@@ -187,6 +190,7 @@ pub async fn watch_events(
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let record = owned_loop(&state, &caller, &id)?;
+    let slot = state.guards.stream(&caller.user_id)?;
     let last_event_id = match headers.get("last-event-id") {
         Some(v) => Some(
             v.to_str()
@@ -217,7 +221,13 @@ pub async fn watch_events(
             })
         }),
     };
-    let stream = sse::stream(first, follower, Scope::Everything, state.streams.clone());
+    let stream = sse::stream(
+        first,
+        follower,
+        Scope::Everything,
+        state.streams.clone(),
+        slot,
+    );
     Ok(sse::response(stream))
 }
 

@@ -26,6 +26,19 @@ pub fn prepare(
     fs::create_dir_all(loop_dir).map_err(|e| format!("{}: {e}", loop_dir.display()))?;
     real_dir(&home)?;
     real_dir(&home.join(".claude"))?;
+    // Claude Code registers live processes in `sessions/<pid>.json`. In a
+    // PID namespace every agent is pid 2, so an entry left by a killed one
+    // names the next one; no process of this loop is alive now, so every
+    // entry is stale.
+    let sessions = home.join(".claude/sessions");
+    if fs::symlink_metadata(&sessions).is_ok_and(|m| m.is_dir()) {
+        for entry in fs::read_dir(&sessions)
+            .map_err(|e| format!("{}: {e}", sessions.display()))?
+            .flatten()
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     // The credentials' mount point: absent or a plain file, never a link.
     let credentials = home.join(".claude/.credentials.json");
     if fs::symlink_metadata(&credentials).is_ok_and(|m| !m.is_file()) {

@@ -2,7 +2,7 @@
 //! Rebuilt at start from the `user_message` lines that carry the key, so a
 //! retry after a restart still replays instead of sending twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -10,8 +10,6 @@ use chrono::{DateTime, Utc};
 use crate::store::LoopId;
 
 pub const WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// At most this many keys are remembered; the oldest go first.
-pub const MAX_KEYS: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recorded {
@@ -23,9 +21,20 @@ pub struct Recorded {
     pub at: DateTime<Utc>,
 }
 
-#[derive(Debug, Default)]
+/// Keys per user, each user bounded on their own: one user's keys never
+/// push out another's. Eviction is O(1): keys leave in the order they came.
+#[derive(Debug)]
 pub struct IdemIndex {
-    map: HashMap<(String, String), Recorded>,
+    per_user: usize,
+    users: HashMap<String, UserKeys>,
+}
+
+#[derive(Debug, Default)]
+struct UserKeys {
+    map: HashMap<String, Recorded>,
+    /// Keys in insertion order, with the time they were recorded at (a key
+    /// recorded again appears twice; the stale place is skipped).
+    order: VecDeque<(String, DateTime<Utc>)>,
 }
 
 /// What a request with a key finds.
@@ -38,8 +47,16 @@ pub enum Lookup {
 }
 
 impl IdemIndex {
+    /// An index that remembers at most `per_user` keys for each user.
+    pub fn new(per_user: usize) -> Self {
+        Self {
+            per_user: per_user.max(1),
+            users: HashMap::new(),
+        }
+    }
+
     pub fn lookup(&self, user: &str, key: &str, body_hash: &str, now: DateTime<Utc>) -> Lookup {
-        match self.map.get(&(user.to_owned(), key.to_owned())) {
+        match self.users.get(user).and_then(|u| u.map.get(key)) {
             Some(r) if fresh(r, now) && r.body_hash == body_hash => Lookup::Replay(r.clone()),
             Some(r) if fresh(r, now) => Lookup::Conflict,
             _ => Lookup::New,
@@ -47,35 +64,50 @@ impl IdemIndex {
     }
 
     pub fn insert(&mut self, user: &str, key: &str, recorded: Recorded) {
-        if self.map.len() >= MAX_KEYS {
-            let now = Utc::now();
-            self.map.retain(|_, r| fresh(r, now));
-            while self.map.len() >= MAX_KEYS {
-                let oldest = self
-                    .map
-                    .iter()
-                    .min_by_key(|(_, r)| r.at)
-                    .map(|(k, _)| k.clone())
-                    .expect("the map is not empty");
-                self.map.remove(&oldest);
+        let keys = self.users.entry(user.to_owned()).or_default();
+        let now = Utc::now();
+        while keys.map.len() >= self.per_user
+            || keys
+                .order
+                .front()
+                .is_some_and(|(_, at)| !fresh_at(*at, now))
+        {
+            let Some((oldest, at)) = keys.order.pop_front() else {
+                break;
+            };
+            if keys.map.get(&oldest).is_some_and(|r| r.at == at) {
+                keys.map.remove(&oldest);
             }
         }
-        self.map.insert((user.to_owned(), key.to_owned()), recorded);
+        keys.order.push_back((key.to_owned(), recorded.at));
+        keys.map.insert(key.to_owned(), recorded);
+        // Stale places of keys recorded again are dropped when they reach
+        // the front; never let them outgrow the live keys.
+        if keys.order.len() > 2 * self.per_user {
+            let map = &keys.map;
+            keys.order
+                .retain(|(k, at)| map.get(k).is_some_and(|r| r.at == *at));
+        }
     }
 
+    /// Keys remembered, over all users.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.users.values().map(|u| u.map.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.users.values().all(|u| u.map.is_empty())
     }
 }
 
-fn fresh(r: &Recorded, now: DateTime<Utc>) -> bool {
-    now.signed_duration_since(r.at)
+fn fresh_at(at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    now.signed_duration_since(at)
         .to_std()
         .map_or(true, |age| age < WINDOW)
+}
+
+fn fresh(r: &Recorded, now: DateTime<Utc>) -> bool {
+    fresh_at(r.at, now)
 }
 
 #[cfg(test)]
@@ -95,7 +127,7 @@ mod tests {
     #[test]
     fn replays_same_body_refuses_another_and_forgets_after_a_day() {
         let now = Utc::now();
-        let mut idx = IdemIndex::default();
+        let mut idx = IdemIndex::new(10);
         assert_eq!(idx.lookup("alice", "k", "h1", now), Lookup::New);
         idx.insert("alice", "k", rec("h1", now));
         assert!(matches!(idx.lookup("alice", "k", "h1", now), Lookup::Replay(r) if r.seq == 3));
@@ -110,14 +142,42 @@ mod tests {
     }
 
     #[test]
-    fn memory_is_bounded() {
-        let mut idx = IdemIndex::default();
-        let old = Utc::now() - chrono::Duration::hours(1);
-        idx.insert("u", "oldest", rec("h", old));
-        for i in 0..MAX_KEYS {
-            idx.insert("u", &format!("k{i}"), rec("h", Utc::now()));
+    fn each_user_is_bounded_on_their_own_oldest_first() {
+        let mut idx = IdemIndex::new(100);
+        idx.insert("bob", "bobs", rec("h", Utc::now()));
+        for i in 0..1000 {
+            idx.insert("mallory", &format!("k{i}"), rec("h", Utc::now()));
         }
-        assert_eq!(idx.len(), MAX_KEYS);
-        assert_eq!(idx.lookup("u", "oldest", "h", Utc::now()), Lookup::New);
+        assert_eq!(idx.len(), 101);
+        assert!(
+            matches!(
+                idx.lookup("bob", "bobs", "h", Utc::now()),
+                Lookup::Replay(_)
+            ),
+            "another user's flood evicts nothing of bob's"
+        );
+        assert_eq!(idx.lookup("mallory", "k899", "h", Utc::now()), Lookup::New);
+        assert!(matches!(
+            idx.lookup("mallory", "k900", "h", Utc::now()),
+            Lookup::Replay(_)
+        ));
+        // A key recorded again keeps its newest entry; stale places do not pile up.
+        for _ in 0..1000 {
+            idx.insert("bob", "same", rec("h", Utc::now()));
+        }
+        assert!(idx.users["bob"].order.len() <= 200);
+        assert!(matches!(
+            idx.lookup("bob", "bobs", "h", Utc::now()),
+            Lookup::Replay(_)
+        ));
+        // Expired keys leave first.
+        let mut idx = IdemIndex::new(100);
+        idx.insert(
+            "u",
+            "old",
+            rec("h", Utc::now() - chrono::Duration::hours(30)),
+        );
+        idx.insert("u", "new", rec("h", Utc::now()));
+        assert_eq!(idx.len(), 1);
     }
 }

@@ -25,6 +25,10 @@ const RING_BYTES: usize = 512 * 1024;
 const SPARSE_EVERY: u64 = 256;
 /// Most events handed to a reader at once.
 const BATCH: usize = 512;
+/// And at most about this many bytes of frames (always at least one event):
+/// a follower holds one batch until its client has taken it, so a client
+/// that never reads costs this much, not the whole log.
+pub const BATCH_BYTES: usize = 64 * 1024;
 
 /// One event as readers get it: a ready SSE frame plus what filters need.
 #[derive(Debug, Clone)]
@@ -286,7 +290,21 @@ impl EventLog {
             return None;
         }
         let skip = (from - first) as usize;
-        Some(state.ring.iter().skip(skip).take(BATCH).cloned().collect())
+        let mut bytes = 0;
+        Some(
+            state
+                .ring
+                .iter()
+                .skip(skip)
+                .take(BATCH)
+                .take_while(|e| {
+                    let fits = bytes == 0 || bytes + e.frame.len() <= BATCH_BYTES;
+                    bytes += e.frame.len();
+                    fits
+                })
+                .cloned()
+                .collect(),
+        )
     }
 
     /// Reads up to `BATCH` events from the file, starting at seq `from`.
@@ -297,32 +315,36 @@ impl EventLog {
             if idx == 0 { 0 } else { state.sparse[idx - 1].1 }
         };
         let mut found = Vec::new();
+        let mut bytes = 0;
         self.scan(start, |stored| {
             if stored.seq >= from {
-                found.push(stored);
+                let frame = encode(stored.seq, None, None, &stored.event).frame;
+                bytes += frame.len();
+                found.push((stored, frame));
             }
-            found.len() < BATCH
+            found.len() < BATCH && bytes < BATCH_BYTES
         })?;
         let state = self.state.lock().expect("log poisoned");
         Ok(found
             .into_iter()
-            .map(|s| Entry {
+            .map(|(s, frame)| Entry {
                 seq: s.seq,
                 turn: s.event.turn_id().and_then(|t| state.view.turn(t)),
                 terminal: s.event.is_terminal(),
-                frame: encode(s.seq, None, None, &s.event).frame,
+                frame,
             })
             .collect())
     }
 
-    /// Every stored event from byte `offset` on (for deriving turns).
-    pub fn read_from_offset(&self, offset: u64) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut out = Vec::new();
-        self.scan(offset, |stored| {
-            out.push(stored);
-            true
-        })?;
-        Ok(out)
+    /// Hands every stored event from byte `offset` on to `take`, one at a
+    /// time, until it returns false (for deriving turns without holding the
+    /// whole log).
+    pub fn scan_from_offset(
+        &self,
+        offset: u64,
+        take: impl FnMut(StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        self.scan(offset, take)
     }
 
     /// Parses the stored events from byte `start` up to what was written so
@@ -488,7 +510,12 @@ mod tests {
         let (log, rec) = EventLog::open(path.clone()).unwrap();
         assert_eq!(rec.closed, 2);
         assert!(log.view(|v| v.unfinished().is_empty() && !v.busy()));
-        let all = log.read_from_offset(0).unwrap();
+        let mut all = Vec::new();
+        log.scan_from_offset(0, |e| {
+            all.push(e);
+            true
+        })
+        .unwrap();
         assert_eq!(all.len(), 6);
         assert_eq!(all[4].seq, 5);
         assert!(matches!(&all[4].event, Event::Error { code, .. } if code == "server_restarted"));

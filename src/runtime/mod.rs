@@ -69,11 +69,12 @@ impl Runtime {
     /// Opens every loop's log: unfinished turns left by a previous server are
     /// closed, and idempotency keys of the last 24 h are remembered.
     pub fn open(shared: Shared) -> Result<Self, StoreError> {
+        let keys_per_user = shared.config.limits.idempotency_keys_per_user;
         let runtime = Self {
             shared: Arc::new(shared),
             logs: Mutex::new(HashMap::new()),
             actors: Mutex::new(HashMap::new()),
-            idem: Mutex::new(IdemIndex::default()),
+            idem: Mutex::new(IdemIndex::new(keys_per_user)),
             idem_gate: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
         };

@@ -78,6 +78,10 @@ pub struct TurnPage {
     pub last_seq: u64,
 }
 
+/// A page of turns holds at most about this many bytes of JSON (and always
+/// at least one turn).
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Which turns a page asks for.
 #[derive(Debug, Default)]
 pub struct TurnQuery {
@@ -131,19 +135,45 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
             last_seq: log.view(|v| v.next_seq - 1),
         });
     };
-    let events = log.read_from_offset(offset)?;
-    let last_seq = events.last().map_or(0, |e| e.seq);
     let mut turns: Vec<Turn> = ids.iter().map(|(id, origin)| empty(id, *origin)).collect();
     let index: HashMap<&str, usize> = ids
         .iter()
         .enumerate()
         .map(|(i, (id, _))| (id.as_str(), i))
         .collect();
-    for stored in events {
-        let Some(&i) = stored.event.turn_id().and_then(|t| index.get(t)) else {
-            continue;
-        };
-        fold(&mut turns[i], &stored);
+    // Folded as read: only the page's own turns are held, never the log.
+    let mut last_seq = 0;
+    let mut first_seq: Vec<Option<u64>> = vec![None; turns.len()];
+    log.scan_from_offset(offset, |stored| {
+        last_seq = stored.seq;
+        if let Some(&i) = stored.event.turn_id().and_then(|t| index.get(t)) {
+            first_seq[i].get_or_insert(stored.seq);
+            fold(&mut turns[i], &stored);
+        }
+        true
+    })?;
+    let mut has_more = has_more;
+    // Bounded by bytes too: the turns farthest from where the page starts
+    // reading (the oldest going back, the newest going forward) are left
+    // for the next page, which its cursor then asks for.
+    let forward = query.after.is_some();
+    let mut sizes: Vec<usize> = turns
+        .iter()
+        .map(|t| serde_json::to_vec(t).map_or(0, |v| v.len()))
+        .collect();
+    while turns.len() > 1 && sizes.iter().sum::<usize>() > MAX_PAGE_BYTES {
+        if forward {
+            turns.pop();
+            sizes.pop();
+            // Following on from here must not skip the turns left out.
+            if let Some(Some(first)) = first_seq.get(turns.len()) {
+                last_seq = last_seq.min(first.saturating_sub(1));
+            }
+        } else {
+            turns.remove(0);
+            sizes.remove(0);
+        }
+        has_more = true;
     }
     Ok(TurnPage {
         first_id: turns.first().map(|t| t.turn_id.clone()),

@@ -173,6 +173,12 @@ impl LoopStore {
     }
 
     pub fn create(&self, new: NewLoop) -> Result<LoopRecord, StoreError> {
+        self.create_within(new, usize::MAX)
+    }
+
+    /// Creates a loop unless its creator already has `max_active` loops
+    /// that are not archived.
+    pub fn create_within(&self, new: NewLoop, max_active: usize) -> Result<LoopRecord, StoreError> {
         let now = ids::now();
         let record = LoopRecord {
             id: LoopId::new(),
@@ -188,9 +194,25 @@ impl LoopStore {
             last_active_at: now,
             agent_session_id: None,
         };
+        let _w = self.writer.lock().expect("loop writer poisoned");
+        let active = self
+            .index
+            .read()
+            .expect("loop index poisoned")
+            .values()
+            .filter(|r| r.created_by == record.created_by && !r.archived)
+            .count();
+        if active >= max_active {
+            return Err(StoreError::Full(
+                "too_many_loops",
+                format!(
+                    "you have {active} loops that are not archived, as many as one user may \
+                     (--max-loops-per-user); archive some first"
+                ),
+            ));
+        }
         let dir = self.loop_dir(record.id);
         fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
-        let _w = self.writer.lock().expect("loop writer poisoned");
         write_meta(&self.meta_path(record.id), &record)?;
         self.index
             .write()

@@ -45,6 +45,9 @@ pub enum StoreError {
     NotFound(&'static str, String),
     #[error("{1}")]
     Invalid(&'static str, String),
+    /// A caller holds as many of something as they may.
+    #[error("{1}")]
+    Full(&'static str, String),
     #[error("{1}")]
     Conflict(&'static str, String),
 }

@@ -123,6 +123,13 @@ impl UserStore {
         })
     }
 
+    /// Computes the hash that unknown usernames are checked against, so the
+    /// first such login takes as long as any other (call once at start).
+    pub fn prepare_dummy_hash(&self) {
+        self.dummy_hash
+            .get_or_init(|| hash_password("not anyone's password").unwrap_or_default());
+    }
+
     /// The user, if the password is theirs. Slow on purpose (argon2id): call
     /// it from a blocking thread.
     pub fn verify(&self, name: &str, password: &str) -> Option<User> {

@@ -10,6 +10,7 @@ mod cli;
 mod docs;
 mod echo;
 mod lifecycle;
+mod limits;
 mod loops;
 mod mock_anthropic;
 mod sandbox;

@@ -37,13 +37,20 @@ impl TestApp {
     /// A server on a new data directory with users `alice` and `bob`
     /// (members, password [`PASSWORD`]).
     pub async fn start() -> Self {
+        Self::start_tweaked(|_| {}).await
+    }
+
+    /// Like [`Self::start`], with the configuration changed by `tweak`.
+    pub async fn start_tweaked(tweak: impl FnOnce(&mut Config)) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_owned();
         let accounts = accounts(&dir);
         for name in ["alice", "bob"] {
             accounts.users.add(name, false, PASSWORD).unwrap();
         }
-        let mut app = Self::start_with(Config::for_data_dir(&dir)).await;
+        let mut config = Config::for_data_dir(&dir);
+        tweak(&mut config);
+        let mut app = Self::start_with(config).await;
         app._tmp = Some(tmp);
         app
     }

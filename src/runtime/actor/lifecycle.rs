@@ -77,7 +77,9 @@ impl Actor {
                     Session::New(sid)
                 }
             };
-            let marker = id.0.to_string();
+            // One marker per agent process, not per loop: a stop still
+            // sweeping after a crash must not reach the loop's next agent.
+            let marker = format!("{}.{}", id.0, crate::ids::random_hex(4));
             let (home, mounts, cwd) = match config.sandbox {
                 Sandbox::None => (None, Vec::new(), cwd),
                 Sandbox::Bwrap(_) => {

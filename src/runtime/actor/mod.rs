@@ -288,8 +288,20 @@ impl Actor {
         idem: Option<IdemRecord>,
     ) -> Result<Sent, ApiError> {
         self.flush();
-        let turn_id = new_turn_id();
         let waiting = self.turn.is_some() || !self.queue.is_empty() || self.waiting_slot.is_some();
+        let cap = self.shared.config.limits.queued_turns_per_loop;
+        if waiting && self.queue.len() >= cap {
+            // Refused before anything is logged: the message was not taken.
+            return Err(ApiError::RateLimited(
+                "queue_full",
+                format!(
+                    "this loop already has {cap} turns waiting (--max-queued-turns); \
+                     send again when one has run"
+                ),
+                std::time::Duration::from_secs(1),
+            ));
+        }
+        let turn_id = new_turn_id();
         let mut batch = vec![Append {
             event: Event::UserMessage {
                 turn_id: turn_id.clone(),

@@ -1,0 +1,387 @@
+//! What a stranger or one caller may cost the server, enforced: password
+//! checks through a bounded pool, login throttles per client address and
+//! per username, a request rate per token and per session, open SSE
+//! streams per user, and which `Host` names requests may carry. Every
+//! refusal is the contract's envelope; a 429 says when to try again.
+//!
+//! The throttles are `governor`'s keyed GCRA limiters. Their maps hold one
+//! entry per key seen lately: they are pruned every minute, and a map
+//! grown past [`MAX_KEYS`] refuses new keys (loudly, with 429) until then.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::Response;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::serve::client_key;
+use crate::config::{Config, Limits, Rate};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Most keys one throttle remembers between prunings.
+pub const MAX_KEYS: usize = 100_000;
+
+/// The throttles and pools of one server.
+pub struct Guards {
+    limits: Limits,
+    password_checks: Arc<Semaphore>,
+    login_per_client: Throttle<IpAddr>,
+    login_per_user: Throttle<String>,
+    per_caller: Throttle<String>,
+    streams: Mutex<HashMap<String, usize>>,
+}
+
+struct Throttle<K: std::hash::Hash + Eq + Clone> {
+    rate: Rate,
+    limiter: DefaultKeyedRateLimiter<K>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Throttle<K> {
+    fn new(rate: Rate) -> Self {
+        let quota = Quota::with_period(rate.period)
+            .expect("a period above zero")
+            .allow_burst(NonZeroU32::new(rate.burst).expect("a burst above zero"));
+        Self {
+            rate,
+            limiter: RateLimiter::keyed(quota),
+        }
+    }
+
+    /// Takes one cell for `key`; `Err(wait)` when there is none yet.
+    fn check(&self, key: &K) -> Result<(), Duration> {
+        if self.limiter.len() >= MAX_KEYS {
+            self.limiter.retain_recent();
+            if self.limiter.len() >= MAX_KEYS {
+                return Err(self.rate.period);
+            }
+        }
+        self.limiter
+            .check_key(key)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    fn prune(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
+/// One open SSE stream of a user; dropping it frees its place.
+pub struct StreamSlot {
+    guards: Arc<Guards>,
+    user: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.guards.streams.lock().expect("stream counts poisoned");
+        if let Some(n) = streams.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl Guards {
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            password_checks: Arc::new(Semaphore::new(limits.password_checks)),
+            login_per_client: Throttle::new(limits.login_per_client),
+            login_per_user: Throttle::new(limits.login_per_user),
+            per_caller: Throttle::new(limits.requests_per_caller),
+            streams: Mutex::new(HashMap::new()),
+            limits: limits.clone(),
+        }
+    }
+
+    /// Forgets keys that have nothing left to wait for (call periodically).
+    pub fn prune(&self) {
+        self.login_per_client.prune();
+        self.login_per_user.prune();
+        self.per_caller.prune();
+    }
+
+    /// A login attempt from `client` for `username`: throttled per address
+    /// and per username, then a place in the password-check pool (waiting
+    /// at most `password_wait`). Holding the permit is holding the place.
+    pub async fn login(
+        &self,
+        client: IpAddr,
+        username: &str,
+    ) -> Result<OwnedSemaphorePermit, ApiError> {
+        let too_many = |wait| {
+            rate_limited(
+                "too_many_login_attempts",
+                "too many login attempts; wait before trying again",
+                wait,
+            )
+        };
+        self.login_per_client
+            .check(&client_key(client))
+            .map_err(too_many)?;
+        let user: String = username.chars().take(64).collect::<String>().to_lowercase();
+        self.login_per_user.check(&user).map_err(too_many)?;
+        let acquire = self.password_checks.clone().acquire_owned();
+        match tokio::time::timeout(self.limits.password_wait, acquire).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(rate_limited(
+                "login_busy",
+                "the server is checking as many passwords as it can; try again shortly",
+                Duration::from_secs(1),
+            )),
+        }
+    }
+
+    /// One request of an authenticated caller (`key`: its token or session).
+    pub fn request(&self, key: &str) -> Result<(), ApiError> {
+        self.per_caller.check(&key.to_owned()).map_err(|wait| {
+            let rate = self.limits.requests_per_caller;
+            rate_limited(
+                "too_many_requests",
+                format!(
+                    "this token or session sends requests faster than the server takes them \
+                     ({} at once, then one every {} ms)",
+                    rate.burst,
+                    rate.period.as_millis()
+                ),
+                wait,
+            )
+        })
+    }
+
+    /// A place for one more SSE stream of `user`.
+    pub fn stream(self: &Arc<Self>, user: &str) -> Result<StreamSlot, ApiError> {
+        let mut streams = self.streams.lock().expect("stream counts poisoned");
+        let open = streams.entry(user.to_owned()).or_insert(0);
+        if *open >= self.limits.streams_per_user {
+            return Err(rate_limited(
+                "too_many_streams",
+                format!(
+                    "you have {} event streams open, as many as one user may (--max-streams-per-user); close one",
+                    self.limits.streams_per_user
+                ),
+                Duration::from_secs(1),
+            ));
+        }
+        *open += 1;
+        Ok(StreamSlot {
+            guards: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+}
+
+fn rate_limited(code: &'static str, message: impl Into<String>, wait: Duration) -> ApiError {
+    ApiError::RateLimited(code, message.into(), wait)
+}
+
+/// The client's address: the peer's, or (with `--trust-forwarded-for`) the
+/// last `X-Forwarded-For` entry, which the reverse proxy in front appended.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if state.config.trust_forwarded_for
+            && let Some(ip) = parts
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .next_back()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .and_then(|v| v.trim().parse().ok())
+        {
+            return Ok(Self(ip));
+        }
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        Ok(Self(peer))
+    }
+}
+
+/// Refuses, before routing, a request whose `Host` is not one of ours: a
+/// page on another name that resolves to this server (DNS rebinding) gets
+/// nothing, not even a login.
+pub async fn check_host(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    match host {
+        Some(host) if host_allowed(&state.config, host) => Ok(next.run(req).await),
+        _ => Err(ApiError::bad_request(
+            "host_not_allowed",
+            "this server does not answer to that Host name (see --allowed-hosts)",
+        )),
+    }
+}
+
+/// Whether `host` (a `Host` header: name, optional port) names this server.
+pub fn host_allowed(config: &Config, host: &str) -> bool {
+    let name = host_name(host);
+    if name.is_empty() {
+        return false;
+    }
+    let loopback = name == "localhost"
+        || name.ends_with(".localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let bound = name
+        .parse::<IpAddr>()
+        .is_ok_and(|ip| ip == config.bind.ip());
+    let public = config
+        .public_origin
+        .as_deref()
+        .and_then(|o| o.split_once("://"))
+        .is_some_and(|(_, authority)| host_name(authority) == name);
+    loopback || bound || public || config.allowed_hosts.iter().any(|h| host_name(h) == name)
+}
+
+/// The name of a `host[:port]`, lowercased, IPv6 brackets removed.
+fn host_name(host: &str) -> String {
+    let host = host.trim().to_ascii_lowercase();
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("").to_owned();
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name.to_owned(),
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_ours_loopback_or_listed() {
+        let mut config = Config::for_data_dir("/tmp/x");
+        config.bind = "10.1.2.3:8787".parse().unwrap();
+        config.public_origin = Some("https://loopd.example.com".into());
+        config.allowed_hosts = vec!["Internal.Example:80".into()];
+        for ok in [
+            "127.0.0.1:8787",
+            "localhost",
+            "LOCALHOST:1",
+            "app.localhost:8787",
+            "[::1]:8787",
+            "10.1.2.3:8787",
+            "loopd.example.com",
+            "loopd.example.com:443",
+            "internal.example",
+        ] {
+            assert!(host_allowed(&config, ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8787",
+            "10.1.2.4:8787",
+            "",
+            "localhost.evil.example",
+            "[::2]",
+        ] {
+            assert!(!host_allowed(&config, bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn logins_are_throttled_per_client_and_per_user_and_let_through_after_the_wait() {
+        let limits = Limits {
+            login_per_client: Rate {
+                burst: 3,
+                period: Duration::from_millis(200),
+            },
+            login_per_user: Rate {
+                burst: 2,
+                period: Duration::from_millis(200),
+            },
+            ..Limits::default()
+        };
+        let guards = Guards::new(&limits);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        drop(guards.login(a, "alice").await.unwrap());
+        drop(guards.login(a, "Alice").await.unwrap());
+        let err = guards.login(b, "alice").await.unwrap_err();
+        let ApiError::RateLimited(code, _, wait) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(code, "too_many_login_attempts");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(200),
+            "{wait:?}"
+        );
+        drop(guards.login(a, "bob").await.unwrap());
+        assert!(
+            guards.login(a, "carol").await.is_err(),
+            "the address's burst is spent"
+        );
+        tokio::time::sleep(wait.max(Duration::from_millis(200))).await;
+        drop(guards.login(b, "alice").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_full_password_pool_answers_busy_within_the_wait() {
+        let limits = Limits {
+            password_checks: 1,
+            password_wait: Duration::from_millis(50),
+            ..Limits::default()
+        };
+        let guards = Guards::new(&limits);
+        let held = guards
+            .login("10.0.0.1".parse().unwrap(), "a")
+            .await
+            .unwrap();
+        let err = guards
+            .login("10.0.0.2".parse().unwrap(), "b")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ApiError::RateLimited("login_busy", ..)),
+            "{err:?}"
+        );
+        drop(held);
+        drop(
+            guards
+                .login("10.0.0.3".parse().unwrap(), "c")
+                .await
+                .unwrap(),
+        );
+    }
+
+    #[test]
+    fn streams_are_counted_per_user_and_freed_on_drop() {
+        let limits = Limits {
+            streams_per_user: 2,
+            ..Limits::default()
+        };
+        let guards = Arc::new(Guards::new(&limits));
+        let one = guards.stream("alice").unwrap();
+        let _two = guards.stream("alice").unwrap();
+        assert!(guards.stream("alice").is_err());
+        let _bob = guards.stream("bob").unwrap();
+        drop(one);
+        let _three = guards.stream("alice").unwrap();
+    }
+}
