@@ -27,6 +27,7 @@ use super::serve::client_key;
 use crate::config::{Config, Limits, Rate};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::store::CheckMemory;
 
 /// Most keys one throttle remembers between prunings.
 pub const MAX_KEYS: usize = 100_000;
@@ -35,6 +36,8 @@ pub const MAX_KEYS: usize = 100_000;
 pub struct Guards {
     limits: Limits,
     password_checks: Arc<Semaphore>,
+    /// The working memory of the checks, one block per place in the pool.
+    check_memory: Arc<Mutex<Vec<CheckMemory>>>,
     login_per_client: Throttle<IpAddr>,
     login_per_user: Throttle<String>,
     per_caller: Throttle<String>,
@@ -76,6 +79,37 @@ impl<K: std::hash::Hash + Eq + Clone> Throttle<K> {
     }
 }
 
+/// A place in the password-check pool with its working memory; dropping it
+/// gives both back.
+pub struct PasswordSlot {
+    _permit: OwnedSemaphorePermit,
+    memory: Option<CheckMemory>,
+    pool: Arc<Mutex<Vec<CheckMemory>>>,
+}
+
+impl std::fmt::Debug for PasswordSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordSlot")
+    }
+}
+
+impl PasswordSlot {
+    pub fn memory(&mut self) -> &mut CheckMemory {
+        self.memory.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for PasswordSlot {
+    fn drop(&mut self) {
+        if let Some(memory) = self.memory.take() {
+            self.pool
+                .lock()
+                .expect("check memory poisoned")
+                .push(memory);
+        }
+    }
+}
+
 /// One open SSE stream of a user; dropping it frees its place.
 pub struct StreamSlot {
     guards: Arc<Guards>,
@@ -98,6 +132,11 @@ impl Guards {
     pub fn new(limits: &Limits) -> Self {
         Self {
             password_checks: Arc::new(Semaphore::new(limits.password_checks)),
+            check_memory: Arc::new(Mutex::new(
+                (0..limits.password_checks)
+                    .map(|_| CheckMemory::default())
+                    .collect(),
+            )),
             login_per_client: Throttle::new(limits.login_per_client),
             login_per_user: Throttle::new(limits.login_per_user),
             per_caller: Throttle::new(limits.requests_per_caller),
@@ -116,11 +155,7 @@ impl Guards {
     /// A login attempt from `client` for `username`: throttled per address
     /// and per username, then a place in the password-check pool (waiting
     /// at most `password_wait`). Holding the permit is holding the place.
-    pub async fn login(
-        &self,
-        client: IpAddr,
-        username: &str,
-    ) -> Result<OwnedSemaphorePermit, ApiError> {
+    pub async fn login(&self, client: IpAddr, username: &str) -> Result<PasswordSlot, ApiError> {
         let too_many = |wait| {
             rate_limited(
                 "too_many_login_attempts",
@@ -135,7 +170,18 @@ impl Guards {
         self.login_per_user.check(&user).map_err(too_many)?;
         let acquire = self.password_checks.clone().acquire_owned();
         match tokio::time::timeout(self.limits.password_wait, acquire).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(permit)) => {
+                let memory = self
+                    .check_memory
+                    .lock()
+                    .expect("check memory poisoned")
+                    .pop();
+                Ok(PasswordSlot {
+                    _permit: permit,
+                    memory: Some(memory.expect("one block per permit")),
+                    pool: self.check_memory.clone(),
+                })
+            }
             _ => Err(rate_limited(
                 "login_busy",
                 "the server is checking as many passwords as it can; try again shortly",

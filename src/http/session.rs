@@ -44,8 +44,8 @@ pub async fn login(
 ) -> Result<impl IntoResponse, ApiError> {
     check_same_origin(&headers, state.config.public_origin.as_deref())?;
     let shown: String = body.username.chars().take(64).collect();
-    let permit = match state.guards.login(client, &body.username).await {
-        Ok(permit) => permit,
+    let mut slot = match state.guards.login(client, &body.username).await {
+        Ok(slot) => slot,
         Err(err) => {
             tracing::warn!(username = ?shown, %client, "login refused: throttled");
             return Err(err);
@@ -53,10 +53,12 @@ pub async fn login(
     };
     let accounts = state.accounts.clone();
     let verified = blocking(move || {
-        // The permit is held while the password is checked: at most
-        // --password-checks argon2 runs (19 MiB each) at once.
-        let _permit = permit;
-        let Some(user) = accounts.users.verify(&body.username, &body.password) else {
+        // The slot is held while the password is checked: at most
+        // --password-checks argon2 runs at once, each in its slot's memory.
+        let Some(user) = accounts
+            .users
+            .verify_in(&body.username, &body.password, slot.memory())
+        else {
             return Ok(None);
         };
         let secret = accounts.sessions.create(&user.name)?;

@@ -69,6 +69,8 @@ pub fn stream(
                         }
                     };
                     let (chunk, ended) = select(&batch, scope);
+                    // Not held while the client takes its time with the chunk.
+                    drop(batch);
                     if !chunk.is_empty() {
                         yield Ok(chunk);
                     }
@@ -83,9 +85,23 @@ pub fn stream(
     }
 }
 
-/// The frames of a batch that the scope passes, joined; and whether the
-/// scope's turn ended in it.
+/// The frames of a batch that the scope passes, joined (a lone frame as it
+/// is, without a copy); and whether the scope's turn ended in it.
 fn select(batch: &[Entry], scope: Scope) -> (Bytes, bool) {
+    let passes = |e: &Entry| match scope {
+        Scope::Everything => true,
+        Scope::Turn(turn) => e.turn == Some(turn),
+    };
+    if let [only] = batch {
+        return if passes(only) {
+            (
+                only.frame.clone(),
+                matches!(scope, Scope::Turn(_)) && only.terminal,
+            )
+        } else {
+            (Bytes::new(), false)
+        };
+    }
     let mut out = BytesMut::new();
     for entry in batch {
         match scope {

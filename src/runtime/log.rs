@@ -29,6 +29,12 @@ const BATCH: usize = 512;
 /// a follower holds one batch until its client has taken it, so a client
 /// that never reads costs this much, not the whole log.
 pub const BATCH_BYTES: usize = 64 * 1024;
+/// Frames read back from a log's file that are kept for other followers.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// File reads of all logs at once: each parses and encodes up to a batch
+/// (an event of up to a few MiB), so many followers catching up at once
+/// take turns instead of each holding its own copies.
+static FILE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// One event as readers get it: a ready SSE frame plus what filters need.
 #[derive(Debug, Clone)]
@@ -72,6 +78,9 @@ struct State {
 pub struct EventLog {
     path: PathBuf,
     state: Mutex<State>,
+    /// Frames read back from the file lately, shared by every follower
+    /// catching up over the same stretch (bounded by [`CACHE_BYTES`]).
+    read_cache: Mutex<VecDeque<Entry>>,
     /// The last seq written (0 before any).
     announce: watch::Sender<u64>,
 }
@@ -162,6 +171,7 @@ impl EventLog {
                 ring_bytes: 0,
                 sparse,
             }),
+            read_cache: Mutex::new(VecDeque::new()),
             announce: watch::Sender::new(last),
         });
         let unfinished = log.view(|v| v.unfinished());
@@ -307,6 +317,42 @@ impl EventLog {
         )
     }
 
+    /// Events from `from` on that a follower read from the file lately.
+    fn read_cached(&self, from: u64) -> Option<Vec<Entry>> {
+        let cache = self.read_cache.lock().expect("read cache poisoned");
+        let first = cache.front()?.seq;
+        let start = usize::try_from(from.checked_sub(first)?).ok()?;
+        let mut bytes = 0;
+        let batch: Vec<Entry> = cache
+            .iter()
+            .skip(start)
+            .take(BATCH)
+            .take_while(|e| {
+                let fits = bytes == 0 || bytes + e.frame.len() <= BATCH_BYTES;
+                bytes += e.frame.len();
+                fits
+            })
+            .cloned()
+            .collect();
+        (!batch.is_empty()).then_some(batch)
+    }
+
+    /// Keeps what was just read for the next follower (consecutive seqs only).
+    fn remember(&self, batch: &[Entry]) {
+        let mut cache = self.read_cache.lock().expect("read cache poisoned");
+        if cache
+            .back()
+            .is_none_or(|last| batch.first().is_none_or(|e| e.seq != last.seq + 1))
+        {
+            cache.clear();
+        }
+        cache.extend(batch.iter().cloned());
+        let mut bytes: usize = cache.iter().map(|e| e.frame.len()).sum();
+        while bytes > CACHE_BYTES && cache.len() > 1 {
+            bytes -= cache.pop_front().map_or(0, |e| e.frame.len());
+        }
+    }
+
     /// Reads up to `BATCH` events from the file, starting at seq `from`.
     fn read_file(&self, from: u64) -> Result<Vec<Entry>, StoreError> {
         let start = {
@@ -401,15 +447,7 @@ impl Follower {
             if self.next <= last {
                 let batch = match self.log.read_ring(self.next) {
                     Some(batch) => batch,
-                    None => {
-                        let log = self.log.clone();
-                        let from = self.next;
-                        tokio::task::spawn_blocking(move || log.read_file(from))
-                            .await
-                            .map_err(|e| {
-                                StoreError::io(Path::new("log reader"), std::io::Error::other(e))
-                            })??
-                    }
+                    None => self.read_file().await?,
                 };
                 if let Some(last) = batch.last() {
                     self.next = last.seq + 1;
@@ -421,6 +459,26 @@ impl Follower {
                 return Ok(Vec::new());
             }
         }
+    }
+
+    /// The next batch from the file: shared with other followers when one
+    /// of them just read it, else read under the global file-read pool.
+    async fn read_file(&self) -> Result<Vec<Entry>, StoreError> {
+        if let Some(batch) = self.log.read_cached(self.next) {
+            return Ok(batch);
+        }
+        let _turn = FILE_READS.acquire().await.expect("never closed");
+        // Another follower may have read it while this one waited.
+        if let Some(batch) = self.log.read_cached(self.next) {
+            return Ok(batch);
+        }
+        let log = self.log.clone();
+        let from = self.next;
+        let batch = tokio::task::spawn_blocking(move || log.read_file(from))
+            .await
+            .map_err(|e| StoreError::io(Path::new("log reader"), std::io::Error::other(e)))??;
+        self.log.remember(&batch);
+        Ok(batch)
     }
 
     /// The file this reader reads.
@@ -463,6 +521,47 @@ mod tests {
             history_lost: false,
         }
         .into()
+    }
+
+    #[tokio::test]
+    async fn batches_are_bounded_by_bytes_and_followers_share_what_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let (log, _) = EventLog::open(path.clone()).unwrap();
+        let big = "x".repeat(100 * 1024);
+        let mut items = vec![user("t1"), started("t1")];
+        items.extend((0..40).map(|_| delta("t1", &big)));
+        log.append(items).unwrap();
+        // The ring holds the newest events only: the start is read from the file.
+        assert!(log.read_ring(1).is_none());
+        let (mut a, mut b) = (log.follow(0), log.follow(0));
+        let mut seen = 0;
+        loop {
+            let batch = a.next_batch().await.unwrap();
+            let bytes: usize = batch.iter().map(|e| e.frame.len()).sum();
+            assert!(
+                batch.len() == 1 || bytes <= BATCH_BYTES + big.len(),
+                "{} events, {bytes} bytes",
+                batch.len()
+            );
+            seen += batch.len();
+            if seen == 42 {
+                break;
+            }
+        }
+        // The second follower gets the very same frames (no copy) while the
+        // cache has them.
+        let first_b = b.next_batch().await.unwrap();
+        let again = log.read_cached(first_b[0].seq).unwrap();
+        assert_eq!(first_b[0].frame.as_ptr(), again[0].frame.as_ptr());
+        let cached: usize = log
+            .read_cache
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.frame.len())
+            .sum();
+        assert!(cached <= CACHE_BYTES + big.len(), "{cached}");
     }
 
     #[test]

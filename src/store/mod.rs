@@ -16,7 +16,7 @@ pub use json_file::{JsonStore, write_atomic};
 pub use loops::{LoopId, LoopPage, LoopRecord, LoopStore, NewLoop, PageRequest};
 pub use sessions::{SESSION_TTL, SessionRecord, SessionStore};
 pub use tokens::{TokenRecord, TokenStore};
-pub use users::{User, UserStore, no_such_user};
+pub use users::{CheckMemory, User, UserStore, no_such_user};
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
