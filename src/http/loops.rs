@@ -200,6 +200,7 @@ const VALIDATION: &str = "`title_too_long`, `metadata_invalid`, `metadata_too_la
         (status = 400, body = ErrorEnvelope, description = VALIDATION),
         (status = 401, body = ErrorEnvelope),
         (status = 413, body = ErrorEnvelope, description = "`body_too_large`"),
+        (status = 429, body = ErrorEnvelope, description = "`too_many_loops`, `too_many_requests`"),
     )
 )]
 pub async fn create_loop(

@@ -62,6 +62,7 @@ const STREAM_DOC: &str = "`event: <name>\\nid: <seq>\\ndata: <json>` frames: `qu
         (status = 403, body = ErrorEnvelope, description = "`not_loop_owner`, `permission_mode_forbidden`"),
         (status = 404, body = ErrorEnvelope, description = "`loop_not_found`"),
         (status = 409, body = ErrorEnvelope, description = "`idempotency_key_reused`"),
+        (status = 429, body = ErrorEnvelope, description = "`queue_full`, `too_many_streams`, `too_many_requests`; `Retry-After` says when to try again"),
     )
 )]
 pub async fn send_message(
@@ -180,6 +181,7 @@ pub struct EventsQuery {
         (status = 401, body = ErrorEnvelope),
         (status = 403, body = ErrorEnvelope),
         (status = 404, body = ErrorEnvelope),
+        (status = 429, body = ErrorEnvelope, description = "`too_many_streams`, `too_many_requests`; `Retry-After` says when to try again"),
     )
 )]
 pub async fn watch_events(
