@@ -55,6 +55,9 @@ pub struct ConnLimits {
     pub header_timeout: Duration,
     /// Largest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
+    /// How long a request may take until its response starts (its body
+    /// read included; an SSE stream's life is not counted).
+    pub request_timeout: Duration,
 }
 
 impl Default for ConnLimits {
@@ -64,6 +67,7 @@ impl Default for ConnLimits {
             max_per_client: 1024,
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 32 * 1024,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// 429, with when to try again (`Retry-After`).
     #[error("{1}")]
     RateLimited(&'static str, String, std::time::Duration),
+    /// 408: the request took longer than the server waits for one.
+    #[error("{1}")]
+    Timeout(&'static str, String),
     /// 503: the server cannot take this now (it is shutting down).
     #[error("{1}")]
     Unavailable(&'static str, String),
@@ -88,6 +91,7 @@ impl ApiError {
             Self::Conflict(..) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Timeout(..) => StatusCode::REQUEST_TIMEOUT,
             Self::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -96,9 +100,10 @@ impl ApiError {
     /// The envelope as sent on the wire (also used inside SSE `error` events).
     pub fn envelope(&self) -> ErrorEnvelope {
         let (kind, code, message) = match self {
-            Self::BadRequest(c, m) | Self::PayloadTooLarge(c, m) | Self::MethodNotAllowed(c, m) => {
-                ("invalid_request_error", *c, m.clone())
-            }
+            Self::BadRequest(c, m)
+            | Self::PayloadTooLarge(c, m)
+            | Self::MethodNotAllowed(c, m)
+            | Self::Timeout(c, m) => ("invalid_request_error", *c, m.clone()),
             Self::Unauthorized(c, m) => ("authentication_error", *c, m.clone()),
             Self::Forbidden(c, m) => ("permission_error", *c, m.clone()),
             Self::NotFound(c, m) => ("not_found_error", *c, m.clone()),

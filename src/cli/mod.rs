@@ -124,6 +124,10 @@ pub struct LimitArgs {
     /// kept-alive connection may wait for its next request.
     #[arg(long, env = "LOOPD_HEADER_TIMEOUT", default_value_t = 10)]
     pub header_timeout: u64,
+    /// Seconds a request may take until its response starts (reading its
+    /// body included; an SSE stream then lives as long as it needs).
+    #[arg(long, env = "LOOPD_REQUEST_TIMEOUT", default_value_t = 30)]
+    pub request_timeout: u64,
     /// Largest request head (request line and headers), in bytes.
     #[arg(long, env = "LOOPD_MAX_HEADER_BYTES", default_value_t = ConnLimits::default().max_header_bytes)]
     pub max_header_bytes: usize,
@@ -168,6 +172,7 @@ impl LimitArgs {
                 self.max_idempotency_keys_per_user,
             ),
             ("--header-timeout", self.header_timeout as usize),
+            ("--request-timeout", self.request_timeout as usize),
         ] {
             anyhow::ensure!(value >= 1, "{name} must be at least 1");
         }
@@ -184,6 +189,7 @@ impl LimitArgs {
                 max_per_client: self.max_connections_per_client,
                 header_timeout: std::time::Duration::from_secs(self.header_timeout),
                 max_header_bytes: self.max_header_bytes,
+                request_timeout: std::time::Duration::from_secs(self.request_timeout),
             },
             Limits {
                 password_checks,

@@ -262,6 +262,27 @@ impl FromRequestParts<AppState> for ClientAddr {
     }
 }
 
+/// Ends a request whose response has not started within
+/// `--request-timeout`: a body that never arrives holds nothing for long.
+pub async fn deadline(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let limit = state.config.connections.request_timeout;
+    tokio::time::timeout(limit, next.run(req))
+        .await
+        .map_err(|_| {
+            ApiError::Timeout(
+                "request_timeout",
+                format!(
+                    "the request took longer than {} s (--request-timeout)",
+                    limit.as_secs()
+                ),
+            )
+        })
+}
+
 /// Refuses, before routing, a request whose `Host` is not one of ours: a
 /// page on another name that resolves to this server (DNS rebinding) gets
 /// nothing, not even a login.

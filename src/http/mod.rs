@@ -123,6 +123,7 @@ pub fn router(state: AppState) -> Router {
             header::X_FRAME_OPTIONS,
             HeaderValue::from_static("DENY"),
         ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limits::deadline))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limits::check_host))
         .layer(
             TraceLayer::new_for_http()

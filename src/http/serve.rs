@@ -15,8 +15,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -97,20 +97,20 @@ async fn connection(
         req
     });
     let service = TowerToHyperService::new(service);
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: its header timer runs from the connection's first
+    // moment (protocol sniffing for h2c would wait untimed for bytes, and
+    // h2 has no idle timeout). Browsers speak h2 only over TLS, i.e. to the
+    // reverse proxy in front.
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         // A head that does not fit the read buffer is answered 431.
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(128);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(limits.header_timeout))
-        .max_header_list_size(limits.max_header_bytes as u32);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+    let conn = builder
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => {

@@ -278,6 +278,29 @@ async fn slow_and_idle_connections_are_closed_and_streams_are_not() {
 }
 
 #[tokio::test]
+async fn a_request_whose_body_never_comes_ends_with_408() {
+    let app =
+        TestApp::start_tweaked(|c| c.connections.request_timeout = Duration::from_secs(1)).await;
+    let alice = app.bearer("alice").await;
+    let Auth::Bearer(token) = alice else {
+        unreachable!()
+    };
+    let addr = app.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "POST /api/v1/loops HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{"
+        );
+        tcp.write_all(head.as_bytes()).unwrap();
+        read_to_close(&mut tcp)
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+}
+
+#[tokio::test]
 async fn oversized_headers_are_refused() {
     let app = TestApp::start_tweaked(|c| c.connections.max_header_bytes = 8 * 1024).await;
     let resp = app
