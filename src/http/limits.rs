@@ -4,9 +4,8 @@
 //! streams per user, and which `Host` names requests may carry. Every
 //! refusal is the contract's envelope; a 429 says when to try again.
 //!
-//! The throttles are `governor`'s keyed GCRA limiters. Their maps hold one
-//! entry per key seen lately: they are pruned every minute, and a map
-//! grown past [`MAX_KEYS`] refuses new keys (loudly, with 429) until then.
+//! The throttles are `governor`'s keyed GCRA limiters over a bounded number
+//! of hashed slots ([`MAX_KEYS`]), pruned every minute.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -29,8 +28,8 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::CheckMemory;
 
-/// Most keys one throttle remembers between prunings.
-pub const MAX_KEYS: usize = 100_000;
+/// Slots of one throttle (see [`Throttle`]).
+pub const MAX_KEYS: usize = 1 << 17;
 
 /// The throttles and pools of one server.
 pub struct Guards {
@@ -39,17 +38,27 @@ pub struct Guards {
     /// The working memory of the checks, one block per place in the pool.
     check_memory: Arc<Mutex<Vec<CheckMemory>>>,
     login_per_client: Throttle<IpAddr>,
-    login_per_user: Throttle<String>,
+    /// Per username *and* client address: a stranger spending a username's
+    /// attempts locks only themselves out, never its owner logging in from
+    /// elsewhere.
+    login_per_user: Throttle<(String, IpAddr)>,
     per_caller: Throttle<String>,
     streams: Mutex<HashMap<String, usize>>,
 }
 
-struct Throttle<K: std::hash::Hash + Eq + Clone> {
+/// A keyed GCRA throttle over a bounded map: a key counts in one of
+/// [`MAX_KEYS`] slots, chosen by a hash with a random per-process seed. The
+/// map can never hold more than that, a flood of new keys refuses no known
+/// one, and a client cannot aim at another's slot; two keys share a slot
+/// only by chance.
+struct Throttle<K: std::hash::Hash> {
     rate: Rate,
-    limiter: DefaultKeyedRateLimiter<K>,
+    limiter: DefaultKeyedRateLimiter<u32>,
+    seed: std::collections::hash_map::RandomState,
+    _key: std::marker::PhantomData<fn(&K)>,
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Throttle<K> {
+impl<K: std::hash::Hash> Throttle<K> {
     fn new(rate: Rate) -> Self {
         let quota = Quota::with_period(rate.period)
             .expect("a period above zero")
@@ -57,19 +66,18 @@ impl<K: std::hash::Hash + Eq + Clone> Throttle<K> {
         Self {
             rate,
             limiter: RateLimiter::keyed(quota),
+            seed: std::collections::hash_map::RandomState::new(),
+            _key: std::marker::PhantomData,
         }
     }
 
     /// Takes one cell for `key`; `Err(wait)` when there is none yet.
     fn check(&self, key: &K) -> Result<(), Duration> {
-        if self.limiter.len() >= MAX_KEYS {
-            self.limiter.retain_recent();
-            if self.limiter.len() >= MAX_KEYS {
-                return Err(self.rate.period);
-            }
-        }
+        use std::hash::BuildHasher;
+        let slot = (self.seed.hash_one(key) % MAX_KEYS as u64) as u32;
+        let _ = self.rate;
         self.limiter
-            .check_key(key)
+            .check_key(&slot)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
@@ -167,7 +175,9 @@ impl Guards {
             .check(&client_key(client))
             .map_err(too_many)?;
         let user: String = username.chars().take(64).collect::<String>().to_lowercase();
-        self.login_per_user.check(&user).map_err(too_many)?;
+        self.login_per_user
+            .check(&(user, client_key(client)))
+            .map_err(too_many)?;
         let acquire = self.password_checks.clone().acquire_owned();
         match tokio::time::timeout(self.limits.password_wait, acquire).await {
             Ok(Ok(permit)) => {
@@ -390,7 +400,8 @@ mod tests {
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         drop(guards.login(a, "alice").await.unwrap());
         drop(guards.login(a, "Alice").await.unwrap());
-        let err = guards.login(b, "alice").await.unwrap_err();
+        // Alice from `a` is spent (usernames are case-blind)...
+        let err = guards.login(a, "alice").await.unwrap_err();
         let ApiError::RateLimited(code, _, wait) = err else {
             panic!("{err:?}")
         };
@@ -399,13 +410,15 @@ mod tests {
             wait > Duration::ZERO && wait <= Duration::from_millis(200),
             "{wait:?}"
         );
-        drop(guards.login(a, "bob").await.unwrap());
+        // ...but her owner, from elsewhere, is not locked out.
+        drop(guards.login(b, "alice").await.unwrap());
+        // And `a` has spent its own burst (three tries) on anyone.
         assert!(
             guards.login(a, "carol").await.is_err(),
             "the address's burst is spent"
         );
         tokio::time::sleep(wait.max(Duration::from_millis(200))).await;
-        drop(guards.login(b, "alice").await.unwrap());
+        drop(guards.login(a, "alice").await.unwrap());
     }
 
     #[tokio::test]
@@ -434,6 +447,41 @@ mod tests {
                 .login("10.0.0.3".parse().unwrap(), "c")
                 .await
                 .unwrap(),
+        );
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_keeps_the_map_bounded_and_spares_known_keys() {
+        let throttle = Throttle::new(Rate {
+            burst: 1,
+            period: Duration::from_secs(3600),
+        });
+        throttle.check(&"alice".to_owned()).unwrap();
+        let mut spared = 0;
+        for i in 0..2 * MAX_KEYS {
+            let _ = throttle.check(&format!("flood{i}"));
+        }
+        assert!(
+            throttle.limiter.len() <= MAX_KEYS,
+            "{}",
+            throttle.limiter.len()
+        );
+        // A known key is refused only for its own use, and new honest keys
+        // mostly find slots of their own even after the flood.
+        assert!(throttle.check(&"alice".to_owned()).is_err());
+        let fresh = Throttle::new(Rate {
+            burst: 1,
+            period: Duration::from_secs(3600),
+        });
+        for i in 0..1000 {
+            fresh.check(&format!("flood{i}")).unwrap_or(());
+            if fresh.check(&format!("honest{i}")).is_ok() {
+                spared += 1;
+            }
+        }
+        assert!(
+            spared > 980,
+            "{spared} of 1000 honest keys had a slot of their own"
         );
     }
 

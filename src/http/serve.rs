@@ -241,6 +241,7 @@ mod tests {
             max_per_client: per,
             header_timeout: Duration::from_secs(1),
             max_header_bytes: 16 * 1024,
+            request_timeout: Duration::from_secs(1),
         }
     }
 

@@ -47,7 +47,9 @@ pub async fn login(
     let mut slot = match state.guards.login(client, &body.username).await {
         Ok(slot) => slot,
         Err(err) => {
-            tracing::warn!(username = ?shown, %client, "login refused: throttled");
+            // Debug only: a throttled flood must not fill the log (each
+            // failed check above it is logged, and those are throttled).
+            tracing::debug!(username = ?shown, %client, "login refused: throttled");
             return Err(err);
         }
     };
