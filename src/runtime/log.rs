@@ -36,6 +36,11 @@ const CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// take turns instead of each holding its own copies.
 static FILE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
+/// A turn in the pool of file reads, for other readers of logs (`/turns`).
+pub async fn file_read_turn() -> tokio::sync::SemaphorePermit<'static> {
+    FILE_READS.acquire().await.expect("never closed")
+}
+
 /// One event as readers get it: a ready SSE frame plus what filters need.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -80,7 +85,7 @@ pub struct EventLog {
     state: Mutex<State>,
     /// Frames read back from the file lately, shared by every follower
     /// catching up over the same stretch (bounded by [`CACHE_BYTES`]).
-    read_cache: Mutex<VecDeque<Entry>>,
+    read_cache: Mutex<VecDeque<(Entry, u64)>>,
     /// The last seq written (0 before any).
     announce: watch::Sender<u64>,
 }
@@ -199,6 +204,11 @@ impl EventLog {
     }
 
     /// Reads the view under the log's lock (keep `f` short).
+    /// The bytes written so far.
+    pub fn len_bytes(&self) -> u64 {
+        self.state.lock().expect("log poisoned").len
+    }
+
     pub fn view<R>(&self, f: impl FnOnce(&LogView) -> R) -> R {
         f(&self.state.lock().expect("log poisoned").view)
     }
@@ -266,6 +276,7 @@ impl EventLog {
     /// A reader of every event with a seq greater than `after`.
     pub fn follow(self: &Arc<Self>, after: u64) -> Follower {
         Follower {
+            file_pos: None,
             log: self.clone(),
             next: after + 1,
             announced: self.announce.subscribe(),
@@ -284,6 +295,7 @@ impl EventLog {
         (
             made,
             Follower {
+                file_pos: None,
                 log: self.clone(),
                 next: after + 1,
                 announced,
@@ -317,67 +329,87 @@ impl EventLog {
         )
     }
 
-    /// Events from `from` on that a follower read from the file lately.
-    fn read_cached(&self, from: u64) -> Option<Vec<Entry>> {
+    /// Events from `from` on that a follower read from the file lately,
+    /// with the file offset just past the last.
+    fn read_cached(&self, from: u64) -> Option<(Vec<Entry>, u64)> {
         let cache = self.read_cache.lock().expect("read cache poisoned");
-        let first = cache.front()?.seq;
+        let first = cache.front()?.0.seq;
         let start = usize::try_from(from.checked_sub(first)?).ok()?;
         let mut bytes = 0;
+        let mut end = 0;
         let batch: Vec<Entry> = cache
             .iter()
             .skip(start)
             .take(BATCH)
-            .take_while(|e| {
+            .take_while(|(e, _)| {
                 let fits = bytes == 0 || bytes + e.frame.len() <= BATCH_BYTES;
                 bytes += e.frame.len();
                 fits
             })
-            .cloned()
+            .map(|(e, past)| {
+                end = *past;
+                e.clone()
+            })
             .collect();
-        (!batch.is_empty()).then_some(batch)
+        (!batch.is_empty()).then_some((batch, end))
     }
 
-    /// Keeps what was just read for the next follower (consecutive seqs only).
-    fn remember(&self, batch: &[Entry]) {
+    /// Keeps what was just read for the next follower (consecutive seqs
+    /// only), each event with the offset just past it.
+    fn remember(&self, batch: &[(Entry, u64)]) {
+        let Some((first, _)) = batch.first() else {
+            return;
+        };
         let mut cache = self.read_cache.lock().expect("read cache poisoned");
         if cache
             .back()
-            .is_none_or(|last| batch.first().is_none_or(|e| e.seq != last.seq + 1))
+            .is_none_or(|(prev, _)| first.seq != prev.seq + 1)
         {
             cache.clear();
         }
         cache.extend(batch.iter().cloned());
-        let mut bytes: usize = cache.iter().map(|e| e.frame.len()).sum();
+        let mut bytes: usize = cache.iter().map(|(e, _)| e.frame.len()).sum();
         while bytes > CACHE_BYTES && cache.len() > 1 {
-            bytes -= cache.pop_front().map_or(0, |e| e.frame.len());
+            bytes -= cache.pop_front().map_or(0, |(e, _)| e.frame.len());
         }
     }
 
-    /// Reads up to `BATCH` events from the file, starting at seq `from`.
-    fn read_file(&self, from: u64) -> Result<Vec<Entry>, StoreError> {
-        let start = {
+    /// Reads up to `BATCH` events (and about `BATCH_BYTES`) from the file,
+    /// starting at seq `from`, from byte `at` when the caller knows where it
+    /// is (else from the nearest sparse point). Returns each with the offset
+    /// just past it.
+    fn read_file(&self, from: u64, at: Option<u64>) -> Result<Vec<(Entry, u64)>, StoreError> {
+        let start = at.unwrap_or_else(|| {
             let state = self.state.lock().expect("log poisoned");
             let idx = state.sparse.partition_point(|&(seq, _)| seq <= from);
             if idx == 0 { 0 } else { state.sparse[idx - 1].1 }
-        };
+        });
         let mut found = Vec::new();
         let mut bytes = 0;
-        self.scan(start, |stored| {
+        self.scan_lines(start, |line, past| {
+            // Lines before `from` are skipped by their seq alone.
+            if line_seq(line).is_some_and(|seq| seq < from) {
+                return Ok(true);
+            }
+            let stored = self.parse(line)?;
             if stored.seq >= from {
                 let frame = encode(stored.seq, None, None, &stored.event).frame;
                 bytes += frame.len();
-                found.push((stored, frame));
+                found.push((stored, frame, past));
             }
-            found.len() < BATCH && bytes < BATCH_BYTES
+            Ok(found.len() < BATCH && bytes < BATCH_BYTES)
         })?;
         let state = self.state.lock().expect("log poisoned");
         Ok(found
             .into_iter()
-            .map(|(s, frame)| Entry {
-                seq: s.seq,
-                turn: s.event.turn_id().and_then(|t| state.view.turn(t)),
-                terminal: s.event.is_terminal(),
-                frame,
+            .map(|(s, frame, past)| {
+                let entry = Entry {
+                    seq: s.seq,
+                    turn: s.event.turn_id().and_then(|t| state.view.turn(t)),
+                    terminal: s.event.is_terminal(),
+                    frame,
+                };
+                (entry, past)
             })
             .collect())
     }
@@ -400,12 +432,32 @@ impl EventLog {
         start: u64,
         mut take: impl FnMut(StoredEvent) -> bool,
     ) -> Result<(), StoreError> {
+        self.scan_lines(start, |line, _| Ok(take(self.parse(line)?)))
+    }
+
+    fn parse(&self, line: &[u8]) -> Result<StoredEvent, StoreError> {
+        serde_json::from_slice(line).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            line: 0,
+            column: e.column(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The raw lines from byte `start` up to what was written so far, each
+    /// with the offset just past it, until `take` returns false.
+    fn scan_lines(
+        &self,
+        start: u64,
+        mut take: impl FnMut(&[u8], u64) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
         let end = self.state.lock().expect("log poisoned").len;
         let mut file = File::open(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
         file.seek(SeekFrom::Start(start))
             .map_err(|e| StoreError::io(&self.path, e))?;
         let mut reader = BufReader::new(file.take(end.saturating_sub(start)));
         let mut line = Vec::new();
+        let mut pos = start;
         loop {
             line.clear();
             let n = reader
@@ -414,17 +466,20 @@ impl EventLog {
             if n == 0 {
                 return Ok(());
             }
-            let stored = serde_json::from_slice(&line).map_err(|e| StoreError::Corrupt {
-                path: self.path.clone(),
-                line: 0,
-                column: e.column(),
-                message: e.to_string(),
-            })?;
-            if !take(stored) {
+            pos += n as u64;
+            if !take(&line, pos)? {
                 return Ok(());
             }
         }
     }
+}
+
+/// The seq of a stored line, read from its start (`{"seq":N,…`) without
+/// parsing the rest: how a reader skips what it does not want.
+fn line_seq(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
 fn at_eof(reader: &mut BufReader<&mut File>) -> bool {
@@ -435,6 +490,9 @@ fn at_eof(reader: &mut BufReader<&mut File>) -> bool {
 pub struct Follower {
     log: Arc<EventLog>,
     next: u64,
+    /// Where in the file event `.0` starts, when known: the next file read
+    /// goes on from there instead of re-reading from a sparse point.
+    file_pos: Option<(u64, u64)>,
     announced: watch::Receiver<u64>,
 }
 
@@ -463,22 +521,36 @@ impl Follower {
 
     /// The next batch from the file: shared with other followers when one
     /// of them just read it, else read under the global file-read pool.
-    async fn read_file(&self) -> Result<Vec<Entry>, StoreError> {
-        if let Some(batch) = self.log.read_cached(self.next) {
-            return Ok(batch);
-        }
-        let _turn = FILE_READS.acquire().await.expect("never closed");
-        // Another follower may have read it while this one waited.
-        if let Some(batch) = self.log.read_cached(self.next) {
-            return Ok(batch);
-        }
-        let log = self.log.clone();
+    async fn read_file(&mut self) -> Result<Vec<Entry>, StoreError> {
         let from = self.next;
-        let batch = tokio::task::spawn_blocking(move || log.read_file(from))
-            .await
-            .map_err(|e| StoreError::io(Path::new("log reader"), std::io::Error::other(e)))??;
-        self.log.remember(&batch);
-        Ok(batch)
+        let at = self
+            .file_pos
+            .filter(|(seq, _)| *seq == from)
+            .map(|(_, at)| at);
+        let batch = match self.log.read_cached(from) {
+            Some((batch, end)) => {
+                self.file_pos = batch.last().map(|e| (e.seq + 1, end));
+                return Ok(batch);
+            }
+            None => {
+                let _turn = FILE_READS.acquire().await.expect("never closed");
+                // Another follower may have read it while this one waited.
+                if let Some((batch, end)) = self.log.read_cached(from) {
+                    self.file_pos = batch.last().map(|e| (e.seq + 1, end));
+                    return Ok(batch);
+                }
+                let log = self.log.clone();
+                let read = tokio::task::spawn_blocking(move || log.read_file(from, at))
+                    .await
+                    .map_err(|e| {
+                        StoreError::io(Path::new("log reader"), std::io::Error::other(e))
+                    })??;
+                self.log.remember(&read);
+                read
+            }
+        };
+        self.file_pos = batch.last().map(|(e, end)| (e.seq + 1, *end));
+        Ok(batch.into_iter().map(|(e, _)| e).collect())
     }
 
     /// The file this reader reads.
@@ -523,6 +595,37 @@ mod tests {
         .into()
     }
 
+    #[test]
+    fn a_lines_seq_is_read_from_its_start() {
+        assert_eq!(
+            line_seq(br#"{"seq":42,"at":null,"event":"done"}"#),
+            Some(42)
+        );
+        assert_eq!(line_seq(br#"{"seq":7}"#), Some(7));
+        assert_eq!(line_seq(br#"{"at":1,"seq":7}"#), None);
+        assert_eq!(line_seq(b"garbage"), None);
+    }
+
+    #[test]
+    fn a_read_from_a_known_offset_equals_one_from_the_sparse_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
+        let mut items = vec![user("t1"), started("t1")];
+        items.extend((0..600).map(|i| delta("t1", &format!("d{i}"))));
+        log.append(items).unwrap();
+        let from_index = log.read_file(1, None).unwrap();
+        let (last, end) = from_index.last().unwrap().clone();
+        let next_by_index = log.read_file(last.seq + 1, None).unwrap();
+        let next_by_offset = log.read_file(last.seq + 1, Some(end)).unwrap();
+        let seqs = |b: &[(Entry, u64)]| {
+            b.iter()
+                .map(|(e, at)| (e.seq, *at, e.frame.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&next_by_index), seqs(&next_by_offset));
+        assert_eq!(next_by_offset[0].0.seq, last.seq + 1);
+    }
+
     #[tokio::test]
     async fn batches_are_bounded_by_bytes_and_followers_share_what_was_read() {
         let dir = tempfile::tempdir().unwrap();
@@ -553,13 +656,13 @@ mod tests {
         // cache has them.
         let first_b = b.next_batch().await.unwrap();
         let again = log.read_cached(first_b[0].seq).unwrap();
-        assert_eq!(first_b[0].frame.as_ptr(), again[0].frame.as_ptr());
+        assert_eq!(first_b[0].frame.as_ptr(), again.0[0].frame.as_ptr());
         let cached: usize = log
             .read_cache
             .lock()
             .unwrap()
             .iter()
-            .map(|e| e.frame.len())
+            .map(|(e, _)| e.frame.len())
             .sum();
         assert!(cached <= CACHE_BYTES + big.len(), "{cached}");
     }

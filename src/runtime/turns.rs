@@ -93,6 +93,7 @@ pub struct TurnQuery {
 /// The page of turns: the newest `limit` by default, the `limit` just
 /// before `before` or just after `after`; always oldest first.
 pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
+    let log_len = log.len_bytes();
     let (has_more, offset, ids) = log.view(|v| {
         let cursor = |id: &Option<String>| -> Result<Option<usize>, ApiError> {
             id.as_ref()
@@ -119,6 +120,24 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
             (None, Some(a)) => (a + 1, (a + 1 + limit).min(n), a + 1 + limit < n),
             (None, None) => (n.saturating_sub(limit), n, n > limit),
         };
+        // Bounded by bytes too, before anything is read: a turn spans about
+        // from its start to the next one's in the log. The turns farthest
+        // from where the page starts (the oldest going back, the newest
+        // going forward) are left to the next page, which its cursor asks for.
+        let span = |i: usize| {
+            let next = v.turns.get(i + 1).map_or(log_len, |t| t.offset);
+            next.saturating_sub(v.turns[i].offset) as usize
+        };
+        let (mut start, mut end, mut more) = (start, end, more);
+        let forward = query.after.is_some();
+        while end - start > 1 && (start..end).map(span).sum::<usize>() > MAX_PAGE_BYTES {
+            if forward {
+                end -= 1;
+            } else {
+                start += 1;
+            }
+            more = true;
+        }
         let offset = v.turns[start..end].iter().map(|t| t.offset).min();
         let ids: Vec<(String, Origin)> = v.turns[start..end]
             .iter()
@@ -141,40 +160,22 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
         .enumerate()
         .map(|(i, (id, _))| (id.as_str(), i))
         .collect();
-    // Folded as read: only the page's own turns are held, never the log.
+    // Folded as read: only the page's own turns are held, never the log,
+    // and reading stops once every one of them has ended.
     let mut last_seq = 0;
-    let mut first_seq: Vec<Option<u64>> = vec![None; turns.len()];
+    let mut ended = vec![false; turns.len()];
+    let mut open = turns.len();
     log.scan_from_offset(offset, |stored| {
         last_seq = stored.seq;
         if let Some(&i) = stored.event.turn_id().and_then(|t| index.get(t)) {
-            first_seq[i].get_or_insert(stored.seq);
             fold(&mut turns[i], &stored);
-        }
-        true
-    })?;
-    let mut has_more = has_more;
-    // Bounded by bytes too: the turns farthest from where the page starts
-    // reading (the oldest going back, the newest going forward) are left
-    // for the next page, which its cursor then asks for.
-    let forward = query.after.is_some();
-    let mut sizes: Vec<usize> = turns
-        .iter()
-        .map(|t| serde_json::to_vec(t).map_or(0, |v| v.len()))
-        .collect();
-    while turns.len() > 1 && sizes.iter().sum::<usize>() > MAX_PAGE_BYTES {
-        if forward {
-            turns.pop();
-            sizes.pop();
-            // Following on from here must not skip the turns left out.
-            if let Some(Some(first)) = first_seq.get(turns.len()) {
-                last_seq = last_seq.min(first.saturating_sub(1));
+            if stored.event.is_terminal() && !ended[i] {
+                ended[i] = true;
+                open -= 1;
             }
-        } else {
-            turns.remove(0);
-            sizes.remove(0);
         }
-        has_more = true;
-    }
+        open > 0
+    })?;
     Ok(TurnPage {
         first_id: turns.first().map(|t| t.turn_id.clone()),
         last_id: turns.last().map(|t| t.turn_id.clone()),
