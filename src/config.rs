@@ -90,8 +90,12 @@ pub struct Limits {
     pub streams_per_user: usize,
     /// Turns waiting behind the running one, per loop.
     pub queued_turns_per_loop: usize,
+    /// Bytes of messages waiting to run, per user over all their loops.
+    pub queued_bytes_per_user: usize,
     /// Loops per user that are not archived.
     pub loops_per_user: usize,
+    /// API tokens per user (made through the API; the CLI is not bounded).
+    pub tokens_per_user: usize,
     /// Idempotency keys remembered per user (the oldest goes first).
     pub idempotency_keys_per_user: usize,
 }
@@ -158,7 +162,9 @@ impl Default for Limits {
             },
             streams_per_user: 256,
             queued_turns_per_loop: 64,
+            queued_bytes_per_user: 64 * 1024 * 1024,
             loops_per_user: 10_000,
+            tokens_per_user: 100,
             idempotency_keys_per_user: 10_000,
         }
     }

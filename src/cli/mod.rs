@@ -149,9 +149,15 @@ pub struct LimitArgs {
     /// Turns waiting behind the running one, per loop.
     #[arg(long, env = "LOOPD_MAX_QUEUED_TURNS", default_value_t = Limits::default().queued_turns_per_loop)]
     pub max_queued_turns: usize,
+    /// Bytes of messages waiting to run, per user over all their loops.
+    #[arg(long, env = "LOOPD_MAX_QUEUED_BYTES_PER_USER", default_value_t = Limits::default().queued_bytes_per_user)]
+    pub max_queued_bytes_per_user: usize,
     /// Loops per user that are not archived.
     #[arg(long, env = "LOOPD_MAX_LOOPS_PER_USER", default_value_t = Limits::default().loops_per_user)]
     pub max_loops_per_user: usize,
+    /// API tokens per user, made through the API (the CLI is not bounded).
+    #[arg(long, env = "LOOPD_MAX_TOKENS_PER_USER", default_value_t = Limits::default().tokens_per_user)]
+    pub max_tokens_per_user: usize,
     /// Idempotency keys remembered per user (the oldest is forgotten first).
     #[arg(long, env = "LOOPD_MAX_IDEMPOTENCY_KEYS_PER_USER", default_value_t = Limits::default().idempotency_keys_per_user)]
     pub max_idempotency_keys_per_user: usize,
@@ -167,6 +173,7 @@ impl LimitArgs {
             ),
             ("--max-streams-per-user", self.max_streams_per_user),
             ("--max-loops-per-user", self.max_loops_per_user),
+            ("--max-tokens-per-user", self.max_tokens_per_user),
             (
                 "--max-idempotency-keys-per-user",
                 self.max_idempotency_keys_per_user,
@@ -199,7 +206,9 @@ impl LimitArgs {
                 requests_per_caller: self.request_rate,
                 streams_per_user: self.max_streams_per_user,
                 queued_turns_per_loop: self.max_queued_turns,
+                queued_bytes_per_user: self.max_queued_bytes_per_user,
                 loops_per_user: self.max_loops_per_user,
+                tokens_per_user: self.max_tokens_per_user,
                 idempotency_keys_per_user: self.max_idempotency_keys_per_user,
             },
         ))

@@ -68,6 +68,7 @@ const SESSION_ONLY: &str = "`session_required` when called with a Bearer token";
         (status = 400, body = ErrorEnvelope, description = "`label_too_long`, `label_invalid`, `invalid_json`"),
         (status = 401, body = ErrorEnvelope),
         (status = 401, body = ErrorEnvelope, description = SESSION_ONLY),
+        (status = 429, body = ErrorEnvelope, description = "`too_many_tokens`"),
     )
 )]
 pub async fn create_token(
@@ -76,8 +77,13 @@ pub async fn create_token(
     Json(body): Json<CreateTokenRequest>,
 ) -> Result<(StatusCode, axum::Json<CreatedToken>), ApiError> {
     let accounts = state.accounts.clone();
-    let (token, record) =
-        blocking(move || Ok(accounts.tokens.create(&caller.user_id, body.label)?)).await?;
+    let max = state.config.limits.tokens_per_user;
+    let (token, record) = blocking(move || {
+        Ok(accounts
+            .tokens
+            .create_within(&caller.user_id, body.label, max)?)
+    })
+    .await?;
     tracing::info!(user = %record.user, token_id = %record.token_id, "token created");
     Ok((
         StatusCode::CREATED,

@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod agent_home;
+pub mod budget;
 pub mod choices;
 pub mod events;
 pub mod idempotency;
@@ -33,6 +34,8 @@ use crate::store::{Catalog, LoopId, LoopRecord, LoopStore, StoreError};
 /// What actors share.
 pub struct Shared {
     pub config: Arc<Config>,
+    /// Bytes of queued messages per user.
+    pub queued: Arc<budget::QueuedBytes>,
     pub loops: Arc<LoopStore>,
     pub catalog: Arc<Catalog>,
     pub slots: Arc<Slots>,
@@ -66,6 +69,21 @@ pub struct IdemKey {
 }
 
 impl Runtime {
+    /// A place for a message among `user`'s queued ones (429 `queue_full`).
+    fn reserve(&self, user: &str, content: &str) -> Result<budget::Reservation, ApiError> {
+        self.shared.queued.reserve(user, content.len()).ok_or_else(|| {
+            ApiError::RateLimited(
+                "queue_full",
+                format!(
+                    "your loops already have {} bytes of messages waiting (--max-queued-bytes-per-user); \
+                     send again when some have run",
+                    self.shared.queued.held(user)
+                ),
+                std::time::Duration::from_secs(1),
+            )
+        })
+    }
+
     /// Opens every loop's log: unfinished turns left by a previous server are
     /// closed, and idempotency keys of the last 24 h are remembered.
     pub fn open(shared: Shared) -> Result<Self, StoreError> {
@@ -175,11 +193,13 @@ impl Runtime {
     ) -> Result<Accepted, ApiError> {
         let log = self.log(record.id)?;
         let Some(idem) = idem else {
+            let reserved = self.reserve(user, &content)?;
             let sent = self
                 .ask(record.id, |reply| Command::Send {
                     content,
                     mode,
                     idem: None,
+                    reserved,
                     reply,
                 })
                 .await??;
@@ -221,11 +241,13 @@ impl Runtime {
             key: idem.key.clone(),
             body_hash: idem.body_hash.clone(),
         };
+        let reserved = self.reserve(user, &content)?;
         let sent = self
             .ask(record.id, |reply| Command::Send {
                 content,
                 mode,
                 idem: Some(stored),
+                reserved,
                 reply,
             })
             .await??;

@@ -50,6 +50,16 @@ impl TokenStore {
         user: &str,
         label: Option<String>,
     ) -> Result<(String, TokenRecord), StoreError> {
+        self.create_within(user, label, usize::MAX)
+    }
+
+    /// Creates a token unless `user` already has `max` of them.
+    pub fn create_within(
+        &self,
+        user: &str,
+        label: Option<String>,
+        max: usize,
+    ) -> Result<(String, TokenRecord), StoreError> {
         if let Some(label) = &label {
             check_label(label)?;
         }
@@ -63,6 +73,15 @@ impl TokenStore {
         };
         let hash = ids::sha256_hex(&plaintext);
         self.file.update(|f| {
+            let held = f.tokens.values().filter(|t| t.user == user).count();
+            if held >= max {
+                return Err(StoreError::Full(
+                    "too_many_tokens",
+                    format!(
+                        "you have {held} API tokens, as many as one user may (--max-tokens-per-user); revoke one first"
+                    ),
+                ));
+            }
             f.tokens.insert(hash, record.clone());
             Ok::<_, StoreError>(())
         })?;

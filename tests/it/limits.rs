@@ -216,6 +216,79 @@ async fn a_loop_takes_a_bounded_number_of_queued_turns() {
 }
 
 #[tokio::test]
+async fn a_user_has_a_bounded_number_of_queued_bytes_over_all_loops() {
+    let app = TestApp::start_tweaked(|c| c.limits.queued_bytes_per_user = 1000).await;
+    let alice = app.bearer("alice").await;
+    let (one, two) = (
+        app.create_loop(&alice, json!({})).await,
+        app.create_loop(&alice, json!({})).await,
+    );
+    let mut runs = Vec::new();
+    for id in [&one, &two] {
+        let mut running = app.send(&alice, id, "/sleep 60").await;
+        running.until("assistant_delta").await;
+        runs.push(running);
+    }
+    let mut waiting = app.send(&alice, &one, &"a".repeat(600)).await;
+    waiting.until("queued").await;
+    let got = app
+        .post(
+            &format!("/api/v1/loops/{two}/messages"),
+            &alice,
+            json!({"content": "b".repeat(600)}),
+        )
+        .await;
+    assert_error(&got, 429, "rate_limit_error", "queue_full");
+    // Bob has a budget of his own.
+    let bob = app.bearer("bob").await;
+    let bobs = app.create_loop(&bob, json!({})).await;
+    assert_eq!(
+        app.send(&bob, &bobs, &"c".repeat(600))
+            .await
+            .until_end()
+            .await
+            .pop()
+            .unwrap()
+            .name,
+        "done"
+    );
+    // Once the waiting turn runs, its bytes are free again.
+    app.post(&format!("/api/v1/loops/{one}/interrupt"), &alice, json!({}))
+        .await;
+    assert_eq!(waiting.until_end().await.pop().unwrap().name, "done");
+    let mut again = app.send(&alice, &two, &"b".repeat(600)).await;
+    again.until("queued").await;
+    for id in [&one, &two] {
+        app.delete(&format!("/api/v1/loops/{id}"), &alice).await;
+    }
+}
+
+#[tokio::test]
+async fn a_user_has_a_bounded_number_of_tokens() {
+    let app = TestApp::start_tweaked(|c| c.limits.tokens_per_user = 2).await;
+    let session = app.session("alice").await;
+    for _ in 0..2 {
+        assert_eq!(
+            app.post("/api/v1/me/tokens", &session, json!({})).await.0,
+            201
+        );
+    }
+    let got = app.post("/api/v1/me/tokens", &session, json!({})).await;
+    assert_error(&got, 429, "rate_limit_error", "too_many_tokens");
+    let bob = app.session("bob").await;
+    assert_eq!(app.post("/api/v1/me/tokens", &bob, json!({})).await.0, 201);
+    // Revoking one makes room again.
+    let (_, list) = app.get("/api/v1/me/tokens", &session).await;
+    let id = list["tokens"][0]["tokenId"].as_str().unwrap().to_owned();
+    app.delete(&format!("/api/v1/me/tokens/{id}"), &session)
+        .await;
+    assert_eq!(
+        app.post("/api/v1/me/tokens", &session, json!({})).await.0,
+        201
+    );
+}
+
+#[tokio::test]
 async fn a_user_has_a_bounded_number_of_loops_that_are_not_archived() {
     let app = TestApp::start_tweaked(|c| c.limits.loops_per_user = 2).await;
     let alice = app.bearer("alice").await;

@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::Shared;
+use super::budget::Reservation;
 use super::choices::{self, ChoiceAnswer};
 use super::events::{ChoiceKind, ChoiceSource, Event, IdemRecord, Origin, new_turn_id};
 use super::log::{Append, EventLog};
@@ -37,6 +38,8 @@ pub enum Command {
         content: String,
         mode: Option<PermissionMode>,
         idem: Option<IdemRecord>,
+        /// Its place among the user's queued bytes, held while it waits.
+        reserved: Reservation,
         reply: oneshot::Sender<Result<Sent, ApiError>>,
     },
     Answer {
@@ -77,6 +80,8 @@ struct Pending {
     mode: Option<PermissionMode>,
     /// `queued` was already said for it.
     announced: bool,
+    /// Given back when the turn leaves the queue.
+    _reserved: Reservation,
 }
 
 struct Live {
@@ -256,9 +261,10 @@ impl Actor {
                 content,
                 mode,
                 idem,
+                reserved,
                 reply,
             } => {
-                let _ = reply.send(self.accept(content, mode, idem));
+                let _ = reply.send(self.accept(content, mode, idem, reserved));
             }
             Command::Answer {
                 choice_id,
@@ -286,6 +292,7 @@ impl Actor {
         content: String,
         mode: Option<PermissionMode>,
         idem: Option<IdemRecord>,
+        reserved: Reservation,
     ) -> Result<Sent, ApiError> {
         self.flush();
         let waiting = self.turn.is_some() || !self.queue.is_empty() || self.waiting_slot.is_some();
@@ -326,6 +333,7 @@ impl Actor {
             content,
             mode,
             announced: waiting,
+            _reserved: reserved,
         });
         self.last_activity = Instant::now();
         self.touch_meta();
