@@ -38,6 +38,37 @@ fn loopd_with_stdin(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// `loopd serve` (echo agent) on `port` over `dir`, with `env`; its stderr
+/// arrives line by line on the receiver.
+fn serve(
+    dir: &Path,
+    port: u16,
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loopd"))
+        .args([
+            "serve",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--agent",
+            "echo",
+        ])
+        .env("LOOPD_DATA_DIR", dir)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
 fn stdout(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -60,26 +91,7 @@ async fn first_start_creates_admin_and_prints_the_password_once() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loopd"))
-        .args([
-            "serve",
-            "--bind",
-            &format!("127.0.0.1:{port}"),
-            "--agent",
-            "echo",
-        ])
-        .env("LOOPD_DATA_DIR", tmp.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = serve(tmp.path(), port, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut url, mut user, mut password) = (None, None, None);
     while password.is_none() {
@@ -384,28 +396,11 @@ async fn sandbox_none_runs_but_warns_in_the_log_and_healthz() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loopd"))
-        .args([
-            "serve",
-            "--bind",
-            &format!("127.0.0.1:{port}"),
-            "--agent",
-            "echo",
-        ])
-        .env("LOOPD_DATA_DIR", tmp.path())
-        .env("LOOPD_SANDBOX", "none")
-        .env("LOOPD_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = serve(
+        tmp.path(),
+        port,
+        &[("LOOPD_SANDBOX", "none"), ("LOOPD_LOG_FORMAT", "json")],
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut warned = false;
     loop {

@@ -76,17 +76,13 @@ async fn create_validates_every_field() {
     bad("repo_not_found")(create(json!({"repo": "nope"})).await);
     bad("profile_not_found")(create(json!({"profiles": ["../../etc"]})).await);
 
-    for raw in ["{", "not json", "{\"title\": \"a\",}", "[1,"] {
-        let resp = app
-            .request(Method::POST, "/api/v1/loops", &bearer)
-            .body(raw)
-            .send()
-            .await
-            .unwrap();
-        bad("invalid_json")(crate::support::read(resp).await);
-    }
-    // Not UTF-8, inside a string and as a whole: still `invalid_json`.
+    // Broken JSON, and bytes that are not UTF-8 (inside a string and as a
+    // whole): all `invalid_json`.
     for raw in [
+        b"{".to_vec(),
+        b"not json".to_vec(),
+        b"{\"title\": \"a\",}".to_vec(),
+        b"[1,".to_vec(),
         b"{\"title\": \"\xff\xfe\"}".to_vec(),
         vec![0xff, 0xfe, 0x00],
     ] {
