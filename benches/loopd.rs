@@ -329,6 +329,13 @@ mod client {
                         "500",
                         "--sandbox",
                         sandbox,
+                        // Capacity, not abuse: one client opens 10,000 streams.
+                        "--max-streams-per-user",
+                        "100000",
+                        "--max-connections-per-client",
+                        "100000",
+                        "--request-rate",
+                        "100000/1ms",
                     ])
                     .arg("--claude-bin")
                     .arg(&exe)
