@@ -42,7 +42,7 @@ pub fn prepare(
     // The credentials' mount point: absent or a plain file, never a link.
     let credentials = home.join(".claude/.credentials.json");
     if fs::symlink_metadata(&credentials).is_ok_and(|m| !m.is_file()) {
-        remove(&credentials)?;
+        clear(&credentials)?;
     }
     if let (Some(server_home), Some(session)) = (server_home, session) {
         move_transcript(&server_home.join(".claude"), &home.join(".claude"), session)?;
@@ -71,6 +71,9 @@ fn move_transcript(from: &Path, to: &Path, session: &str) -> Result<(), String> 
         }
         for name in [file.clone(), session.to_owned()] {
             let (src, dest) = (project.path().join(&name), dest_dir.join(&name));
+            // Whatever the agent left at the destination (a link to follow,
+            // most of all) goes first; nothing is written through it.
+            clear(&dest)?;
             if src.exists() {
                 move_path(&src, &dest)?;
             }
@@ -94,6 +97,18 @@ fn real_dir(path: &Path) -> Result<(), String> {
 
 fn remove(path: &Path) -> Result<(), String> {
     fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Removes whatever is at `path` (a link itself, never its target; a real
+/// directory with its contents).
+fn clear(path: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            fs::remove_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        Ok(_) => remove(path),
+        Err(_) => Ok(()),
+    }
 }
 
 /// `rename`, or copy and remove across file systems.

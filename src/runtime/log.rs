@@ -425,6 +425,23 @@ impl EventLog {
         self.scan(offset, take)
     }
 
+    /// [`Self::scan_from_offset`] up to byte `end` only (from
+    /// [`Self::view_with_len`], so what is read matches that view).
+    pub fn scan_from_offset_to(
+        &self,
+        offset: u64,
+        end: u64,
+        mut take: impl FnMut(StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        self.scan_lines_to(offset, end, |line, _| Ok(take(self.parse(line)?)))
+    }
+
+    /// A view of the log together with its length in bytes at that moment.
+    pub fn view_with_len<R>(&self, f: impl FnOnce(&LogView, u64) -> R) -> R {
+        let state = self.state.lock().expect("log poisoned");
+        f(&state.view, state.len)
+    }
+
     /// Parses the stored events from byte `start` up to what was written so
     /// far, handing each to `take` until it returns false.
     fn scan(
@@ -449,9 +466,19 @@ impl EventLog {
     fn scan_lines(
         &self,
         start: u64,
-        mut take: impl FnMut(&[u8], u64) -> Result<bool, StoreError>,
+        take: impl FnMut(&[u8], u64) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
         let end = self.state.lock().expect("log poisoned").len;
+        self.scan_lines_to(start, end, take)
+    }
+
+    /// [`Self::scan_lines`] up to byte `end` (a length taken earlier).
+    fn scan_lines_to(
+        &self,
+        start: u64,
+        end: u64,
+        mut take: impl FnMut(&[u8], u64) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
         let mut file = File::open(&self.path).map_err(|e| StoreError::io(&self.path, e))?;
         file.seek(SeekFrom::Start(start))
             .map_err(|e| StoreError::io(&self.path, e))?;

@@ -93,8 +93,9 @@ pub struct TurnQuery {
 /// The page of turns: the newest `limit` by default, the `limit` just
 /// before `before` or just after `after`; always oldest first.
 pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
-    let log_len = log.len_bytes();
-    let (has_more, offset, ids) = log.view(|v| {
+    // The view, its length and its last seq from one moment: the scan reads
+    // no further, so `last_seq` never passes an event it did not see.
+    let (has_more, offset, ids, log_len, snapshot_seq) = log.view_with_len(|v, log_len| {
         let cursor = |id: &Option<String>| -> Result<Option<usize>, ApiError> {
             id.as_ref()
                 .map(|id| {
@@ -143,7 +144,7 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
             .iter()
             .map(|t| (t.turn_id.clone(), t.origin))
             .collect();
-        Ok((more, offset, ids))
+        Ok((more, offset, ids, log_len, v.next_seq - 1))
     })?;
     let Some(offset) = offset else {
         return Ok(TurnPage {
@@ -151,7 +152,7 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
             first_id: None,
             last_id: None,
             has_more,
-            last_seq: log.view(|v| v.next_seq - 1),
+            last_seq: snapshot_seq,
         });
     };
     let mut turns: Vec<Turn> = ids.iter().map(|(id, origin)| empty(id, *origin)).collect();
@@ -162,17 +163,34 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
         .collect();
     // Folded as read: only the page's own turns are held, never the log,
     // and reading stops once every one of them has ended.
-    let mut last_seq = 0;
+    // Read to the end of the snapshot: then it reflects every event up to
+    // its last seq (other turns' events included, which are not this page's).
+    let mut last_seq = snapshot_seq;
     let mut ended = vec![false; turns.len()];
     let mut open = turns.len();
-    log.scan_from_offset(offset, |stored| {
-        last_seq = stored.seq;
-        if let Some(&i) = stored.event.turn_id().and_then(|t| index.get(t)) {
-            fold(&mut turns[i], &stored);
-            if stored.event.is_terminal() && !ended[i] {
-                ended[i] = true;
-                open -= 1;
+    log.scan_from_offset_to(offset, log_len, |stored| {
+        match stored.event.turn_id().and_then(|t| index.get(t)) {
+            Some(&i) => {
+                fold(&mut turns[i], &stored);
+                if stored.event.is_terminal() && !ended[i] {
+                    ended[i] = true;
+                    open -= 1;
+                }
             }
+            // A newer turn this page does not hold begins: following on from
+            // `last_seq` must bring it, so the page reflects no further.
+            None if matches!(
+                stored.event,
+                crate::runtime::events::Event::UserMessage { .. }
+            ) =>
+            {
+                last_seq = last_seq.min(stored.seq - 1);
+            }
+            None => {}
+        }
+        // Stopping early: the page reflects events up to this one.
+        if open == 0 {
+            last_seq = last_seq.min(stored.seq);
         }
         open > 0
     })?;
@@ -285,5 +303,107 @@ fn fold(turn: &mut Turn, stored: &StoredEvent) {
             });
             turn.ended_at = at;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::events::Event;
+    use crate::runtime::log::Append;
+
+    fn user(t: &str, content: &str) -> Append {
+        Event::UserMessage {
+            turn_id: t.into(),
+            content: content.into(),
+            created_at: chrono::Utc::now(),
+        }
+        .into()
+    }
+    fn started(t: &str) -> Append {
+        Event::Started {
+            turn_id: t.into(),
+            cold_start: false,
+            origin: None,
+            history_lost: false,
+        }
+        .into()
+    }
+    fn done(t: &str) -> Append {
+        Event::Done {
+            turn_id: t.into(),
+            usage: None,
+        }
+        .into()
+    }
+    fn query(limit: usize, before: Option<&str>, after: Option<&str>) -> TurnQuery {
+        TurnQuery {
+            limit,
+            before: before.map(str::to_owned),
+            after: after.map(str::to_owned),
+        }
+    }
+
+    /// t2 was queued while t1 ran: its user_message (seq 3) comes before t1's done (4).
+    fn interleaved() -> (tempfile::TempDir, std::sync::Arc<EventLog>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
+        log.append(vec![
+            user("t1", "one"),
+            started("t1"),
+            user("t2", "two"),
+            done("t1"),
+            started("t2"),
+            done("t2"),
+        ])
+        .unwrap();
+        (dir, log)
+    }
+
+    #[test]
+    fn a_page_reflects_no_event_of_a_turn_it_does_not_hold() {
+        let (_dir, log) = interleaved();
+        let newest = page(&log, &query(1, None, None)).unwrap();
+        assert_eq!(newest.data[0].turn_id, "t2");
+        assert_eq!((newest.has_more, newest.last_seq), (true, 6));
+        // The older page stops before t2's user_message: following on from
+        // its last_seq brings t2 whole.
+        let older = page(&log, &query(1, Some("t2"), None)).unwrap();
+        assert_eq!(older.data[0].turn_id, "t1");
+        assert_eq!(older.data[0].content, "one");
+        assert!(
+            matches!(older.data[0].status, TurnStatus::Done),
+            "{:?}",
+            older.data[0].status
+        );
+        assert_eq!(older.last_seq, 2);
+        let forward = page(&log, &query(1, None, Some("t1"))).unwrap();
+        assert_eq!(forward.data[0].turn_id, "t2");
+        assert!(!forward.has_more);
+    }
+
+    #[test]
+    fn a_page_is_bounded_by_bytes_and_the_cursor_brings_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
+        let big = "x".repeat(MAX_PAGE_BYTES / 3);
+        for t in ["a", "b", "c", "d", "e"] {
+            log.append(vec![user(t, &big), started(t), done(t)])
+                .unwrap();
+        }
+        let newest = page(&log, &query(100, None, None)).unwrap();
+        let got: Vec<&str> = newest.data.iter().map(|t| t.turn_id.as_str()).collect();
+        assert!(got.len() < 5 && got.last() == Some(&"e"), "{got:?}");
+        assert!(newest.has_more);
+        let older = page(&log, &query(100, Some(got[0]), None)).unwrap();
+        let mut all: Vec<&str> = older.data.iter().map(|t| t.turn_id.as_str()).collect();
+        all.extend(&got);
+        assert!(all.ends_with(&["a", "b", "c", "d", "e"][5 - all.len()..]));
+        let forward = page(&log, &query(100, None, Some("a"))).unwrap();
+        assert_eq!(
+            forward.data[0].turn_id, "b",
+            "going forward keeps the oldest"
+        );
+        assert!(forward.has_more);
     }
 }
