@@ -48,6 +48,21 @@ const LOADER_VARS: &[&str] = &[
     "GIT_ASKPASS",
     "GIT_PROXY_COMMAND",
     "GIT_EXTERNAL_DIFF",
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_COMMON_DIR",
+    "GIT_PAGER",
+    "GIT_EDITOR",
+    "GIT_SEQUENCE_EDITOR",
+    "EDITOR",
+    "VISUAL",
+    "PAGER",
+    "LESSOPEN",
+    "LESSCLOSE",
+    "XDG_CONFIG_HOME",
+    "ZDOTDIR",
+    "JAVA_TOOL_OPTIONS",
+    "_JAVA_OPTIONS",
     "CLAUDE_CONFIG_DIR",
     MARKER_VAR,
 ];
@@ -68,7 +83,8 @@ pub fn check_vault(vault: &[(String, String)], allowed: &[String]) -> Result<(),
             || LOADER_PREFIXES.iter().any(|p| key.starts_with(p));
         if loader && !allowed.contains(key) {
             return Err(format!(
-                "the loop's vault sets `{key}`, which decides what code the agent runs;                  the operator can allow it with --vault-allow-env {key}"
+                "the loop's vault sets `{key}`, which decides what code the agent runs; \
+                 the operator can allow it with --vault-allow-env {key}"
             ));
         }
     }
@@ -200,11 +216,18 @@ mod tests {
             "NODE_OPTIONS",
             "BASH_ENV",
             "GIT_SSH_COMMAND",
+            "GIT_DIR",
+            "EDITOR",
+            "JAVA_TOOL_OPTIONS",
             "LOOPD_X",
         ] {
             let vault = vars(&[("OK", "1"), (key, "x")]);
             let err = check_vault(&vault, &[]).unwrap_err();
             assert!(err.contains(key), "{err}");
+            assert!(
+                !err.contains("  "),
+                "one sentence, no runs of spaces: {err}"
+            );
             check_vault(&vault, &[key.to_owned()]).unwrap();
         }
         check_vault(

@@ -209,15 +209,12 @@ impl Bwrap {
         ]
         .map(str::to_owned)
         .to_vec();
+        // Its own user namespace, and no further ones inside it (they would
+        // open more of the kernel to the agent).
+        a.extend(["--unshare-user".into(), "--disable-userns".into()]);
         if self.remap_uid {
             let id = SANDBOX_UID.to_string();
-            a.extend([
-                "--unshare-user".into(),
-                "--uid".into(),
-                id.clone(),
-                "--gid".into(),
-                id,
-            ]);
+            a.extend(["--uid".into(), id.clone(), "--gid".into(), id]);
         }
         a.extend(self.system.iter().cloned());
         for (path, dir) in &self.masked {
@@ -355,6 +352,8 @@ mod tests {
         );
         for flag in [
             "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
             "--die-with-parent",
             "--new-session",
             "--share-net",

@@ -189,6 +189,7 @@ async fn no_escape_from_a_loop_reaches_loopd_its_files_or_another_loop() {
          tr '\\0' '\\n' < /proc/$PPID/environ | grep -c CARGO_ || true\n\
          echo \"processes $(ls /proc | grep -c '^[0-9]')\"\n\
          echo \"uid $(id -u)\"\n\
+         if unshare -U true 2>/dev/null; then echo 'NESTED userns'; else echo 'DENIED userns'; fi\n\
          setsid nohup sleep 4747 >/dev/null 2>&1 &\n\
          echo done-probing\n"
     ));
@@ -205,6 +206,10 @@ async fn no_escape_from_a_loop_reaches_loopd_its_files_or_another_loop() {
     }
     assert!(!report.contains("WROTE"), "{report}");
     assert!(report.contains("DENIED kill"), "{report}");
+    assert!(
+        report.contains("DENIED userns"),
+        "a user namespace inside the sandbox:\n{report}"
+    );
     assert!(
         report.contains("\n0\n"),
         "loopd's environment leaked through $PPID:\n{report}"
