@@ -44,9 +44,7 @@ impl FromRequestParts<AppState> for Caller {
                 .ok_or_else(|| {
                     ApiError::unauthorized("invalid_token", "unknown or revoked API token")
                 })?;
-            state
-                .guards
-                .request(&format!("t:{}", crate::ids::sha256_hex(token)))?;
+            state.guards.request(token)?;
             return Ok(Self {
                 user_id: user.name,
                 admin: user.admin,
@@ -67,9 +65,7 @@ impl FromRequestParts<AppState> for Caller {
             if !is_safe(&parts.method) {
                 check_same_origin(&parts.headers, state.config.public_origin.as_deref())?;
             }
-            state
-                .guards
-                .request(&format!("s:{}", crate::ids::sha256_hex(&secret)))?;
+            state.guards.request(&secret)?;
             return Ok(Self {
                 user_id: user.name,
                 admin: user.admin,

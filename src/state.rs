@@ -32,7 +32,7 @@ impl AppState {
         let loops = Arc::new(LoopStore::open(dir.loops())?);
         let catalog = Arc::new(Catalog::new(dir.root()));
         let runtime = Runtime::open(Shared {
-            queued: crate::runtime::budget::QueuedBytes::new(config.limits.queued_bytes_per_user),
+            queued: crate::budget::Budget::new(config.limits.queued_bytes_per_user),
             config: config.clone(),
             loops: loops.clone(),
             catalog: catalog.clone(),

@@ -7,7 +7,6 @@
 //! The throttles are `governor`'s keyed GCRA limiters over a bounded number
 //! of hashed slots ([`MAX_KEYS`]), pruned every minute.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -23,6 +22,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::serve::client_key;
+use crate::budget::{Budget, Taken};
 use crate::config::{Config, Limits, Rate};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -42,8 +42,10 @@ pub struct Guards {
     /// attempts locks only themselves out, never its owner logging in from
     /// elsewhere.
     login_per_user: Throttle<(String, IpAddr)>,
-    per_caller: Throttle<String>,
-    streams: Mutex<HashMap<String, usize>>,
+    /// Keyed by the token or session secret itself: only a hashed slot of
+    /// it is kept, never the secret.
+    per_caller: Throttle<str>,
+    streams: Arc<Budget<String>>,
 }
 
 /// A keyed GCRA throttle over a bounded map: a key counts in one of
@@ -51,14 +53,14 @@ pub struct Guards {
 /// map can never hold more than that, a flood of new keys refuses no known
 /// one, and a client cannot aim at another's slot; two keys share a slot
 /// only by chance.
-struct Throttle<K: std::hash::Hash> {
+struct Throttle<K: std::hash::Hash + ?Sized> {
     rate: Rate,
     limiter: DefaultKeyedRateLimiter<u32>,
     seed: std::collections::hash_map::RandomState,
     _key: std::marker::PhantomData<fn(&K)>,
 }
 
-impl<K: std::hash::Hash> Throttle<K> {
+impl<K: std::hash::Hash + ?Sized> Throttle<K> {
     fn new(rate: Rate) -> Self {
         let quota = Quota::with_period(rate.period)
             .expect("a period above zero")
@@ -119,22 +121,7 @@ impl Drop for PasswordSlot {
 }
 
 /// One open SSE stream of a user; dropping it frees its place.
-pub struct StreamSlot {
-    guards: Arc<Guards>,
-    user: String,
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        let mut streams = self.guards.streams.lock().expect("stream counts poisoned");
-        if let Some(n) = streams.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                streams.remove(&self.user);
-            }
-        }
-    }
-}
+pub type StreamSlot = Taken<String>;
 
 impl Guards {
     pub fn new(limits: &Limits) -> Self {
@@ -148,7 +135,7 @@ impl Guards {
             login_per_client: Throttle::new(limits.login_per_client),
             login_per_user: Throttle::new(limits.login_per_user),
             per_caller: Throttle::new(limits.requests_per_caller),
-            streams: Mutex::new(HashMap::new()),
+            streams: Budget::new(limits.streams_per_user),
             limits: limits.clone(),
         }
     }
@@ -202,7 +189,7 @@ impl Guards {
 
     /// One request of an authenticated caller (`key`: its token or session).
     pub fn request(&self, key: &str) -> Result<(), ApiError> {
-        self.per_caller.check(&key.to_owned()).map_err(|wait| {
+        self.per_caller.check(key).map_err(|wait| {
             let rate = self.limits.requests_per_caller;
             rate_limited(
                 "too_many_requests",
@@ -218,23 +205,16 @@ impl Guards {
     }
 
     /// A place for one more SSE stream of `user`.
-    pub fn stream(self: &Arc<Self>, user: &str) -> Result<StreamSlot, ApiError> {
-        let mut streams = self.streams.lock().expect("stream counts poisoned");
-        let open = streams.entry(user.to_owned()).or_insert(0);
-        if *open >= self.limits.streams_per_user {
-            return Err(rate_limited(
+    pub fn stream(&self, user: &str) -> Result<StreamSlot, ApiError> {
+        self.streams.take(user.to_owned(), 1).ok_or_else(|| {
+            rate_limited(
                 "too_many_streams",
                 format!(
                     "you have {} event streams open, as many as one user may (--max-streams-per-user); close one",
-                    self.limits.streams_per_user
+                    self.streams.cap()
                 ),
                 Duration::from_secs(1),
-            ));
-        }
-        *open += 1;
-        Ok(StreamSlot {
-            guards: self.clone(),
-            user: user.to_owned(),
+            )
         })
     }
 }
@@ -491,7 +471,7 @@ mod tests {
             streams_per_user: 2,
             ..Limits::default()
         };
-        let guards = Arc::new(Guards::new(&limits));
+        let guards = Guards::new(&limits);
         let one = guards.stream("alice").unwrap();
         let _two = guards.stream("alice").unwrap();
         assert!(guards.stream("alice").is_err());

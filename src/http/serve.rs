@@ -5,10 +5,9 @@
 //! header size, caps open connections in total and per client address, and
 //! shuts down gracefully: every connection task is tracked and awaited.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -23,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
+use crate::budget::{Budget, Taken};
 pub use crate::config::ConnLimits;
 
 /// How long shutdown waits for connections to finish their requests.
@@ -36,7 +36,7 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let counts = Arc::new(Counts::default());
+    let counts = Counts::new(&limits);
     let tasks = TaskTracker::new();
     let closing = CancellationToken::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -53,7 +53,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let guard = match counts.admit(addr.ip(), &limits) {
+        let guard = match counts.admit(addr.ip()) {
             Ok(guard) => guard,
             Err(refusal) => {
                 refuse(&tcp, refusal);
@@ -176,58 +176,30 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Open connections, in total and per client; an entry lives only while
-/// its client has a connection open, so the map is bounded by them.
-#[derive(Default)]
+/// Open connections, in total (under the key `()`) and per client.
 struct Counts {
-    inner: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    total: Arc<Budget<()>>,
+    per_client: Arc<Budget<IpAddr>>,
 }
 
-/// One admitted connection; dropping it frees its place.
-struct Admitted {
-    counts: Arc<Counts>,
-    key: IpAddr,
-}
+/// One admitted connection; dropping it frees its places.
+type Admitted = (Taken<()>, Taken<IpAddr>);
 
 impl Counts {
-    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &ConnLimits) -> Result<Admitted, Refusal> {
-        let key = client_key(ip);
-        let mut guard = self.inner.lock().expect("connection counts poisoned");
-        let (total, per) = &mut *guard;
-        if *total >= limits.max_connections {
-            return Err(Refusal::Total);
+    fn new(limits: &ConnLimits) -> Self {
+        Self {
+            total: Budget::new(limits.max_connections),
+            per_client: Budget::new(limits.max_per_client),
         }
-        let mine = per.entry(key).or_insert(0);
-        if *mine >= limits.max_per_client {
-            if *mine == 0 {
-                per.remove(&key);
-            }
-            return Err(Refusal::PerClient);
-        }
-        *mine += 1;
-        *total += 1;
-        Ok(Admitted {
-            counts: self.clone(),
-            key,
-        })
     }
-}
 
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut guard = self
-            .counts
-            .inner
-            .lock()
-            .expect("connection counts poisoned");
-        let (total, per) = &mut *guard;
-        *total -= 1;
-        if let Some(n) = per.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.key);
-            }
-        }
+    fn admit(&self, ip: IpAddr) -> Result<Admitted, Refusal> {
+        let total = self.total.take((), 1).ok_or(Refusal::Total)?;
+        let mine = self
+            .per_client
+            .take(client_key(ip), 1)
+            .ok_or(Refusal::PerClient)?;
+        Ok((total, mine))
     }
 }
 
@@ -247,21 +219,20 @@ mod tests {
 
     #[test]
     fn caps_count_open_connections_and_free_them_on_drop() {
-        let counts = Arc::new(Counts::default());
-        let l = limits(3, 2);
+        let counts = Counts::new(&limits(3, 2));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let a1 = counts.admit(a, &l).unwrap();
-        let _a2 = counts.admit(a, &l).unwrap();
-        assert_eq!(counts.admit(a, &l).err(), Some(Refusal::PerClient));
-        let _b1 = counts.admit(b, &l).unwrap();
-        assert_eq!(counts.admit(b, &l).err(), Some(Refusal::Total));
+        let a1 = counts.admit(a).unwrap();
+        let _a2 = counts.admit(a).unwrap();
+        assert_eq!(counts.admit(a).err(), Some(Refusal::PerClient));
+        let _b1 = counts.admit(b).unwrap();
+        assert_eq!(counts.admit(b).err(), Some(Refusal::Total));
         drop(a1);
-        let _a3 = counts.admit(a, &l).unwrap();
+        let _a3 = counts.admit(a).unwrap();
         drop((_a2, _a3, _b1));
-        assert_eq!(counts.inner.lock().unwrap().0, 0);
+        assert!(counts.total.is_empty());
         assert!(
-            counts.inner.lock().unwrap().1.is_empty(),
+            counts.per_client.is_empty(),
             "no entry outlives its connections"
         );
     }

@@ -138,15 +138,59 @@ fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
     }
 }
 
+/// One loop, as the runtime knows it (paths as configured).
+pub struct Loop<'a> {
+    pub data_dir: &'a Path,
+    pub loop_dir: &'a Path,
+    pub workspace: &'a Path,
+    pub repo: Option<&'a Path>,
+    /// The environment agents' environments are built from.
+    pub server_env: &'a [(String, String)],
+    pub session: &'a str,
+}
+
+/// What a sandboxed agent of a loop runs with, every path canonical (the
+/// same inside the sandbox as outside).
+pub struct Given {
+    pub home: PathBuf,
+    pub workspace: PathBuf,
+    pub mounts: Vec<Mount>,
+}
+
+/// Prepares the loop's agent home (moving an older transcript into it) and
+/// says what its sandboxed agent is given.
+pub fn sandboxed(l: &Loop) -> Result<Given, String> {
+    let real = |p: &Path| fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()));
+    let (data_dir, loop_dir, workspace) =
+        (real(l.data_dir)?, real(l.loop_dir)?, real(l.workspace)?);
+    let repo = l.repo.map(real).transpose()?;
+    let server_home = env_var(l.server_env, "HOME");
+    let home = prepare(&loop_dir, server_home.as_deref(), Some(l.session))?;
+    let credentials = credentials(l.server_env);
+    let mounts = mounts(&LoopPaths {
+        data_dir: &data_dir,
+        workspace: &workspace,
+        home: &home,
+        credentials: credentials.as_deref(),
+        repo: repo.as_deref(),
+    })?;
+    Ok(Given {
+        home,
+        workspace,
+        mounts,
+    })
+}
+
+fn env_var(env: &[(String, String)], name: &str) -> Option<PathBuf> {
+    env.iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, v)| PathBuf::from(v))
+}
+
 /// The Claude Code credentials file of the user running loopd, if any.
 pub fn credentials(server_env: &[(String, String)]) -> Option<PathBuf> {
-    let var = |k: &str| {
-        server_env
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| PathBuf::from(v))
-    };
-    let dir = var("CLAUDE_CONFIG_DIR").or_else(|| var("HOME").map(|h| h.join(".claude")))?;
+    let dir = env_var(server_env, "CLAUDE_CONFIG_DIR")
+        .or_else(|| env_var(server_env, "HOME").map(|h| h.join(".claude")))?;
     Some(dir.join(".credentials.json")).filter(|p| p.is_file())
 }
 

@@ -591,28 +591,26 @@ impl Follower {
     }
 }
 
+/// Events to append, for the runtime's tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixtures {
+    use super::Append;
+    use crate::runtime::events::Event;
 
-    fn delta(t: &str, text: &str) -> Append {
-        Event::AssistantDelta {
-            turn_id: t.into(),
-            text: text.into(),
-        }
-        .into()
-    }
-
-    fn user(t: &str) -> Append {
+    pub fn said(t: &str, content: &str) -> Append {
         Event::UserMessage {
             turn_id: t.into(),
-            content: "hi".into(),
-            created_at: Utc::now(),
+            content: content.into(),
+            created_at: chrono::Utc::now(),
         }
         .into()
     }
 
-    fn started(t: &str) -> Append {
+    pub fn user(t: &str) -> Append {
+        said(t, "hi")
+    }
+
+    pub fn started(t: &str) -> Append {
         Event::Started {
             turn_id: t.into(),
             cold_start: false,
@@ -621,6 +619,29 @@ mod tests {
         }
         .into()
     }
+
+    pub fn delta(t: &str, text: &str) -> Append {
+        Event::AssistantDelta {
+            turn_id: t.into(),
+            text: text.into(),
+        }
+        .into()
+    }
+
+    pub fn done(t: &str) -> Append {
+        Event::Done {
+            turn_id: t.into(),
+            usage: None,
+        }
+        .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::fixtures::{delta, started, user};
 
     #[test]
     fn a_lines_seq_is_read_from_its_start() {

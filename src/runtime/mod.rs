@@ -4,7 +4,6 @@
 
 pub mod actor;
 pub mod agent_home;
-pub mod budget;
 pub mod choices;
 pub mod events;
 pub mod idempotency;
@@ -23,6 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 use self::actor::{Actor, Command, Sent, StopReason};
 use self::choices::ChoiceAnswer;
 use self::events::{ChoiceSource, IdemRecord};
+use crate::budget::{Budget, Taken};
+
 use self::idempotency::{IdemIndex, Lookup, Recorded};
 use self::log::EventLog;
 use self::slots::Slots;
@@ -34,8 +35,9 @@ use crate::store::{Catalog, LoopId, LoopRecord, LoopStore, StoreError};
 /// What actors share.
 pub struct Shared {
     pub config: Arc<Config>,
-    /// Bytes of queued messages per user.
-    pub queued: Arc<budget::QueuedBytes>,
+    /// Bytes of queued messages per user (a queued turn keeps its message
+    /// in memory until it runs).
+    pub queued: Arc<Budget<String>>,
     pub loops: Arc<LoopStore>,
     pub catalog: Arc<Catalog>,
     pub slots: Arc<Slots>,
@@ -70,14 +72,15 @@ pub struct IdemKey {
 
 impl Runtime {
     /// A place for a message among `user`'s queued ones (429 `queue_full`).
-    fn reserve(&self, user: &str, content: &str) -> Result<budget::Reservation, ApiError> {
-        self.shared.queued.reserve(user, content.len()).ok_or_else(|| {
+    fn reserve(&self, user: &str, content: &str) -> Result<Taken<String>, ApiError> {
+        let queued = &self.shared.queued;
+        queued.take(user.to_owned(), content.len()).ok_or_else(|| {
             ApiError::RateLimited(
                 "queue_full",
                 format!(
                     "your loops already have {} bytes of messages waiting (--max-queued-bytes-per-user); \
                      send again when some have run",
-                    self.shared.queued.held(user)
+                    queued.held(&user.to_owned())
                 ),
                 std::time::Duration::from_secs(1),
             )

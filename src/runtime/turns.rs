@@ -309,33 +309,8 @@ fn fold(turn: &mut Turn, stored: &StoredEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::events::Event;
-    use crate::runtime::log::Append;
+    use crate::runtime::log::fixtures::{done, said, started};
 
-    fn user(t: &str, content: &str) -> Append {
-        Event::UserMessage {
-            turn_id: t.into(),
-            content: content.into(),
-            created_at: chrono::Utc::now(),
-        }
-        .into()
-    }
-    fn started(t: &str) -> Append {
-        Event::Started {
-            turn_id: t.into(),
-            cold_start: false,
-            origin: None,
-            history_lost: false,
-        }
-        .into()
-    }
-    fn done(t: &str) -> Append {
-        Event::Done {
-            turn_id: t.into(),
-            usage: None,
-        }
-        .into()
-    }
     fn query(limit: usize, before: Option<&str>, after: Option<&str>) -> TurnQuery {
         TurnQuery {
             limit,
@@ -349,9 +324,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
         log.append(vec![
-            user("t1", "one"),
+            said("t1", "one"),
             started("t1"),
-            user("t2", "two"),
+            said("t2", "two"),
             done("t1"),
             started("t2"),
             done("t2"),
@@ -388,7 +363,7 @@ mod tests {
         let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
         let big = "x".repeat(MAX_PAGE_BYTES / 3);
         for t in ["a", "b", "c", "d", "e"] {
-            log.append(vec![user(t, &big), started(t), done(t)])
+            log.append(vec![said(t, &big), started(t), done(t)])
                 .unwrap();
         }
         let newest = page(&log, &query(100, None, None)).unwrap();

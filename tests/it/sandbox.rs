@@ -107,6 +107,10 @@ fn git(dir: &Path, args: &[&str]) -> String {
 async fn no_escape_from_a_loop_reaches_loopd_its_files_or_another_loop() {
     let rig = Rig::start().await;
     let data = rig.data.path().to_owned();
+    // A logged-in CLI's credentials, in the home of the user running loopd.
+    let credentials = rig.home.path().join(".claude/.credentials.json");
+    std::fs::create_dir_all(credentials.parent().unwrap()).unwrap();
+    std::fs::write(&credentials, "creds-of-the-operator").unwrap();
     let (_, health) = rig.app.get("/healthz", &Auth::None).await;
     assert_eq!(
         health["sandbox"], "bwrap",
@@ -190,6 +194,8 @@ async fn no_escape_from_a_loop_reaches_loopd_its_files_or_another_loop() {
          echo \"processes $(ls /proc | grep -c '^[0-9]')\"\n\
          echo \"uid $(id -u)\"\n\
          if unshare -U true 2>/dev/null; then echo 'NESTED userns'; else echo 'DENIED userns'; fi\n\
+         echo \"credentials $(cat \"$HOME/.claude/.credentials.json\")\"\n\
+         if echo x >> \"$HOME/.claude/.credentials.json\" 2>/dev/null; then echo 'WROTE credentials'; else echo 'DENIED write credentials'; fi\n\
          setsid nohup sleep 4747 >/dev/null 2>&1 &\n\
          echo done-probing\n"
     ));
@@ -209,6 +215,16 @@ async fn no_escape_from_a_loop_reaches_loopd_its_files_or_another_loop() {
     assert!(
         report.contains("DENIED userns"),
         "a user namespace inside the sandbox:\n{report}"
+    );
+    // The credentials are there to read, and only to read.
+    assert!(
+        report.contains("credentials creds-of-the-operator\n"),
+        "{report}"
+    );
+    assert!(report.contains("DENIED write credentials"), "{report}");
+    assert_eq!(
+        std::fs::read_to_string(&credentials).unwrap(),
+        "creds-of-the-operator"
     );
     assert!(
         report.contains("\n0\n"),

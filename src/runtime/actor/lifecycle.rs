@@ -83,30 +83,16 @@ impl Actor {
             let (home, mounts, cwd) = match config.sandbox {
                 Sandbox::None => (None, Vec::new(), cwd),
                 Sandbox::Bwrap(_) => {
-                    let loop_dir = std::fs::canonicalize(&loop_dir).map_err(|e| e.to_string())?;
-                    let data_dir =
-                        std::fs::canonicalize(&config.data_dir).map_err(|e| e.to_string())?;
-                    let cwd = std::fs::canonicalize(&cwd).map_err(|e| e.to_string())?;
-                    let server_home = config
-                        .agent_base_env
-                        .iter()
-                        .find(|(k, _)| k == "HOME")
-                        .map(|(_, v)| std::path::PathBuf::from(v));
-                    let home =
-                        agent_home::prepare(&loop_dir, server_home.as_deref(), Some(session.id()))?;
                     let repo = record.repo.as_ref().map(|r| shared.catalog.repo_path(r));
-                    let repo = repo
-                        .map(|r| std::fs::canonicalize(&r).map_err(|e| e.to_string()))
-                        .transpose()?;
-                    let credentials = agent_home::credentials(&config.agent_base_env);
-                    let mounts = agent_home::mounts(&agent_home::LoopPaths {
-                        data_dir: &data_dir,
+                    let given = agent_home::sandboxed(&agent_home::Loop {
+                        data_dir: &config.data_dir,
+                        loop_dir: &loop_dir,
                         workspace: &cwd,
-                        home: &home,
-                        credentials: credentials.as_deref(),
                         repo: repo.as_deref(),
+                        server_env: &config.agent_base_env,
+                        session: session.id(),
                     })?;
-                    (Some(home), mounts, cwd)
+                    (Some(given.home), given.mounts, given.workspace)
                 }
             };
             let env = agent::env::build(

@@ -20,11 +20,11 @@ use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::Shared;
-use super::budget::Reservation;
 use super::choices::{self, ChoiceAnswer};
 use super::events::{ChoiceKind, ChoiceSource, Event, IdemRecord, Origin, new_turn_id};
 use super::log::{Append, EventLog};
 use crate::agent::{AgentHandle, AgentInput, AgentOutput, PermissionMode, Session};
+use crate::budget::Taken;
 use crate::error::ApiError;
 use crate::store::LoopId;
 
@@ -39,7 +39,7 @@ pub enum Command {
         mode: Option<PermissionMode>,
         idem: Option<IdemRecord>,
         /// Its place among the user's queued bytes, held while it waits.
-        reserved: Reservation,
+        reserved: Taken<String>,
         reply: oneshot::Sender<Result<Sent, ApiError>>,
     },
     Answer {
@@ -81,7 +81,7 @@ struct Pending {
     /// `queued` was already said for it.
     announced: bool,
     /// Given back when the turn leaves the queue.
-    _reserved: Reservation,
+    _reserved: Taken<String>,
 }
 
 struct Live {
@@ -292,7 +292,7 @@ impl Actor {
         content: String,
         mode: Option<PermissionMode>,
         idem: Option<IdemRecord>,
-        reserved: Reservation,
+        reserved: Taken<String>,
     ) -> Result<Sent, ApiError> {
         self.flush();
         let waiting = self.turn.is_some() || !self.queue.is_empty() || self.waiting_slot.is_some();
