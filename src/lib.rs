@@ -5,11 +5,9 @@
 //! server on a loopback port.
 
 pub mod agent;
-pub mod auth;
 pub mod budget;
 pub mod cli;
 pub mod config;
-pub mod error;
 pub mod http;
 pub mod ids;
 pub mod runtime;

@@ -6,8 +6,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::runtime::slots::Slots;
-use crate::runtime::{Runtime, Shared};
+use crate::runtime::Runtime;
 use crate::store::{Accounts, Catalog, DataDir, LoopStore, StoreError};
 
 #[derive(Clone)]
@@ -31,13 +30,7 @@ impl AppState {
         let config = Arc::new(config);
         let loops = Arc::new(LoopStore::open(dir.loops())?);
         let catalog = Arc::new(Catalog::new(dir.root()));
-        let runtime = Runtime::open(Shared {
-            queued: crate::budget::Budget::new(config.limits.queued_bytes_per_user),
-            config: config.clone(),
-            loops: loops.clone(),
-            catalog: catalog.clone(),
-            slots: Arc::new(Slots::new(config.max_agents)),
-        })?;
+        let runtime = Runtime::open(config.clone(), loops.clone(), catalog.clone())?;
         Ok(Self {
             guards: Arc::new(crate::http::limits::Guards::new(&config.limits)),
             accounts: Arc::new(Accounts::open(dir)?),

@@ -22,9 +22,8 @@ use tokio::sync::mpsc;
 
 use super::{
     AgentEvent, AgentHandle, AgentInput, AgentOutput, AgentProcess, AgentSpec, CHANNEL, Decision,
-    TurnEnd,
+    TurnEnd, Usage,
 };
-use crate::runtime::events::Usage;
 
 pub fn spawn(spec: AgentSpec) -> AgentProcess {
     let (input_tx, input_rx) = mpsc::channel(CHANNEL);
@@ -118,7 +117,7 @@ fn with_usage(end: TurnEnd, text: &str, took: Duration) -> TurnEnd {
 
 impl Echo {
     async fn emit(&self, event: AgentEvent) {
-        let _ = self.output.send(AgentOutput::Event(event)).await;
+        let _ = self.output.send(AgentOutput::Events(vec![event])).await;
     }
 
     async fn say(&self, text: &str) {

@@ -17,8 +17,8 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::Usage;
 use super::{AgentEvent, TurnEnd};
-use crate::runtime::events::Usage;
 
 /// What mapping remembers between lines of one agent process.
 #[derive(Debug, Default, Clone)]

@@ -20,8 +20,6 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use utoipa::ToSchema;
 
-use crate::runtime::events::Usage;
-
 /// Which agent runs behind every loop of this server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +108,21 @@ impl NativeModes {
             },
         }
     }
+}
+
+/// Token counts, cost and duration as the agent reports them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_read_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// How a conversation starts: fresh with a known id, or resumed.
@@ -221,13 +234,10 @@ pub enum TurnEnd {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentOutput {
-    Event(AgentEvent),
-    /// Several events at once (what one read of the agent's output held).
+    /// What one read of the agent's output held, in order.
     Events(Vec<AgentEvent>),
     /// The agent is gone; `reason` says how (exit status, last stderr lines).
-    Exited {
-        reason: String,
-    },
+    Exited { reason: String },
 }
 
 /// A running agent: its channels and what stops it.

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde::de::{DeserializeOwned, IgnoredAny};
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// A JSON request body. Invalid JSON is 400 `invalid_json` (never read as
 /// `{}`); an empty body is `{}`, which fits endpoints whose fields are all

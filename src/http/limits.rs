@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::serve::client_key;
 use crate::budget::{Budget, Taken};
 use crate::config::{Config, Limits, Rate};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::state::AppState;
 use crate::store::CheckMemory;
 

@@ -2,17 +2,16 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::Json;
 use super::extract::Query;
-use super::{Json, blocking};
-use crate::auth::Caller;
-use crate::error::{ApiError, ErrorEnvelope};
-use crate::ids;
+use crate::http::auth::{Caller, OwnedLoop};
+use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
 use crate::store::{LoopId, LoopRecord, NewLoop, PageRequest};
 
@@ -121,21 +120,6 @@ impl From<LoopRecord> for Loop {
     }
 }
 
-/// The caller's loop `id`: 404 `loop_not_found` if there is no such loop,
-/// 403 `not_loop_owner` if it is someone else's.
-pub fn owned_loop(state: &AppState, caller: &Caller, id: &str) -> Result<LoopRecord, ApiError> {
-    let not_found = || ApiError::not_found("loop_not_found", format!("no loop `{id}`"));
-    let loop_id: LoopId = id.parse().map_err(|()| not_found())?;
-    let record = state.loops.get(loop_id).ok_or_else(not_found)?;
-    if record.created_by != caller.user_id {
-        return Err(ApiError::forbidden(
-            "not_loop_owner",
-            format!("loop `{id}` belongs to another user"),
-        ));
-    }
-    Ok(record)
-}
-
 fn validate(
     state: &AppState,
     caller: &Caller,
@@ -209,20 +193,7 @@ pub async fn create_loop(
     Json(body): Json<CreateLoopRequest>,
 ) -> Result<(StatusCode, axum::Json<Loop>), ApiError> {
     let new = validate(&state, &caller, body)?;
-    let (loops, catalog) = (state.loops.clone(), state.catalog.clone());
-    let max = state.config.limits.loops_per_user;
-    let record = blocking(move || {
-        let record = loops.create_within(new, max)?;
-        if let Err(err) =
-            crate::runtime::workspace::prepare(&loops.loop_dir(record.id), &catalog, &record)
-        {
-            loops.discard(record.id);
-            return Err(err.into());
-        }
-        Ok(record)
-    })
-    .await?;
-    tracing::info!(loop_id = %record.id, user = %record.created_by, "loop created");
+    let record = state.runtime.create(new).await?;
     Ok((StatusCode::CREATED, axum::Json(record.into())))
 }
 
@@ -286,10 +257,8 @@ pub async fn list_loops(
 )]
 pub async fn get_loop(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
+    OwnedLoop { record, .. }: OwnedLoop,
 ) -> Result<axum::Json<LoopDetail>, ApiError> {
-    let record = owned_loop(&state, &caller, &id)?;
     let log = state.runtime.log(record.id)?;
     let (busy, queue_depth, turn_count, current_turn) = log.view(|v| {
         let current = v.current.as_ref().map(|cur| CurrentTurn {
@@ -321,25 +290,8 @@ pub async fn get_loop(
 )]
 pub async fn archive_loop(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
+    OwnedLoop { record, .. }: OwnedLoop,
 ) -> Result<StatusCode, ApiError> {
-    let record = owned_loop(&state, &caller, &id)?;
-    if !record.archived {
-        let loops = state.loops.clone();
-        blocking(move || {
-            loops.update(record.id, |r| {
-                if !r.archived {
-                    r.archived = true;
-                    r.archived_at = Some(ids::now());
-                }
-            })?;
-            Ok(())
-        })
-        .await?;
-        tracing::info!(loop_id = %record.id, "loop archived");
-    }
-    // Stops its agent (and the agent's tools) if one runs.
-    state.runtime.archive(record.id).await;
+    state.runtime.archive(&record).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,7 +1,9 @@
 //! The HTTP surface: the router table, the OpenAPI document, and one small
 //! module per resource.
 
+pub mod auth;
 mod docs;
+pub mod error;
 mod extract;
 mod health;
 pub mod limits;
@@ -24,7 +26,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::state::AppState;
 
 pub use extract::Json;
@@ -72,7 +74,7 @@ impl Modify for SecuritySchemes {
         components.add_security_scheme(
             "CookieAuth",
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
-                crate::auth::SESSION_COOKIE,
+                crate::http::auth::SESSION_COOKIE,
                 "Set by POST /api/auth/login.",
             ))),
         );

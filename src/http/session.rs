@@ -8,8 +8,8 @@ use utoipa::ToSchema;
 
 use super::limits::ClientAddr;
 use super::{Json, blocking};
-use crate::auth::{Caller, check_same_origin, session_cookie, set_session_cookie};
-use crate::error::{ApiError, ErrorEnvelope};
+use crate::http::auth::{Caller, check_same_origin, session_cookie, set_session_cookie};
+use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]

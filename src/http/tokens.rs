@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{Json, blocking};
-use crate::auth::SessionCaller;
-use crate::error::{ApiError, ErrorEnvelope};
+use crate::http::auth::SessionCaller;
+use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
 use crate::store::TokenRecord;
 

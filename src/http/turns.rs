@@ -10,11 +10,10 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::Json;
 use super::extract::Query;
-use super::loops::owned_loop;
 use super::sse::{self, Scope};
 use crate::agent::PermissionMode;
-use crate::auth::{Caller, Via};
-use crate::error::{ApiError, ErrorEnvelope};
+use crate::http::auth::{OwnedLoop, Via};
+use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::ids;
 use crate::runtime::IdemKey;
 use crate::runtime::choices::ChoiceAnswer;
@@ -67,12 +66,10 @@ const STREAM_DOC: &str = "`event: <name>\\nid: <seq>\\ndata: <json>` frames: `qu
 )]
 pub async fn send_message(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
+    OwnedLoop { caller, record }: OwnedLoop,
     headers: HeaderMap,
     Json(body): Json<SendMessageRequest>,
 ) -> Result<Response, ApiError> {
-    let record = owned_loop(&state, &caller, &id)?;
     let key = idempotency_key(&headers)?;
     let content = match body.content {
         Some(c) if !c.trim().is_empty() => c,
@@ -186,12 +183,10 @@ pub struct EventsQuery {
 )]
 pub async fn watch_events(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
+    OwnedLoop { caller, record }: OwnedLoop,
     headers: HeaderMap,
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    let record = owned_loop(&state, &caller, &id)?;
     let slot = state.guards.stream(&caller.user_id)?;
     let last_event_id = match headers.get("last-event-id") {
         Some(v) => Some(
@@ -252,11 +247,10 @@ pub async fn watch_events(
 )]
 pub async fn answer_choice(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((id, choice_id)): Path<(String, String)>,
+    OwnedLoop { caller, record }: OwnedLoop,
+    Path((_id, choice_id)): Path<(String, String)>,
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    let record = owned_loop(&state, &caller, &id)?;
     let answer = ChoiceAnswer::parse(&body)?;
     let source = match caller.via {
         Via::Session => ChoiceSource::Web,
@@ -285,10 +279,8 @@ pub async fn answer_choice(
 )]
 pub async fn interrupt(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
+    OwnedLoop { record, .. }: OwnedLoop,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    let record = owned_loop(&state, &caller, &id)?;
     let turn_id = state.runtime.interrupt(record.id).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -321,11 +313,9 @@ pub struct TurnsQuery {
 )]
 pub async fn list_turns(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
+    OwnedLoop { record, .. }: OwnedLoop,
     Query(query): Query<TurnsQuery>,
 ) -> Result<axum::Json<TurnPage>, ApiError> {
-    let record = owned_loop(&state, &caller, &id)?;
     let log = state.runtime.log(record.id)?;
     let query = TurnQuery {
         limit: query.limit.unwrap_or(20).clamp(1, 100),

@@ -3,10 +3,10 @@
 
 use serde_json::{Map, Value, json};
 
+use super::error::RuntimeError;
 use super::events::ChoiceKind;
 use crate::agent::Decision;
 use crate::agent::mapping::input_summary;
-use crate::error::ApiError;
 
 /// The tool whose permission request is really a question to the user.
 pub const QUESTION_TOOL: &str = "AskUserQuestion";
@@ -23,9 +23,9 @@ pub enum ChoiceAnswer {
 
 impl ChoiceAnswer {
     /// `{"allow": bool, "message"?: string}` or `{"answers": {question: label | [labels]}}`.
-    pub fn parse(body: &Value) -> Result<Self, ApiError> {
+    pub fn parse(body: &Value) -> Result<Self, RuntimeError> {
         let bad = || {
-            ApiError::bad_request(
+            RuntimeError::invalid(
                 "invalid_choice_payload",
                 r#"answer a permission with {"allow": true|false} and a question with {"answers": {"<question>": "<label>"}}"#,
             )
@@ -120,22 +120,16 @@ pub fn payload(kind: ChoiceKind, tool: &str, input: &Value, title: Option<&str>)
     }
 }
 
-/// The agent's decision for an answer, or why the answer does not fit.
-pub fn decide(
-    kind: ChoiceKind,
-    input: &Value,
-    answer: &ChoiceAnswer,
-) -> Result<Decision, ApiError> {
+/// The agent's decision for an answer, or why the answer does not fit
+/// (answered as `invalid_choice_payload`).
+pub fn decide(kind: ChoiceKind, input: &Value, answer: &ChoiceAnswer) -> Result<Decision, String> {
     let misfit = |want: &str| {
-        ApiError::bad_request(
-            "invalid_choice_payload",
-            format!(
-                "this choice is a {}; answer it with {want}",
-                match kind {
-                    ChoiceKind::Permission => "permission",
-                    ChoiceKind::Question => "question",
-                }
-            ),
+        format!(
+            "this choice is a {}; answer it with {want}",
+            match kind {
+                ChoiceKind::Permission => "permission",
+                ChoiceKind::Question => "question",
+            }
         )
     };
     match (kind, answer) {
@@ -162,10 +156,7 @@ pub fn decide(
                 .filter_map(|q| q["question"].as_str())
                 .collect();
             if let Some(unknown) = answers.keys().find(|k| !asked.contains(&k.as_str())) {
-                return Err(ApiError::bad_request(
-                    "invalid_choice_payload",
-                    format!("`{unknown}` is not one of the questions asked"),
-                ));
+                return Err(format!("`{unknown}` is not one of the questions asked"));
             }
             // Claude Code takes one string per question; several labels are comma-joined.
             let joined: Map<String, Value> = answers
@@ -195,13 +186,6 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn code(err: ApiError) -> &'static str {
-        match err {
-            ApiError::BadRequest(code, _) => code,
-            other => panic!("{other:?}"),
-        }
-    }
 
     #[test]
     fn answer_shapes() {
@@ -247,7 +231,10 @@ mod tests {
             &input,
             &ChoiceAnswer::parse(&json!({"answers": {"a": "b"}})).unwrap(),
         );
-        assert_eq!(code(misfit.unwrap_err()), "invalid_choice_payload");
+        assert_eq!(
+            misfit.unwrap_err(),
+            r#"this choice is a permission; answer it with {"allow": true|false}"#
+        );
     }
 
     #[test]
@@ -274,13 +261,14 @@ mod tests {
         );
         let unknown = ChoiceAnswer::parse(&json!({"answers": {"Other?": "x"}})).unwrap();
         assert_eq!(
-            code(decide(ChoiceKind::Question, &input, &unknown).unwrap_err()),
-            "invalid_choice_payload"
+            decide(ChoiceKind::Question, &input, &unknown).unwrap_err(),
+            "`Other?` is not one of the questions asked"
         );
         let allow = ChoiceAnswer::parse(&json!({"allow": true})).unwrap();
-        assert_eq!(
-            code(decide(ChoiceKind::Question, &input, &allow).unwrap_err()),
-            "invalid_choice_payload"
+        assert!(
+            decide(ChoiceKind::Question, &input, &allow)
+                .unwrap_err()
+                .starts_with("this choice is a question")
         );
 
         let p = payload(ChoiceKind::Question, QUESTION_TOOL, &input, None);

@@ -3,6 +3,7 @@
 //! retry after a restart still replays instead of sending twice.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -110,6 +111,62 @@ fn fresh(r: &Recorded, now: DateTime<Utc>) -> bool {
     fresh_at(r.at, now)
 }
 
+/// A user and one of their idempotency keys.
+type UserKey = (String, String);
+
+/// Requests in flight per (user, key): a second send with the same key
+/// waits for the first to be recorded; other keys never wait. An entry
+/// lives only while someone holds or waits for it.
+#[derive(Default)]
+pub struct InFlight {
+    keys: std::sync::Mutex<HashMap<UserKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One send's turn with its key; the next one's when dropped.
+pub struct KeyTurn<'a> {
+    in_flight: &'a InFlight,
+    key: UserKey,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl InFlight {
+    pub async fn enter(&self, user: &str, key: &str) -> KeyTurn<'_> {
+        let key = (user.to_owned(), key.to_owned());
+        let lock = self
+            .keys
+            .lock()
+            .expect("in-flight keys poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let guard = lock.lock_owned().await;
+        KeyTurn {
+            in_flight: self,
+            key,
+            guard: Some(guard),
+        }
+    }
+
+    /// How many keys have a send in flight (or waiting).
+    pub fn keys_in_flight(&self) -> usize {
+        self.keys.lock().expect("in-flight keys poisoned").len()
+    }
+}
+
+impl Drop for KeyTurn<'_> {
+    fn drop(&mut self) {
+        let mut keys = self.in_flight.keys.lock().expect("in-flight keys poisoned");
+        drop(self.guard.take());
+        // Only the map's own reference left: nobody waits for this key.
+        if keys
+            .get(&self.key)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            keys.remove(&self.key);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +236,27 @@ mod tests {
         );
         idx.insert("u", "new", rec("h", Utc::now()));
         assert_eq!(idx.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_send_at_a_time_per_key_and_none_across_keys() {
+        let in_flight = InFlight::default();
+        let first = in_flight.enter("alice", "k").await;
+        // Another key, or another user's same key, does not wait.
+        let other = tokio::time::timeout(Duration::from_secs(5), in_flight.enter("alice", "j"))
+            .await
+            .expect("another key does not wait");
+        let bob = tokio::time::timeout(Duration::from_secs(5), in_flight.enter("bob", "k"))
+            .await
+            .expect("another user does not wait");
+        drop((other, bob));
+        // The same key waits until the first is done.
+        let mut second = Box::pin(in_flight.enter("alice", "k"));
+        assert!(futures_util::poll!(second.as_mut()).is_pending());
+        drop(first);
+        let second = second.await;
+        assert_eq!(in_flight.keys_in_flight(), 1);
+        drop(second);
+        assert_eq!(in_flight.keys_in_flight(), 0, "no entry outlives its sends");
     }
 }

@@ -5,9 +5,12 @@
 pub mod actor;
 pub mod agent_home;
 pub mod choices;
+pub mod error;
 pub mod events;
 pub mod idempotency;
+mod launch;
 pub mod log;
+pub mod machine;
 pub mod slots;
 pub mod turns;
 pub mod view;
@@ -15,22 +18,30 @@ pub mod workspace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 
-use self::actor::{Actor, Command, Sent, StopReason};
+use self::actor::{Actor, Command, Sent};
 use self::choices::ChoiceAnswer;
 use self::events::{ChoiceSource, IdemRecord};
-use crate::budget::{Budget, Taken};
-
-use self::idempotency::{IdemIndex, Lookup, Recorded};
+use self::idempotency::{IdemIndex, InFlight, Lookup, Recorded};
 use self::log::EventLog;
+use self::machine::{Rules, StopReason};
 use self::slots::Slots;
 use crate::agent::PermissionMode;
+use crate::budget::{Budget, Taken};
 use crate::config::Config;
-use crate::error::ApiError;
-use crate::store::{Catalog, LoopId, LoopRecord, LoopStore, StoreError};
+use crate::store::{Catalog, LoopId, LoopRecord, LoopStore, NewLoop, StoreError};
+
+pub use self::error::RuntimeError;
+
+/// How long an interrupted agent may take to end its turn before it is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+/// Bound of each loop's command channel.
+const COMMANDS: usize = 64;
 
 /// What actors share.
 pub struct Shared {
@@ -41,15 +52,38 @@ pub struct Shared {
     pub loops: Arc<LoopStore>,
     pub catalog: Arc<Catalog>,
     pub slots: Arc<Slots>,
+    /// Every task a loop starts (its actor, agent stops, background writes):
+    /// shutdown waits for all of them.
+    pub tasks: TaskTracker,
+}
+
+impl Shared {
+    /// The rules every loop's machine follows.
+    pub fn rules(&self) -> Rules {
+        let config = &self.config;
+        Rules {
+            default_mode: config.permission_mode,
+            native: config.native_modes(),
+            max_queued: config.limits.queued_turns_per_loop,
+            idle_timeout: config.idle_timeout,
+            interrupt_grace: INTERRUPT_GRACE,
+        }
+    }
+}
+
+/// A loop's handles, together under one lock: its log and, while it is
+/// live, its actor.
+struct Handles {
+    log: Arc<EventLog>,
+    actor: Option<mpsc::Sender<Command>>,
 }
 
 pub struct Runtime {
     shared: Arc<Shared>,
-    logs: Mutex<HashMap<LoopId, Arc<EventLog>>>,
-    actors: Mutex<HashMap<LoopId, mpsc::Sender<Command>>>,
+    loops: Mutex<HashMap<LoopId, Handles>>,
     idem: Mutex<IdemIndex>,
-    /// Serializes sends that carry an Idempotency-Key (check, then record).
-    idem_gate: tokio::sync::Mutex<()>,
+    /// Sends with the same Idempotency-Key, one at a time (check, then record).
+    in_flight: InFlight,
     /// Set once shutdown began: no new actor (and agent) starts after it.
     closing: std::sync::atomic::AtomicBool,
 }
@@ -71,38 +105,37 @@ pub struct IdemKey {
 }
 
 impl Runtime {
-    /// A place for a message among `user`'s queued ones (429 `queue_full`).
-    fn reserve(&self, user: &str, content: &str) -> Result<Taken<String>, ApiError> {
-        let queued = &self.shared.queued;
-        queued.take(user.to_owned(), content.len()).ok_or_else(|| {
-            ApiError::RateLimited(
-                "queue_full",
-                format!(
-                    "your loops already have {} bytes of messages waiting (--max-queued-bytes-per-user); \
-                     send again when some have run",
-                    queued.held(&user.to_owned())
-                ),
-                std::time::Duration::from_secs(1),
-            )
-        })
-    }
-
     /// Opens every loop's log: unfinished turns left by a previous server are
     /// closed, and idempotency keys of the last 24 h are remembered.
-    pub fn open(shared: Shared) -> Result<Self, StoreError> {
+    pub fn open(
+        config: Arc<Config>,
+        loops: Arc<LoopStore>,
+        catalog: Arc<Catalog>,
+    ) -> Result<Self, StoreError> {
+        let shared = Shared {
+            queued: Budget::new(config.limits.queued_bytes_per_user),
+            slots: Arc::new(Slots::new(config.max_agents)),
+            tasks: TaskTracker::new(),
+            config,
+            loops,
+            catalog,
+        };
         let keys_per_user = shared.config.limits.idempotency_keys_per_user;
         let runtime = Self {
             shared: Arc::new(shared),
-            logs: Mutex::new(HashMap::new()),
-            actors: Mutex::new(HashMap::new()),
+            loops: Mutex::new(HashMap::new()),
             idem: Mutex::new(IdemIndex::new(keys_per_user)),
-            idem_gate: tokio::sync::Mutex::new(()),
+            in_flight: InFlight::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
         };
         let mut closed = 0;
+        let mut handles = runtime.loops.lock().expect("loops poisoned");
         for id in runtime.shared.loops.ids() {
-            closed += runtime.open_log(id)?;
+            let (log, n) = runtime.open_log(id)?;
+            handles.insert(id, Handles { log, actor: None });
+            closed += n;
         }
+        drop(handles);
         if closed > 0 {
             tracing::info!(
                 turns = closed,
@@ -116,7 +149,24 @@ impl Runtime {
         &self.shared.slots
     }
 
-    fn open_log(&self, id: LoopId) -> Result<usize, StoreError> {
+    /// A place for a message among `user`'s queued ones (429 `queue_full`).
+    fn reserve(&self, user: &str, content: &str) -> Result<Taken<String>, RuntimeError> {
+        let queued = &self.shared.queued;
+        queued.take(user.to_owned(), content.len()).ok_or_else(|| {
+            RuntimeError::Full(
+                "queue_full",
+                format!(
+                    "your loops already have {} bytes of messages waiting (--max-queued-bytes-per-user); \
+                     send again when some have run",
+                    queued.held(&user.to_owned())
+                ),
+                Duration::from_secs(1),
+            )
+        })
+    }
+
+    /// Opens a loop's log file, remembering the idempotency keys it holds.
+    fn open_log(&self, id: LoopId) -> Result<(Arc<EventLog>, usize), StoreError> {
         let path = self.shared.loops.loop_dir(id).join("events.jsonl");
         let (log, recovered) = EventLog::open(path)?;
         let mut idem = self.idem.lock().expect("idem poisoned");
@@ -136,52 +186,110 @@ impl Runtime {
                 idem.insert(&record.user, &record.key, recorded);
             }
         }
-        self.logs.lock().expect("logs poisoned").insert(id, log);
-        Ok(recovered.closed)
+        Ok((log, recovered.closed))
     }
 
-    /// The loop's event log (opened on first use for loops made since start).
+    /// The loop's handles, its log opened on first use (loops made since
+    /// start). Opened under the lock, so every caller gets the same log.
+    fn handles<R>(&self, id: LoopId, f: impl FnOnce(&mut Handles) -> R) -> Result<R, StoreError> {
+        let mut loops = self.loops.lock().expect("loops poisoned");
+        let handles = match loops.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let (log, _) = self.open_log(id)?;
+                e.insert(Handles { log, actor: None })
+            }
+        };
+        Ok(f(handles))
+    }
+
+    /// The loop's event log.
     pub fn log(&self, id: LoopId) -> Result<Arc<EventLog>, StoreError> {
-        if let Some(log) = self.logs.lock().expect("logs poisoned").get(&id) {
-            return Ok(log.clone());
+        self.handles(id, |h| h.log.clone())
+    }
+
+    /// Makes a loop: its record (within the user's cap) and its workspace.
+    pub async fn create(&self, new: NewLoop) -> Result<LoopRecord, RuntimeError> {
+        let (loops, catalog) = (self.shared.loops.clone(), self.shared.catalog.clone());
+        let max = self.shared.config.limits.loops_per_user;
+        let record = tokio::task::spawn_blocking(move || {
+            let record = loops.create_within(new, max)?;
+            if let Err(err) = workspace::prepare(&loops.loop_dir(record.id), &catalog, &record) {
+                loops.discard(record.id);
+                return Err(RuntimeError::from(err));
+            }
+            Ok(record)
+        })
+        .await
+        .map_err(|e| RuntimeError::Internal(e.to_string()))??;
+        tracing::info!(loop_id = %record.id, user = %record.created_by, "loop created");
+        Ok(record)
+    }
+
+    /// Archives a loop: marks its record, then stops its actor and agent
+    /// (the agent's tools with it); a queued turn ends with `loop_archived`.
+    pub async fn archive(&self, record: &LoopRecord) -> Result<(), RuntimeError> {
+        if !record.archived {
+            let loops = self.shared.loops.clone();
+            let id = record.id;
+            tokio::task::spawn_blocking(move || {
+                loops.update(id, |r| {
+                    if !r.archived {
+                        r.archived = true;
+                        r.archived_at = Some(crate::ids::now());
+                    }
+                })
+            })
+            .await
+            .map_err(|e| RuntimeError::Internal(e.to_string()))??;
+            tracing::info!(loop_id = %record.id, "loop archived");
         }
-        self.open_log(id)?;
-        Ok(self.logs.lock().expect("logs poisoned")[&id].clone())
+        let tx = self.handles(record.id, |h| h.actor.take())?;
+        if let Some(tx) = tx {
+            let (reply, done) = oneshot::channel();
+            let stop = Command::Stop {
+                reason: StopReason::Archived,
+                reply,
+            };
+            if tx.send(stop).await.is_ok() {
+                let _ = done.await;
+            }
+        }
+        Ok(())
     }
 
     /// The loop's actor, started if it is not running.
-    fn actor(&self, id: LoopId) -> Result<mpsc::Sender<Command>, ApiError> {
-        let log = self.log(id)?;
-        let mut actors = self.actors.lock().expect("actors poisoned");
-        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(ApiError::Unavailable(
-                "server_stopping",
-                "the server is shutting down".into(),
-            ));
-        }
-        if let Some(tx) = actors.get(&id).filter(|tx| !tx.is_closed()) {
-            return Ok(tx.clone());
-        }
-        let (tx, rx) = mpsc::channel(64);
-        let actor = Actor::new(id, self.shared.clone(), log, rx, tx.clone());
-        tokio::spawn(actor.run());
-        actors.insert(id, tx.clone());
-        Ok(tx)
+    fn actor(&self, id: LoopId) -> Result<mpsc::Sender<Command>, RuntimeError> {
+        let shared = &self.shared;
+        let closing = &self.closing;
+        self.handles(id, |h| {
+            if closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(RuntimeError::Stopping);
+            }
+            if let Some(tx) = h.actor.as_ref().filter(|tx| !tx.is_closed()) {
+                return Ok(tx.clone());
+            }
+            let (tx, rx) = mpsc::channel(COMMANDS);
+            let actor = Actor::new(id, shared.clone(), h.log.clone(), rx, tx.clone());
+            shared.tasks.spawn(actor.run());
+            h.actor = Some(tx.clone());
+            Ok(tx)
+        })?
     }
 
     async fn ask<T>(
         &self,
         id: LoopId,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, RuntimeError> {
         let (reply, answer) = oneshot::channel();
         self.actor(id)?
             .send(make(reply))
             .await
-            .map_err(|_| ApiError::internal(anyhow::anyhow!("the loop's task is gone")))?;
+            .map_err(|_| RuntimeError::Internal("the loop's task is gone".into()))?;
         answer
             .await
-            .map_err(|_| ApiError::internal(anyhow::anyhow!("the loop's task dropped a reply")))
+            .map_err(|_| RuntimeError::Internal("the loop's task dropped a reply".into()))
     }
 
     /// Sends a message to a loop. With a key: the same key and body find the
@@ -193,7 +301,7 @@ impl Runtime {
         content: String,
         mode: Option<PermissionMode>,
         idem: Option<IdemKey>,
-    ) -> Result<Accepted, ApiError> {
+    ) -> Result<Accepted, RuntimeError> {
         let log = self.log(record.id)?;
         let Some(idem) = idem else {
             let reserved = self.reserve(user, &content)?;
@@ -208,7 +316,7 @@ impl Runtime {
                 .await??;
             return Ok(accepted(log, sent, false));
         };
-        let _gate = self.idem_gate.lock().await;
+        let _one_at_a_time = self.in_flight.enter(user, &idem.key).await;
         let found = self.idem.lock().expect("idem poisoned").lookup(
             user,
             &idem.key,
@@ -219,9 +327,7 @@ impl Runtime {
             Lookup::Replay(r) => {
                 let log = self.log(r.loop_id)?;
                 let turn = log.view(|v| v.turn(&r.turn_id)).ok_or_else(|| {
-                    ApiError::internal(anyhow::anyhow!(
-                        "an idempotent turn is missing from its log"
-                    ))
+                    RuntimeError::Internal("an idempotent turn is missing from its log".into())
                 })?;
                 return Ok(Accepted {
                     log,
@@ -232,9 +338,10 @@ impl Runtime {
                 });
             }
             Lookup::Conflict => {
-                return Err(ApiError::conflict(
+                return Err(RuntimeError::Conflict(
                     "idempotency_key_reused",
-                    "this Idempotency-Key was used with a different request in the last 24 hours",
+                    "this Idempotency-Key was used with a different request in the last 24 hours"
+                        .into(),
                 ));
             }
             Lookup::New => {}
@@ -274,7 +381,7 @@ impl Runtime {
         choice_id: String,
         answer: ChoiceAnswer,
         source: ChoiceSource,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), RuntimeError> {
         // Shape against kind first, even for a choice no longer pending.
         let known = self
             .log(id)?
@@ -287,7 +394,7 @@ impl Runtime {
             )
         };
         if known.is_some_and(|kind| !fits(kind)) {
-            return Err(ApiError::bad_request(
+            return Err(RuntimeError::invalid(
                 "invalid_choice_payload",
                 "this answer's shape does not fit the choice's kind",
             ));
@@ -301,64 +408,35 @@ impl Runtime {
         .await?
     }
 
-    pub async fn interrupt(&self, id: LoopId) -> Result<Option<String>, ApiError> {
-        if !self.log(id)?.view(|v| v.busy()) && !self.has_actor(id) {
+    pub async fn interrupt(&self, id: LoopId) -> Result<Option<String>, RuntimeError> {
+        let (busy, live) = self.handles(id, |h| (h.log.view(|v| v.busy()), h.actor.is_some()))?;
+        if !busy && !live {
             return Ok(None);
         }
         self.ask(id, |reply| Command::Interrupt { reply }).await
-    }
-
-    fn has_actor(&self, id: LoopId) -> bool {
-        self.actors
-            .lock()
-            .expect("actors poisoned")
-            .contains_key(&id)
-    }
-
-    /// Stops a loop's actor and agent (archive).
-    pub async fn archive(&self, id: LoopId) {
-        let tx = self.actors.lock().expect("actors poisoned").remove(&id);
-        if let Some(tx) = tx {
-            let (reply, done) = oneshot::channel();
-            if tx
-                .send(Command::Stop {
-                    reason: StopReason::Archived,
-                    reply,
-                })
-                .await
-                .is_ok()
-            {
-                let _ = done.await;
-            }
-        }
     }
 
     /// Stops every actor and agent; turns still running end with
     /// `server_restarted`.
     pub async fn shutdown(&self) {
         let actors: Vec<_> = {
-            let mut actors = self.actors.lock().expect("actors poisoned");
+            let mut loops = self.loops.lock().expect("loops poisoned");
             self.closing
                 .store(true, std::sync::atomic::Ordering::SeqCst);
-            actors.drain().collect()
+            loops.values_mut().filter_map(|h| h.actor.take()).collect()
         };
-        let mut waits = Vec::new();
-        for (_, tx) in actors {
-            let (reply, done) = oneshot::channel();
-            if tx
+        for tx in actors {
+            let (reply, _done) = oneshot::channel();
+            let _ = tx
                 .send(Command::Stop {
                     reason: StopReason::Shutdown,
                     reply,
                 })
-                .await
-                .is_ok()
-            {
-                waits.push(done);
-            }
+                .await;
         }
-        for done in waits {
-            let _ = done.await;
-        }
+        // Every actor, agent stop and sweep, and background write.
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
     }
 }
 
@@ -371,3 +449,6 @@ fn accepted(log: Arc<EventLog>, sent: Sent, replayed: bool) -> Accepted {
         replayed,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,9 +8,9 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::error::RuntimeError;
 use super::events::{ChoiceKind, ChoiceSource, Event, Origin, StoredEvent, Usage};
 use super::log::EventLog;
-use crate::error::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -92,15 +92,15 @@ pub struct TurnQuery {
 
 /// The page of turns: the newest `limit` by default, the `limit` just
 /// before `before` or just after `after`; always oldest first.
-pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
+pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, RuntimeError> {
     // The view, its length and its last seq from one moment: the scan reads
     // no further, so `last_seq` never passes an event it did not see.
     let (has_more, offset, ids, log_len, snapshot_seq) = log.view_with_len(|v, log_len| {
-        let cursor = |id: &Option<String>| -> Result<Option<usize>, ApiError> {
+        let cursor = |id: &Option<String>| -> Result<Option<usize>, RuntimeError> {
             id.as_ref()
                 .map(|id| {
                     v.turn(id).ok_or_else(|| {
-                        ApiError::bad_request(
+                        RuntimeError::invalid(
                             "invalid_cursor",
                             format!("`{id}` is not a turn of this loop"),
                         )
@@ -112,7 +112,7 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, ApiError> {
         let limit = query.limit.max(1);
         let (start, end, more) = match (cursor(&query.before)?, cursor(&query.after)?) {
             (Some(_), Some(_)) => {
-                return Err(ApiError::bad_request(
+                return Err(RuntimeError::invalid(
                     "invalid_cursor",
                     "give `before` or `after`, not both",
                 ));

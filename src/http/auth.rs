@@ -1,14 +1,15 @@
 //! Who is calling: a Bearer token or a session cookie resolve to one
-//! [`Caller`]; cookie requests that change state must come from our origin.
+//! [`Caller`]; cookie requests that change state must come from our origin;
+//! [`OwnedLoop`] is the caller's own loop named in the path.
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, header};
 use cookie::Cookie;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::state::AppState;
-use crate::store::SESSION_TTL;
+use crate::store::{LoopId, LoopRecord, SESSION_TTL};
 
 pub const SESSION_COOKIE: &str = "loopd_session";
 
@@ -97,6 +98,40 @@ impl FromRequestParts<AppState> for SessionCaller {
             ));
         }
         Ok(Self(caller))
+    }
+}
+
+/// The caller and the loop named by the path's `{id}`: 404
+/// `loop_not_found` if there is no such loop, 403 `not_loop_owner` if it is
+/// someone else's (after authentication: a stranger learns nothing).
+pub struct OwnedLoop {
+    pub caller: Caller,
+    pub record: LoopRecord,
+}
+
+impl FromRequestParts<AppState> for OwnedLoop {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("no path parameters: {e}")))?;
+        let id = params
+            .iter()
+            .find(|(name, _)| *name == "id")
+            .map(|(_, value)| value)
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("the route has no `{{id}}`")))?;
+        let not_found = || ApiError::not_found("loop_not_found", format!("no loop `{id}`"));
+        let loop_id: LoopId = id.parse().map_err(|()| not_found())?;
+        let record = state.loops.get(loop_id).ok_or_else(not_found)?;
+        if record.created_by != caller.user_id {
+            return Err(ApiError::forbidden(
+                "not_loop_owner",
+                format!("loop `{id}` belongs to another user"),
+            ));
+        }
+        Ok(Self { caller, record })
     }
 }
 

@@ -163,3 +163,18 @@ impl From<tokio::task::JoinError> for ApiError {
         Self::Internal(err.into())
     }
 }
+
+impl From<crate::runtime::RuntimeError> for ApiError {
+    fn from(err: crate::runtime::RuntimeError) -> Self {
+        use crate::runtime::RuntimeError as E;
+        match err {
+            E::Invalid(code, msg) => Self::BadRequest(code, msg),
+            E::NotFound(code, msg) => Self::NotFound(code, msg),
+            E::Conflict(code, msg) => Self::Conflict(code, msg),
+            E::Full(code, msg, wait) => Self::RateLimited(code, msg, wait),
+            E::Stopping => Self::Unavailable("server_stopping", err.to_string()),
+            E::Store(err) => err.into(),
+            E::Internal(cause) => Self::Internal(anyhow::anyhow!(cause)),
+        }
+    }
+}

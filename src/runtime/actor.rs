@@ -1,0 +1,480 @@
+//! The one task per live loop, a thin shell around its [`LoopMachine`]: it
+//! feeds the machine what happens (commands, the agent's output, an agent
+//! slot, the time) and performs the effects it returns: events written to
+//! the log (all of one wake-up in one write), input to the agent, starting
+//! and stopping the agent process. The rules themselves are in `machine`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+
+use super::Shared;
+use super::choices::ChoiceAnswer;
+use super::error::RuntimeError;
+use super::events::{ChoiceSource, IdemRecord};
+use super::log::{Append, EventLog};
+use super::machine::{Effect, Input, LoopMachine, RandomIds, Refusal, Reply, StopReason, Stopping};
+use crate::agent::{AgentOutput, AgentProcess, PermissionMode};
+use crate::budget::Taken;
+use crate::store::LoopId;
+
+/// While waiting for an agent slot, how often to ask an idle loop for one.
+const SLOT_RETRY: Duration = Duration::from_millis(250);
+
+/// What the rest of the server asks of a loop.
+pub enum Command {
+    Send {
+        content: String,
+        mode: Option<PermissionMode>,
+        idem: Option<IdemRecord>,
+        /// Its place among the user's queued bytes, held while it waits.
+        reserved: Taken<String>,
+        reply: oneshot::Sender<Result<Sent, RuntimeError>>,
+    },
+    Answer {
+        choice_id: String,
+        answer: ChoiceAnswer,
+        source: ChoiceSource,
+        reply: oneshot::Sender<Result<(), RuntimeError>>,
+    },
+    /// Replies with the interrupted turn's id, if a turn was running.
+    Interrupt {
+        reply: oneshot::Sender<Option<String>>,
+    },
+    /// Give the agent back if it is idle (another loop needs the slot).
+    Reclaim,
+    Stop {
+        reason: StopReason,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A message accepted: its turn and the seq of its `user_message`.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub turn_id: String,
+    pub seq: u64,
+    pub turn: usize,
+}
+
+type SlotWait = Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send>>;
+
+/// What the loop holds of the machine's resources.
+enum Held {
+    Nothing,
+    /// Waiting for an agent slot.
+    Waiting(SlotWait),
+    /// A slot, no process (about to start one).
+    Slot(OwnedSemaphorePermit),
+    Agent(OwnedSemaphorePermit, AgentProcess),
+}
+
+pub struct Actor {
+    id: LoopId,
+    shared: Arc<Shared>,
+    log: Arc<EventLog>,
+    commands: mpsc::Receiver<Command>,
+    me: mpsc::Sender<Command>,
+    machine: LoopMachine<Taken<String>>,
+    held: Held,
+    /// Told the slots that this loop's agent may be reclaimed.
+    offered: bool,
+    /// Events gathered while handling one wake-up, written in one go.
+    out: Vec<Append>,
+    effects: Vec<Effect>,
+}
+
+enum Wake {
+    Command(Option<Command>),
+    Output(Option<AgentOutput>),
+    Slot(OwnedSemaphorePermit),
+    Tick,
+    SlotRetry,
+}
+
+impl Actor {
+    pub fn new(
+        id: LoopId,
+        shared: Arc<Shared>,
+        log: Arc<EventLog>,
+        commands: mpsc::Receiver<Command>,
+        me: mpsc::Sender<Command>,
+    ) -> Self {
+        let machine = LoopMachine::new(shared.rules(), Box::new(RandomIds), Instant::now());
+        Self {
+            id,
+            shared,
+            log,
+            commands,
+            me,
+            machine,
+            held: Held::Nothing,
+            offered: false,
+            out: Vec::new(),
+            effects: Vec::new(),
+        }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            match self.wait().await {
+                Wake::Command(Some(Command::Stop { reason, reply })) => {
+                    self.stop(reason).await;
+                    let _ = reply.send(());
+                    return;
+                }
+                Wake::Command(None) => return self.stop(StopReason::Shutdown).await,
+                Wake::Command(Some(cmd)) => self.command(cmd).await,
+                Wake::Output(Some(AgentOutput::Events(events))) => {
+                    for event in events {
+                        self.feed(Input::Agent(event)).await;
+                    }
+                }
+                Wake::Output(Some(AgentOutput::Exited { reason })) => {
+                    self.feed(Input::AgentExited(reason)).await;
+                }
+                Wake::Output(None) => {
+                    // The agent's side is gone without a word.
+                    let reason = "the agent's output ended".to_owned();
+                    self.feed(Input::AgentExited(reason)).await;
+                }
+                Wake::Slot(permit) => {
+                    self.held = Held::Slot(permit);
+                    self.feed(Input::SlotGranted).await;
+                }
+                Wake::Tick => {
+                    self.feed(Input::Tick).await;
+                }
+                Wake::SlotRetry => {
+                    self.shared.slots.reclaim_one(self.id);
+                }
+            }
+            self.flush();
+        }
+    }
+
+    async fn wait(&mut self) -> Wake {
+        let deadline = self.machine.next_deadline();
+        let Self { commands, held, .. } = self;
+        let (output, slot) = match held {
+            Held::Agent(_, process) => (Some(&mut process.output), None),
+            Held::Waiting(wait) => (None, Some(wait)),
+            Held::Nothing | Held::Slot(_) => (None, None),
+        };
+        let waiting = slot.is_some();
+        tokio::select! {
+            cmd = commands.recv() => Wake::Command(cmd),
+            out = recv(output) => Wake::Output(out),
+            permit = wait_slot(slot) => Wake::Slot(permit),
+            () = sleep_until(deadline) => Wake::Tick,
+            () = tokio::time::sleep(SLOT_RETRY), if waiting => Wake::SlotRetry,
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send {
+                content,
+                mode,
+                idem,
+                reserved,
+                reply,
+            } => {
+                let _ = reply.send(self.send(content, mode, idem, reserved).await);
+            }
+            Command::Answer {
+                choice_id,
+                answer,
+                source,
+                reply,
+            } => {
+                let not_pending = format!("no pending choice `{choice_id}`");
+                let input = Input::Answer {
+                    choice_id,
+                    answer,
+                    source,
+                };
+                let answered = match self.feed(input).await {
+                    Some(Reply::Answered(Ok(()))) => Ok(()),
+                    Some(Reply::Answered(Err(Refusal::Misfit(message)))) => {
+                        Err(RuntimeError::invalid("invalid_choice_payload", message))
+                    }
+                    _ => Err(RuntimeError::NotFound("choice_not_found", not_pending)),
+                };
+                let _ = reply.send(answered);
+            }
+            Command::Interrupt { reply } => {
+                let id = match self.feed(Input::Interrupt).await {
+                    Some(Reply::Interrupting(id)) => id,
+                    _ => None,
+                };
+                let _ = reply.send(id);
+            }
+            Command::Reclaim => {
+                self.feed(Input::Reclaim).await;
+            }
+            Command::Stop { .. } => unreachable!("run handles Stop"),
+        }
+    }
+
+    /// Logs the message (and `queued` if it must wait), then queues its turn.
+    async fn send(
+        &mut self,
+        content: String,
+        mode: Option<PermissionMode>,
+        idem: Option<IdemRecord>,
+        reserved: Taken<String>,
+    ) -> Result<Sent, RuntimeError> {
+        self.flush();
+        let admission = self.machine.admit(&content, crate::ids::now())?;
+        let mut batch: Vec<Append> = admission.events.into_iter().map(Append::from).collect();
+        batch[0].idem = idem;
+        // Refused before the machine takes it: a message not logged was not sent.
+        let written = self.log.append(batch)?;
+        let (seq, turn) = written[0];
+        let turn_id = admission.turn_id;
+        let input = Input::Send {
+            turn_id: turn_id.clone(),
+            content,
+            mode,
+            hold: reserved,
+        };
+        self.feed(input).await;
+        self.touch();
+        Ok(Sent {
+            turn_id,
+            seq,
+            turn: turn.expect("a user message opens a turn"),
+        })
+    }
+
+    /// Hands one input to the machine and performs what it says, with the
+    /// inputs that performing brings (a slot, an agent started or stuck).
+    /// Returns the machine's reply to the input, if it gave one.
+    async fn feed(&mut self, input: Input<Taken<String>>) -> Option<Reply> {
+        let mut inputs = VecDeque::from([input]);
+        let mut reply = None;
+        while let Some(input) = inputs.pop_front() {
+            let mut effects = std::mem::take(&mut self.effects);
+            self.machine
+                .handle_into(input, Instant::now(), &mut effects);
+            for effect in effects.drain(..) {
+                if let Some(r) = self.perform(effect, &mut inputs).await {
+                    reply = Some(r);
+                }
+            }
+            self.effects = effects;
+        }
+        if !self.machine.wants_slot() && matches!(self.held, Held::Waiting(_)) {
+            self.held = Held::Nothing;
+        }
+        self.offer_slot();
+        reply
+    }
+
+    async fn perform(
+        &mut self,
+        effect: Effect,
+        inputs: &mut VecDeque<Input<Taken<String>>>,
+    ) -> Option<Reply> {
+        match effect {
+            Effect::Emit(event) => self.out.push(event.into()),
+            Effect::ToAgent(input) => {
+                if let Held::Agent(_, process) = &self.held
+                    && let Err(TrySendError::Full(_)) = process.input.try_send(input)
+                {
+                    inputs.push_back(Input::AgentStuck);
+                }
+                // Closed: the agent is gone, and its output says so next.
+            }
+            Effect::AcquireSlot => match self.shared.slots.try_acquire() {
+                Some(permit) => {
+                    self.held = Held::Slot(permit);
+                    inputs.push_back(Input::SlotGranted);
+                }
+                None => {
+                    self.held = Held::Waiting(Box::pin(self.shared.slots.clone().acquire()));
+                    self.shared.slots.reclaim_one(self.id);
+                    inputs.push_back(Input::SlotBusy);
+                }
+            },
+            Effect::StartAgent { fresh } => {
+                let Held::Slot(permit) = std::mem::replace(&mut self.held, Held::Nothing) else {
+                    let message = "the loop has no agent slot to start an agent with".into();
+                    inputs.push_back(Input::AgentFailedToStart(message));
+                    return None;
+                };
+                // Events so far go out before a start that may take a while.
+                self.flush();
+                inputs.push_back(
+                    match super::launch::start(&self.shared, self.id, fresh).await {
+                        Ok((process, resumed)) => {
+                            self.held = Held::Agent(permit, process);
+                            Input::AgentStarted { resumed }
+                        }
+                        Err(message) => Input::AgentFailedToStart(message),
+                    },
+                );
+            }
+            Effect::StopAgent(how) => self.stop_agent(how).await,
+            Effect::Reply(reply) => return Some(reply),
+            Effect::Warn(message) => tracing::warn!(loop_id = %self.id, "{message}"),
+        }
+        None
+    }
+
+    /// Ends the agent process and everything it started (its stdin closed
+    /// first, for a graceful exit).
+    async fn stop_agent(&mut self, how: Stopping) {
+        let Held::Agent(permit, process) = std::mem::replace(&mut self.held, Held::Nothing) else {
+            return;
+        };
+        let AgentProcess { input, handle, .. } = process;
+        drop(input);
+        match how {
+            Stopping::Release => {
+                // Tracked: shutdown waits for the stop and its sweep.
+                self.shared.tasks.spawn(async move {
+                    handle.stop().await;
+                    drop(permit);
+                });
+            }
+            Stopping::KeepSlot => {
+                handle.stop().await;
+                self.held = Held::Slot(permit);
+            }
+            Stopping::Wait => handle.stop().await,
+        }
+    }
+
+    /// Keeps the slots' list of reclaimable agents true to the machine.
+    fn offer_slot(&mut self) {
+        let reclaimable = self.machine.reclaimable();
+        if reclaimable == self.offered {
+            return;
+        }
+        self.offered = reclaimable;
+        if reclaimable {
+            let me = self.me.clone();
+            let reclaim = move || me.try_send(Command::Reclaim).is_ok();
+            self.shared.slots.set_idle(self.id, Box::new(reclaim));
+        } else {
+            self.shared.slots.set_busy(self.id);
+        }
+    }
+
+    /// Writes the gathered events to the log (one write); a batch that ends
+    /// a turn is synced to disk in the background.
+    fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.out);
+        let ends_turn = batch.iter().any(|a| a.event.is_terminal());
+        if let Err(err) = self.log.append(batch) {
+            tracing::error!(loop_id = %self.id, error = %err, "could not write the event log");
+        }
+        if ends_turn {
+            let log = self.log.clone();
+            self.shared.tasks.spawn_blocking(move || {
+                if let Err(err) = log.sync() {
+                    tracing::warn!(error = %err, "could not sync the event log");
+                }
+            });
+        }
+    }
+
+    /// Records the loop's last activity (in the background, tracked).
+    fn touch(&self) {
+        let loops = self.shared.loops.clone();
+        let id = self.id;
+        self.shared.tasks.spawn_blocking(move || {
+            if let Err(err) = loops.update(id, |r| r.last_active_at = crate::ids::now()) {
+                tracing::warn!(loop_id = %id, error = %err, "could not record loop activity");
+            }
+        });
+    }
+
+    async fn stop(&mut self, reason: StopReason) {
+        self.feed(Input::Stop(reason)).await;
+        self.held = Held::Nothing;
+        self.flush();
+        if let Err(err) = self.log.sync() {
+            tracing::warn!(error = %err, "could not sync the event log");
+        }
+    }
+}
+
+async fn recv(output: Option<&mut mpsc::Receiver<AgentOutput>>) -> Option<AgentOutput> {
+    match output {
+        Some(output) => output.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_slot(slot: Option<&mut SlotWait>) -> OwnedSemaphorePermit {
+    match slot {
+        Some(wait) => wait.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::events::Event;
+    use crate::runtime::tests::{new_loop, runtime};
+
+    #[tokio::test]
+    async fn an_agent_that_stops_reading_fails_its_turn_with_an_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = runtime(dir.path());
+        let record = new_loop(&runtime);
+        let log = runtime.log(record.id).unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        let mut actor = Actor::new(record.id, runtime.shared.clone(), log.clone(), rx, tx);
+        let reserved = runtime.shared.queued.take("alice".into(), 4).unwrap();
+        let sent = actor
+            .send("/sleep 60".into(), None, None, reserved)
+            .await
+            .unwrap();
+        // The (echo) agent runs the turn; now its input is full.
+        let Held::Agent(_, process) = &mut actor.held else {
+            panic!("the turn's agent is live");
+        };
+        let (full, _kept) = mpsc::channel(1);
+        full.try_send(crate::agent::AgentInput::Interrupt).unwrap();
+        process.input = full;
+        actor.feed(Input::Interrupt).await;
+        actor.flush();
+        let mut events: Vec<Event> = Vec::new();
+        log.scan_from_offset(0, |stored| {
+            if stored.event.turn_id() == Some(sent.turn_id.as_str()) {
+                events.push(stored.event);
+            }
+            true
+        })
+        .unwrap();
+        let last = events.last().expect("the turn has events");
+        assert!(
+            matches!(last, Event::Error { code, .. } if code == "agent_unresponsive"),
+            "{events:?}"
+        );
+        assert!(
+            matches!(actor.held, Held::Nothing),
+            "the stuck agent was stopped"
+        );
+    }
+}

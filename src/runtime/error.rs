@@ -1,0 +1,44 @@
+//! The runtime's one error type: what a loop operation can refuse, in the
+//! runtime's terms. `http` turns it into the contract's error envelope.
+
+use std::time::Duration;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The request does not fit what it asks of (400), with its code.
+    #[error("{1}")]
+    Invalid(&'static str, String),
+    #[error("{1}")]
+    NotFound(&'static str, String),
+    #[error("{1}")]
+    Conflict(&'static str, String),
+    /// A bound is reached: try again after the wait (429).
+    #[error("{1}")]
+    Full(&'static str, String, Duration),
+    /// The server is shutting down and takes no new work (503).
+    #[error("the server is shutting down")]
+    Stopping,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Something that should not happen (a loop's task vanished).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RuntimeError {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid(code, message.into())
+    }
+
+    /// The code the contract gives this error, when it has one.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::Invalid(c, _) | Self::NotFound(c, _) | Self::Conflict(c, _) => Some(c),
+            Self::Full(c, ..) => Some(c),
+            Self::Stopping => Some("server_stopping"),
+            Self::Store(_) | Self::Internal(_) => None,
+        }
+    }
+}
