@@ -11,6 +11,7 @@
 //! | `/permission CMD` | asks to run `Bash` CMD; says whether it was allowed (never runs it) |
 //! | `/question` | asks two questions (one multi-select) and echoes the answers |
 //! | `/sleep SECS` | says it sleeps, pauses SECS seconds (interruptible), says it woke |
+//! | `/hold NAME` | says it holds, waits (interruptible) until a file NAME is in its workspace, says it was released |
 //! | `/error TEXT` | the turn fails with `agent_error` TEXT |
 //! | `/crash` | the agent process dies mid-turn (`agent_crashed`) |
 //! | `/later SECS TEXT` | ends the turn, then says TEXT SECS seconds later on its own (an agent-initiated turn) |
@@ -28,7 +29,12 @@ use super::{
 pub fn spawn(spec: AgentSpec) -> AgentProcess {
     let (input_tx, input_rx) = mpsc::channel(CHANNEL);
     let (output_tx, output_rx) = mpsc::channel(CHANNEL);
-    let task = tokio::spawn(run(spec.session.id().to_owned(), input_rx, output_tx));
+    let task = tokio::spawn(run(
+        spec.session.id().to_owned(),
+        spec.cwd,
+        input_rx,
+        output_tx,
+    ));
     AgentProcess {
         input: input_tx,
         output: output_rx,
@@ -38,6 +44,8 @@ pub fn spawn(spec: AgentSpec) -> AgentProcess {
 
 struct Echo {
     session_id: String,
+    /// Its workspace (where `/hold` looks for its release).
+    cwd: std::path::PathBuf,
     input: mpsc::Receiver<AgentInput>,
     output: mpsc::Sender<AgentOutput>,
     requests: u64,
@@ -53,11 +61,13 @@ enum Cut {
 
 async fn run(
     session_id: String,
+    cwd: std::path::PathBuf,
     input: mpsc::Receiver<AgentInput>,
     output: mpsc::Sender<AgentOutput>,
 ) {
     let mut echo = Echo {
         session_id,
+        cwd,
         input,
         output,
         requests: 0,
@@ -250,6 +260,26 @@ impl Echo {
                     }
                 }
                 self.say("awake.").await;
+            }
+            "hold" => {
+                // A file name only: the release is looked for in the workspace.
+                let name = std::path::Path::new(rest)
+                    .file_name()
+                    .map_or_else(|| "release".into(), |n| n.to_owned());
+                let release = self.cwd.join(&name);
+                self.say(&format!(
+                    "Holding until {} appears… ",
+                    name.to_string_lossy()
+                ))
+                .await;
+                let mut look = tokio::time::interval(Duration::from_millis(10));
+                loop {
+                    tokio::select! {
+                        _ = look.tick() => if release.exists() { break },
+                        input = self.next_input() => { input?; }
+                    }
+                }
+                self.say("released.").await;
             }
             "error" => {
                 return Ok(Some(TurnEnd::Failed {

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::limits::StreamSlot;
 use crate::runtime::log::{Entry, Follower};
+use crate::runtime::wire::PING;
 
 const PING_EVERY: Duration = Duration::from_secs(15);
-const PING: &[u8] = b"event: ping\ndata: {}\n\n";
 
 /// Which events a stream passes, and when it ends.
 #[derive(Debug, Clone, Copy)]

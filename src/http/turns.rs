@@ -17,8 +17,9 @@ use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::ids;
 use crate::runtime::IdemKey;
 use crate::runtime::choices::ChoiceAnswer;
-use crate::runtime::events::{ChoiceSource, frame_without_id};
+use crate::runtime::events::ChoiceSource;
 use crate::runtime::turns::{self, TurnPage, TurnQuery};
+use crate::runtime::wire::frame_without_id;
 use crate::state::AppState;
 
 pub const MAX_CONTENT_BYTES: usize = 1024 * 1024;

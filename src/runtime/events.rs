@@ -219,26 +219,10 @@ pub fn encode(
     line.extend_from_slice(&json[1..]);
     line.push(b'\n');
 
-    let mut frame = Vec::with_capacity(data.len() + name.len() + 40);
-    frame.extend_from_slice(b"event: ");
-    frame.extend_from_slice(name.as_bytes());
-    frame.extend_from_slice(b"\nid: ");
-    frame.extend_from_slice(seq.to_string().as_bytes());
-    frame.extend_from_slice(b"\ndata: ");
-    frame.extend_from_slice(data);
-    frame.extend_from_slice(b"\n\n");
     Encoded {
         line,
-        frame: Bytes::from(frame),
+        frame: super::wire::frame(name, seq, data),
     }
-}
-
-/// An SSE frame without an id (`snapshot`, `ping`).
-pub fn frame_without_id(name: &str, data: &impl Serialize) -> Bytes {
-    let mut frame = format!("event: {name}\ndata: ").into_bytes();
-    serde_json::to_writer(&mut frame, data).expect("frames serialize");
-    frame.extend_from_slice(b"\n\n");
-    Bytes::from(frame)
 }
 
 /// A line of `events.jsonl` as read back.

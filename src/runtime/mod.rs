@@ -14,6 +14,7 @@ pub mod machine;
 pub mod slots;
 pub mod turns;
 pub mod view;
+pub mod wire;
 pub mod workspace;
 
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Auth, SseStream, TestApp, assert_error, eventually, names, text};
+use crate::support::{Auth, TestApp, assert_error, eventually, names, text};
 
 async fn app_with_loop() -> (TestApp, Auth, String) {
     let app = TestApp::start().await;
@@ -197,29 +197,6 @@ async fn question_answers_reach_the_agent() {
 }
 
 #[tokio::test]
-async fn interrupt_ends_the_turn_and_the_next_message_works() {
-    let (app, bearer, id) = app_with_loop().await;
-    let mut stream = app.send(&bearer, &id, "/sleep 30").await;
-    stream.until("assistant_delta").await;
-    let (status, body) = app
-        .post(&format!("/api/v1/loops/{id}/interrupt"), &bearer, json!({}))
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    let turn_id = body["turn_id"].as_str().unwrap().to_owned();
-    let end = stream.until_end().await.pop().unwrap();
-    assert_eq!(end.name, "interrupted");
-    assert_eq!(end.data["turn_id"], turn_id.as_str());
-    stream.assert_closed().await;
-    // Nothing runs now: interrupting again does nothing.
-    let (_, body) = app
-        .post(&format!("/api/v1/loops/{id}/interrupt"), &bearer, json!({}))
-        .await;
-    assert_eq!(body["turn_id"], Value::Null);
-    let events = app.send(&bearer, &id, "still here").await.until_end().await;
-    assert_eq!(text(&events), "still here");
-}
-
-#[tokio::test]
 async fn interrupt_withdraws_a_pending_choice() {
     let (app, bearer, id) = app_with_loop().await;
     let mut stream = app.send(&bearer, &id, "/permission ls").await;
@@ -234,42 +211,6 @@ async fn interrupt_withdraws_a_pending_choice() {
         .choose(&bearer, &id, &choice, json!({"allow": true}))
         .await;
     assert_error(&late, 404, "not_found_error", "choice_not_found");
-}
-
-#[tokio::test]
-async fn a_second_message_while_busy_is_queued_and_streams_only_its_own_turn() {
-    let (app, bearer, id) = app_with_loop().await;
-    let mut first = app.send(&bearer, &id, "/sleep 1").await;
-    first.until("assistant_delta").await;
-    let mut second = app.send(&bearer, &id, "second message").await;
-    let mut third = app.send(&bearer, &id, "third message").await;
-    let queued = second.next().await.unwrap();
-    assert_eq!(
-        (queued.name.as_str(), &queued.data["position"]),
-        ("queued", &json!(1))
-    );
-    assert_eq!(third.next().await.unwrap().data["position"], 2);
-    let (_, detail) = app.get(&format!("/api/v1/loops/{id}"), &bearer).await;
-    assert_eq!(detail["queue_depth"], 2);
-
-    let first_events = first.until_end().await;
-    assert!(
-        text(&first_events).ends_with("awake."),
-        "{}",
-        text(&first_events)
-    );
-    first.assert_closed().await;
-    let second_events = second.until_end().await;
-    let second_turn = queued.data["turn_id"].clone();
-    assert!(
-        second_events
-            .iter()
-            .all(|e| e.data["turn_id"] == second_turn),
-        "only its own turn"
-    );
-    assert_eq!(names(&second_events)[0], "started");
-    assert_eq!(text(&second_events), "second message");
-    assert_eq!(text(&third.until_end().await), "third message");
 }
 
 #[tokio::test]
@@ -312,46 +253,9 @@ async fn watchers_see_everything_and_a_late_one_gets_a_snapshot() {
 }
 
 #[tokio::test]
-async fn last_event_id_resumes_without_gap_or_duplicate() {
-    let (app, bearer, id) = app_with_loop().await;
-    let mut watcher = app.watch(&bearer, &id, None).await;
-    let mut stream = app.send(&bearer, &id, "/sleep 0.5").await;
-    let seen = watcher.until("assistant_delta").await;
-    let last = seen.last().unwrap().id.unwrap();
-    drop(watcher); // the client goes away mid-turn
-    stream.until_end().await;
-    app.send(&bearer, &id, "one more").await.until_end().await;
-
-    let mut resumed = app.watch(&bearer, &id, Some(last)).await;
-    let rest = resumed.until("done").await;
-    assert_eq!(rest[0].id, Some(last + 1));
-    let rest2 = resumed.until("done").await;
-    let all: Vec<u64> = rest.iter().chain(&rest2).map(|e| e.id.unwrap()).collect();
-    let want: Vec<u64> = (last + 1..=last + all.len() as u64).collect();
-    assert_eq!(all, want);
-    assert_eq!(text(&rest2), "one more");
-    // `?after=` does the same.
-    let (status, _) = app
-        .get(&format!("/api/v1/loops/{id}/events?after=nope"), &bearer)
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let resp = app
-        .request(
-            reqwest::Method::GET,
-            &format!("/api/v1/loops/{id}/events?after=0"),
-            &bearer,
-        )
-        .send()
-        .await
-        .unwrap();
-    let mut from_start = SseStream::new(resp);
-    assert_eq!(from_start.next().await.unwrap().id, Some(1));
-}
-
-#[tokio::test]
 async fn idempotency_key_replays_the_turn_and_refuses_another_body() {
     let (app, bearer, id) = app_with_loop().await;
-    let body = json!({"content": "/sleep 0.5"});
+    let body = json!({"content": "/hold go"});
     let mut first = app
         .send_with(&bearer, &id, body.clone(), Some("key-1"))
         .await;
@@ -362,7 +266,11 @@ async fn idempotency_key_replays_the_turn_and_refuses_another_body() {
     let mut retry = app
         .send_with(&bearer, &id, body.clone(), Some("key-1"))
         .await;
-    let events = retry.until_end().await;
+    // The first event is the replayed one; then the turn is released and follows live.
+    let replayed = retry.next().await.unwrap();
+    app.release(&id, "go");
+    let mut events = vec![replayed];
+    events.extend(retry.until_end().await);
     assert_eq!(events[0].id, started.id);
     assert_eq!(events[0].data, started.data);
     assert_eq!(events.last().unwrap().name, "done");
@@ -559,20 +467,6 @@ async fn an_agent_crash_ends_the_turn_and_the_next_message_respawns() {
 }
 
 #[tokio::test]
-async fn archiving_ends_a_running_turn() {
-    let (app, bearer, id) = app_with_loop().await;
-    let mut stream = app.send(&bearer, &id, "/sleep 30").await;
-    stream.until("assistant_delta").await;
-    assert_eq!(
-        app.delete(&format!("/api/v1/loops/{id}"), &bearer).await.0,
-        StatusCode::NO_CONTENT
-    );
-    assert_eq!(stream.until_end().await.pop().unwrap().name, "interrupted");
-    let (_, health) = app.get("/healthz", &Auth::None).await;
-    assert_eq!(health["live_agents"], 0);
-}
-
-#[tokio::test]
 async fn idle_agents_are_reclaimed_and_a_waiting_choice_is_evicted() {
     let tmp = tempfile::tempdir().unwrap();
     crate::support::accounts(tmp.path())
@@ -619,11 +513,12 @@ async fn max_agents_reclaims_the_least_recently_used_idle_agent_or_waits() {
     assert_eq!(app.get("/healthz", &Auth::None).await.1["live_agents"], 1);
 
     // B is busy: A's turn waits for the slot (queued), then runs.
-    let mut busy = app.send(&bearer, &b, "/sleep 1").await;
+    let mut busy = app.send(&bearer, &b, "/hold go").await;
     busy.until("assistant_delta").await;
     let mut waiting = app.send(&bearer, &a, "a second").await;
     let first = waiting.next().await.unwrap();
     assert_eq!(first.name, "queued");
+    app.release(&b, "go");
     busy.until_end().await;
     let events = waiting.until_end().await;
     assert_eq!(events[0].name, "started");
@@ -637,7 +532,7 @@ async fn a_restart_closes_the_running_turn_and_keeps_the_history() {
     let bearer = app.bearer("alice").await;
     let id = app.create_loop(&bearer, json!({})).await;
     app.send(&bearer, &id, "before").await.until_end().await;
-    let mut stream = app.send(&bearer, &id, "/sleep 30").await;
+    let mut stream = app.send(&bearer, &id, "/hold never").await;
     stream.until("assistant_delta").await;
     let (dir, tmp) = app.stop().await;
     // The stream says why its turn ended, then closes with the server.

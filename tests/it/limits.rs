@@ -194,7 +194,7 @@ async fn a_loop_takes_a_bounded_number_of_queued_turns() {
     let app = TestApp::start_tweaked(|c| c.limits.queued_turns_per_loop = 1).await;
     let alice = app.bearer("alice").await;
     let id = app.create_loop(&alice, json!({})).await;
-    let mut running = app.send(&alice, &id, "/sleep 60").await;
+    let mut running = app.send(&alice, &id, "/hold never").await;
     running.until("assistant_delta").await;
     let mut queued = app.send(&alice, &id, "second").await;
     assert_eq!(queued.until("queued").await.pop().unwrap().name, "queued");
@@ -225,7 +225,7 @@ async fn a_user_has_a_bounded_number_of_queued_bytes_over_all_loops() {
     );
     let mut runs = Vec::new();
     for id in [&one, &two] {
-        let mut running = app.send(&alice, id, "/sleep 60").await;
+        let mut running = app.send(&alice, id, "/hold never").await;
         running.until("assistant_delta").await;
         runs.push(running);
     }

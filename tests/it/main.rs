@@ -7,6 +7,7 @@ mod capture;
 mod claude;
 mod claude_cli;
 mod cli;
+mod contract;
 mod docs;
 mod echo;
 mod lifecycle;

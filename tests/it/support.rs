@@ -96,6 +96,13 @@ impl TestApp {
         (self.dir.clone(), self._tmp.take())
     }
 
+    /// Releases an echo agent's `/hold NAME` on loop `loop_id`.
+    pub fn release(&self, loop_id: &str, name: &str) {
+        let uuid = loop_id.strip_prefix("loop_").unwrap();
+        let workspace = self.dir.join("loops").join(uuid).join("workspace");
+        std::fs::write(workspace.join(name), "").unwrap();
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
