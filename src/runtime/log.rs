@@ -214,35 +214,41 @@ impl EventLog {
     }
 
     /// Appends events in order with one write; returns each one's (seq, turn).
+    /// Nothing changes unless the write succeeds: a failed write leaves the
+    /// file, the view and the seqs as they were.
     pub fn append(&self, items: Vec<Append>) -> Result<Vec<(u64, Option<usize>)>, StoreError> {
         let mut state = self.state.lock().expect("log poisoned");
-        let mut buf = Vec::new();
-        let mut out = Vec::with_capacity(items.len());
-        let mut entries = Vec::with_capacity(items.len());
         let start_len = state.len;
-        for item in items {
-            let seq = state.view.next_seq;
+        let first = state.view.next_seq;
+        let mut buf = Vec::new();
+        let mut encoded = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let seq = first + i as u64;
             let at = (!item.event.is_delta()).then(crate::ids::now);
             let Encoded { line, frame } = encode(seq, at, item.idem.as_ref(), &item.event);
             let offset = start_len + buf.len() as u64;
+            buf.extend_from_slice(&line);
+            encoded.push((seq, at, offset, item.event, frame));
+        }
+        if let Err(e) = state.file.write_all(&buf) {
+            // Put the file back as it was (a partial write is cut off).
+            let _ = state.file.set_len(start_len);
+            return Err(StoreError::io(&self.path, e));
+        }
+        let mut out = Vec::with_capacity(encoded.len());
+        let mut entries = Vec::with_capacity(encoded.len());
+        for (seq, at, offset, event, frame) in encoded {
             if seq.is_multiple_of(SPARSE_EVERY) {
                 state.sparse.push((seq, offset));
             }
-            let turn = state.view.apply(seq, at, offset, &item.event);
-            buf.extend_from_slice(&line);
+            let turn = state.view.apply(seq, at, offset, &event);
             entries.push(Entry {
                 seq,
                 turn,
-                terminal: item.event.is_terminal(),
+                terminal: event.is_terminal(),
                 frame,
             });
             out.push((seq, turn));
-        }
-        if let Err(e) = state.file.write_all(&buf) {
-            // Put the file back as it was; the view already moved on, so this
-            // log refuses further writes rather than renumber anything.
-            let _ = state.file.set_len(start_len);
-            return Err(StoreError::io(&self.path, e));
         }
         state.len += buf.len() as u64;
         for entry in entries {
@@ -639,6 +645,28 @@ pub(crate) mod fixtures {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_failed_write_changes_nothing_and_the_next_one_continues_the_seqs() {
+        use super::fixtures::said;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let (log, _) = EventLog::open(path.clone()).unwrap();
+        log.append(vec![said("t1", "one")]).unwrap();
+        let writable = {
+            let mut state = log.state.lock().unwrap();
+            let read_only = File::open(&path).unwrap();
+            std::mem::replace(&mut state.file, read_only)
+        };
+        assert!(log.append(vec![said("t2", "lost")]).is_err());
+        assert_eq!(log.view(|v| (v.next_seq, v.turns.len())), (2, 1));
+        log.state.lock().unwrap().file = writable;
+        let written = log.append(vec![said("t3", "three")]).unwrap();
+        assert_eq!(written[0], (2, Some(1)), "no seq was skipped");
+        let lines = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(lines.lines().count(), 2);
+        assert!(!lines.contains("lost"));
+    }
+
     use super::*;
 
     use super::fixtures::{delta, started, user};
