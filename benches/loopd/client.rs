@@ -194,6 +194,16 @@ impl Server {
         read(self.send_turn(loop_id, k, rate).await, true).await
     }
 
+    /// The relay's count of batches lost by lagging streams (0 for loopd,
+    /// which streams from its log and loses nothing).
+    pub async fn lagged(&self) -> u64 {
+        if self.kind == Kind::Loopd {
+            return 0;
+        }
+        let r = self.http.get(format!("{}/lagged", self.base)).send().await;
+        r.unwrap().text().await.unwrap().parse().unwrap()
+    }
+
     pub async fn watch(&self, loop_id: &str) -> reqwest::Response {
         let r = self
             .req(reqwest::Method::GET, &format!("/loops/{loop_id}/events"))
@@ -238,7 +248,52 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// (CPU seconds, RSS bytes) of a process.
+/// A process's CPU time so far, to the nanosecond: per live thread, its
+/// time on a CPU (`/proc/PID/task/TID/schedstat`, user + system); and the
+/// tick-grained total from [`usage`], for threads that exit meanwhile.
+pub struct CpuMark {
+    threads: std::collections::HashMap<u32, u64>,
+    ticks: f64,
+}
+
+pub fn cpu_mark(pid: u32) -> CpuMark {
+    let mut threads = std::collections::HashMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap();
+        let Ok(tid) = task.file_name().to_string_lossy().parse() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue; // exited just now
+        };
+        threads.insert(tid, stat.split(' ').next().unwrap().parse().unwrap());
+    }
+    CpuMark {
+        threads,
+        ticks: usage(pid).0,
+    }
+}
+
+/// The server process's own CPU seconds (user + system, its children not
+/// counted) between two marks: to the nanosecond when every thread of the
+/// first mark still runs, else from clock ticks (10 ms grain).
+pub fn cpu_between(a: &CpuMark, b: &CpuMark) -> f64 {
+    if a.threads.keys().all(|tid| b.threads.contains_key(tid)) {
+        let ns: u64 = b
+            .threads
+            .iter()
+            .map(|(tid, ns)| ns - a.threads.get(tid).copied().unwrap_or(0))
+            .sum();
+        ns as f64 / 1e9
+    } else {
+        eprintln!("a server thread exited while measured: CPU from clock ticks");
+        b.ticks - a.ticks
+    }
+}
+
+/// (CPU seconds, RSS bytes) of a process: utime + stime of the process
+/// itself (`/proc/PID/stat` fields 14 and 15, in clock ticks of 10 ms), not
+/// of its children (cutime, cstime), so fake agents never count.
 pub fn usage(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();

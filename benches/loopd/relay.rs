@@ -1,28 +1,55 @@
-//! The raw relay (`relay ADDR`): the physical limit of "just piping bytes".
+//! The raw relay (`relay ADDR`): the strongest fair competitor for loopd's job.
 //!
-//! One fake agent per loop, each text delta line copied into an SSE frame:
-//! no auth, no parsing, no log.
+//! One fake agent per loop; each text delta line of its stdout becomes an SSE
+//! frame, with no auth, no JSON parsing, no log and no mapping. It batches
+//! the way loopd does, so that the comparison is of the work, not of the
+//! syscall pattern:
+//! - the agent's stdout is read in chunks of up to 64 KiB, and the frames of
+//!   every complete line of one read are joined into one `Bytes`: one
+//!   broadcast send, one wake-up per stream, per read;
+//! - a stream drains whatever batches are waiting (`try_recv`) into one
+//!   chunk before yielding it: one write per wake-up;
+//! - `TCP_NODELAY` on every connection, a multi-thread runtime, and the
+//!   router served with `into_make_service` (no route table cloned per
+//!   connection).
+//!
+//! A stream that falls more than [`BACKLOG`] batches behind loses batches
+//! (a broadcast `Lagged`): that would make the relay look faster than it
+//! is, so every lost batch is counted and `GET /lagged` reports the count.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-use bytes::Bytes;
-
-use crate::raise_nofile;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::routing::{get, post};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+
+use crate::raise_nofile;
+
+/// Bytes asked for per read of an agent's stdout (loopd reads 64 KiB too).
+const READ: usize = 64 * 1024;
+/// Batches a stream may fall behind before it loses some.
+const BACKLOG: usize = 4096;
+/// Most bytes one stream chunk coalesces.
+const MAX_CHUNK: usize = 1024 * 1024;
+/// The frame that ends a turn.
+const DONE: &[u8] = b"event: done\ndata: {}\n\n";
+
+/// Batches lost by lagging streams since the relay started.
+static LAGGED: AtomicU64 = AtomicU64::new(0);
 
 struct Agent {
     stdin: tokio::sync::Mutex<tokio::process::ChildStdin>,
-    lines: broadcast::Sender<Bytes>,
+    batches: broadcast::Sender<Bytes>,
     _child: tokio::process::Child,
 }
 
@@ -38,6 +65,10 @@ pub fn serve(addr: SocketAddr) {
         let agents: Agents = Arc::default();
         let app = Router::new()
             .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/lagged",
+                get(|| async { LAGGED.load(Ordering::Relaxed).to_string() }),
+            )
             .route("/loops/{id}/messages", post(message))
             .route("/loops/{id}/events", get(events))
             .with_state(agents);
@@ -46,7 +77,9 @@ pub fn serve(addr: SocketAddr) {
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        axum::serve(listener, app).await.unwrap();
+        axum::serve(listener, app.into_make_service())
+            .await
+            .unwrap();
     });
 }
 
@@ -62,41 +95,91 @@ fn agent(agents: &Agents, id: &str) -> Arc<Agent> {
                 .spawn()
                 .unwrap();
             let stdout = child.stdout.take().unwrap();
-            let (lines, _) = broadcast::channel(4096);
-            let tx = lines.clone();
-            tokio::spawn(async move {
-                let mut reader = BufReader::new(stdout).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    let frame = if line.contains("\"text_delta\"") {
-                        format!("event: delta\ndata: {line}\n\n")
-                    } else if line.starts_with("{\"type\":\"result\"") {
-                        "event: done\ndata: {}\n\n".to_owned()
-                    } else {
-                        continue;
-                    };
-                    let _ = tx.send(Bytes::from(frame));
-                }
-            });
+            let (batches, _) = broadcast::channel(BACKLOG);
+            tokio::spawn(relay_stdout(stdout, batches.clone()));
             Arc::new(Agent {
                 stdin: tokio::sync::Mutex::new(child.stdin.take().unwrap()),
-                lines,
+                batches,
                 _child: child,
             })
         })
         .clone()
 }
 
+/// Reads the agent's stdout in big chunks; the frames of all complete lines
+/// of one read go out as one batch.
+async fn relay_stdout(mut stdout: tokio::process::ChildStdout, tx: broadcast::Sender<Bytes>) {
+    let mut buf = BytesMut::with_capacity(READ);
+    loop {
+        buf.reserve(READ);
+        match stdout.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let Some(last) = buf.iter().rposition(|&b| b == b'\n') else {
+            continue;
+        };
+        let lines = buf.split_to(last + 1);
+        let mut out = BytesMut::with_capacity(lines.len() + lines.len() / 4 + DONE.len());
+        for line in lines[..last].split(|&b| b == b'\n') {
+            if is_text_delta(line) {
+                out.extend_from_slice(b"event: delta\ndata: ");
+                out.extend_from_slice(line);
+                out.extend_from_slice(b"\n\n");
+            } else if line.starts_with(b"{\"type\":\"result\"") {
+                out.extend_from_slice(DONE);
+            }
+        }
+        if !out.is_empty() {
+            let _ = tx.send(out.freeze());
+        }
+    }
+}
+
+fn is_text_delta(line: &[u8]) -> bool {
+    // `str::contains` is SIMD-accelerated for short needles; the lines are ASCII.
+    std::str::from_utf8(line).is_ok_and(|l| l.contains("\"text_delta\""))
+}
+
+/// An SSE stream of the agent's batches; with `until_done`, it ends after
+/// the turn's `done` (the last frame of the batch holding it).
 fn sse(mut rx: broadcast::Receiver<Bytes>, until_done: bool) -> Response {
     let body = async_stream::stream! {
         loop {
-            match rx.recv().await {
-                Ok(frame) => {
-                    let done = frame.starts_with(b"event: done");
-                    yield Ok::<_, std::convert::Infallible>(frame);
-                    if done && until_done { break; }
+            let first = match rx.recv().await {
+                Ok(batch) => batch,
+                Err(RecvError::Lagged(n)) => {
+                    LAGGED.fetch_add(n, Ordering::Relaxed);
+                    continue;
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => break,
+                Err(RecvError::Closed) => break,
+            };
+            let mut done = first.ends_with(DONE);
+            // Whatever else is already waiting goes out in the same chunk.
+            let mut joined: Option<BytesMut> = None;
+            while !(done && until_done) {
+                let next = match rx.try_recv() {
+                    Ok(next) => next,
+                    Err(TryRecvError::Lagged(n)) => {
+                        LAGGED.fetch_add(n, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(_) => break, // empty or closed
+                };
+                let chunk = joined.get_or_insert_with(|| {
+                    let mut chunk = BytesMut::with_capacity(4 * (first.len() + next.len()));
+                    chunk.extend_from_slice(&first);
+                    chunk
+                });
+                chunk.extend_from_slice(&next);
+                done = next.ends_with(DONE);
+                if chunk.len() >= MAX_CHUNK {
+                    break;
+                }
+            }
+            yield Ok::<_, std::convert::Infallible>(joined.map_or(first, BytesMut::freeze));
+            if done && until_done {
+                break;
             }
         }
     };
@@ -108,7 +191,7 @@ fn sse(mut rx: broadcast::Receiver<Bytes>, until_done: bool) -> Response {
 
 async fn message(State(agents): State<Agents>, Path(id): Path<String>, body: String) -> Response {
     let agent = agent(&agents, &id);
-    let rx = agent.lines.subscribe();
+    let rx = agent.batches.subscribe();
     let line =
         format!("{{\"type\":\"user\",\"message\":{{\"role\":\"user\",\"content\":\"{body}\"}}}}\n");
     agent
@@ -122,5 +205,5 @@ async fn message(State(agents): State<Agents>, Path(id): Path<String>, body: Str
 }
 
 async fn events(State(agents): State<Agents>, Path(id): Path<String>) -> Response {
-    sse(agent(&agents, &id).lines.subscribe(), false)
+    sse(agent(&agents, &id).batches.subscribe(), false)
 }

@@ -50,17 +50,43 @@ pub async fn run(runs: usize, only: Option<String>) {
     if only.as_deref() == Some("sandbox") {
         return sandbox_cost(runs).await;
     }
-    let scenarios: &[&str] = &["idle", "paced", "single", "multi", "fan-out", "watchers"];
+    let scenarios: &[(&str, &str)] = &[
+        ("idle", "idle"),
+        ("paced", "paced: 50 loops × 300 deltas at 100/s"),
+        ("single", "single: 1 loop, 5 turns × 2000 deltas"),
+        ("single-long", "single-long: 1 loop, 50 turns × 2000 deltas"),
+        ("multi", "multi: 50 loops × 3 turns × 500 deltas"),
+        (
+            "fan-out",
+            "fan-out: 1 loop × 100 watchers, 3 turns × 1000 deltas",
+        ),
+        (
+            "watchers",
+            "watchers: 10,000 idle streams on 100 loops, then a turn each",
+        ),
+    ];
+    // --only a,b,c: those scenarios, in the order above.
+    let only: Option<Vec<&str>> = only.as_deref().map(|o| o.split(',').collect());
+    if let Some(only) = &only {
+        for o in only {
+            assert!(
+                scenarios.iter().any(|(name, _)| name == o),
+                "unknown scenario {o}"
+            );
+        }
+    }
+    let mut lagged: Vec<(&str, u64)> = Vec::new();
     println!(
         "loopd vs raw relay, {runs} run(s) each, {} cores",
         std::thread::available_parallelism().unwrap()
     );
-    println!("| scenario | figure | raw relay | loopd | loopd / relay |");
+    println!("| scenario | figure | relay | loopd | loopd / relay |");
     println!("|---|---|---|---|---|");
-    for scenario in scenarios
+    for (scenario, label) in scenarios
         .iter()
-        .filter(|s| only.as_deref().is_none_or(|o| o == **s))
+        .filter(|(s, _)| only.as_ref().is_none_or(|o| o.contains(s)))
     {
+        let mut lost = 0;
         let mut results: HashMap<Kind, Vec<Figures>> = HashMap::new();
         for _ in 0..runs {
             for kind in [Kind::Relay, Kind::Loopd] {
@@ -69,12 +95,14 @@ pub async fn run(runs: usize, only: Option<String>) {
                     "idle" => idle(&server).await,
                     "paced" => paced(&server).await,
                     "single" => single(&server).await,
+                    "single-long" => single_long(&server).await,
                     "multi" => multi(&server).await,
                     "fan-out" => fan_out(&server).await,
                     "watchers" => watchers(&server).await,
                     _ => unreachable!(),
                 };
                 results.entry(kind).or_default().push(figures);
+                lost += server.lagged().await;
                 drop(server);
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
@@ -89,7 +117,7 @@ pub async fn run(runs: usize, only: Option<String>) {
             let (r, rmin, rmax) = summary(Kind::Relay);
             let (l, lmin, lmax) = summary(Kind::Loopd);
             println!(
-                "| {scenario} | {name} | {} ({}–{}) | {} ({}–{}) | {:.2} |",
+                "| {label} | {name} | {} ({}–{}) | {} ({}–{}) | {:.2} |",
                 fmt(r),
                 fmt(rmin),
                 fmt(rmax),
@@ -99,7 +127,15 @@ pub async fn run(runs: usize, only: Option<String>) {
                 l / r
             );
         }
+        lagged.push((scenario, lost));
     }
+    // A lagging relay stream drops batches, which would flatter the relay.
+    let lagged: Vec<String> = lagged.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    println!();
+    println!(
+        "relay batches lost to broadcast lag, all runs (must be 0): {}",
+        lagged.join(", ")
+    );
 }
 
 fn fmt(v: f64) -> String {

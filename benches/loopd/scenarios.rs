@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use crate::client::{Server, find, read, usage};
+use crate::client::{Server, cpu_between, cpu_mark, find, read, usage};
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -45,36 +45,46 @@ pub async fn paced(s: &Server) -> Figures {
     ]
 }
 
-pub async fn single(s: &Server) -> Figures {
-    let ids = loops(s, 1).await;
-    let t = Instant::now();
-    let mut n = 0;
-    for _ in 0..5 {
-        n += s.turn(&ids[0], 2000, 0).await.len();
-    }
-    vec![("events/s", n as f64 / t.elapsed().as_secs_f64())]
-}
-
-pub async fn multi(s: &Server) -> Figures {
-    let ids = loops(s, 50).await;
-    let (cpu0, _) = usage(s.pid());
+/// Full speed: `n` loops at once, each `turns` turns of `k` deltas one after
+/// another. Events are the deltas the client received; server CPU is the
+/// server process's own user + system time over the measured window (its
+/// fake agents, children of loopd and of the relay alike, are not counted).
+async fn full_speed(s: &Server, n: usize, turns: usize, k: usize) -> Figures {
+    let ids = loops(s, n).await;
+    let cpu0 = cpu_mark(s.pid());
     let t = Instant::now();
     let runs = ids.iter().map(|id| async move {
-        let mut lat = Vec::new();
-        for _ in 0..3 {
-            lat.extend(s.turn(id, 500, 0).await);
+        let mut got = 0;
+        for _ in 0..turns {
+            got += s.turn(id, k, 0).await.len();
         }
-        lat
+        got
     });
-    let lat: Vec<Vec<u64>> = futures_util::future::join_all(runs).await;
+    let events: usize = futures_util::future::join_all(runs).await.into_iter().sum();
     let secs = t.elapsed().as_secs_f64();
-    let (cpu1, rss) = usage(s.pid());
-    let n: usize = lat.iter().map(Vec::len).sum();
+    let cpu = cpu_between(&cpu0, &cpu_mark(s.pid()));
+    let rss = usage(s.pid()).1;
     vec![
-        ("events/s", n as f64 / secs),
-        ("server CPU per event (µs)", (cpu1 - cpu0) * 1e6 / n as f64),
+        ("events/s", events as f64 / secs),
+        ("server CPU per event (µs)", cpu * 1e6 / events as f64),
         ("server RSS (MB)", rss as f64 / 1e6),
+        ("events received", events as f64),
     ]
+}
+
+/// 1 loop, 5 turns × 2000 deltas.
+pub async fn single(s: &Server) -> Figures {
+    full_speed(s, 1, 5, 2000).await
+}
+
+/// 1 loop, 50 turns × 2000 deltas.
+pub async fn single_long(s: &Server) -> Figures {
+    full_speed(s, 1, 50, 2000).await
+}
+
+/// 50 loops at once, 3 turns × 500 deltas each.
+pub async fn multi(s: &Server) -> Figures {
+    full_speed(s, 50, 3, 500).await
 }
 
 pub async fn watchers(s: &Server) -> Figures {
