@@ -82,7 +82,18 @@ pub async fn start_with(kind: Kind, sandbox: &str) -> Server {
                 .add("bench", false, "bench password")
                 .unwrap();
             let (token, _) = accounts.tokens.create("bench", None).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_loopd"))
+            // BENCH_LOOPD_WRAP="valgrind --tool=callgrind": loopd under a tool.
+            let wrap = std::env::var("BENCH_LOOPD_WRAP").unwrap_or_default();
+            let mut wrap = wrap.split_whitespace();
+            let mut cmd = match wrap.next() {
+                Some(tool) => {
+                    let mut cmd = Command::new(tool);
+                    cmd.args(wrap).arg(env!("CARGO_BIN_EXE_loopd"));
+                    cmd
+                }
+                None => Command::new(env!("CARGO_BIN_EXE_loopd")),
+            };
+            let child = cmd
                 .args([
                     "serve",
                     "--bind",

@@ -82,9 +82,14 @@ pub async fn single_long(s: &Server) -> Figures {
     full_speed(s, 1, 50, 2000).await
 }
 
-/// 50 loops at once, 3 turns × 500 deltas each.
+/// 50 loops at once, 3 turns × 500 deltas each (BENCH_MULTI_TURNS turns,
+/// for profiling runs).
 pub async fn multi(s: &Server) -> Figures {
-    full_speed(s, 50, 3, 500).await
+    let turns = std::env::var("BENCH_MULTI_TURNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    full_speed(s, 50, turns, 500).await
 }
 
 pub async fn watchers(s: &Server) -> Figures {
