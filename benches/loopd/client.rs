@@ -236,8 +236,13 @@ pub async fn read(resp: reqwest::Response, to_end: bool) -> Vec<u64> {
         let chunk = chunk.unwrap();
         let now = now_ns();
         buf.extend_from_slice(&chunk);
-        while let Some(end) = find(&buf, b"\n\n") {
-            let frame = &buf[..end];
+        // Frames are consumed by a cursor and the buffer shifted once per
+        // chunk: draining per frame made this quadratic in the chunk size,
+        // so the server that batched more (bigger chunks) looked slower.
+        let mut start = 0;
+        while let Some(len) = find(&buf[start..], b"\n\n") {
+            let frame = &buf[start..start + len];
+            start += len + 2;
             if let Some(at) = find(frame, b"\"text\":\"") {
                 let digits = &frame[at + 8..];
                 let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
@@ -246,11 +251,11 @@ pub async fn read(resp: reqwest::Response, to_end: bool) -> Vec<u64> {
                 }
             }
             let is_end = frame.starts_with(b"event: done") || frame.starts_with(b"event: error");
-            buf.drain(..end + 2);
             if is_end && to_end {
                 return lat;
             }
         }
+        buf.drain(..start);
     }
     lat
 }
