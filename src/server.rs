@@ -52,6 +52,7 @@ pub async fn run(
     let flusher = tokio::spawn(flush_periodically(
         state.accounts.clone(),
         state.guards.clone(),
+        state.runtime.clone(),
         shutdown.clone(),
     ));
     // On shutdown, agents stop first and turns still running are closed in
@@ -120,6 +121,7 @@ fn first_start_banner(url: &str, password: &str) -> String {
 async fn flush_periodically(
     accounts: Arc<Accounts>,
     guards: Arc<crate::http::limits::Guards>,
+    runtime: Arc<crate::runtime::Runtime>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(LAST_USED_FLUSH_EVERY);
@@ -128,6 +130,7 @@ async fn flush_periodically(
         tokio::select! {
             _ = tick.tick() => {
                 flush_last_used(accounts.clone()).await;
+                runtime.flush_touches().await;
                 guards.prune();
             }
             () = shutdown.cancelled() => return,

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-use super::mapping::{MapState, map_line};
+use super::mapping::{MapState, map_line_into};
 use super::process::{signal_group, sweep};
 use super::sandbox::Sandbox;
 use super::{
@@ -200,16 +200,15 @@ async fn read_stdout(
         // Every complete line read so far is mapped in place and handed over
         // in one batch: one channel send (one wake-up of the loop's task) per
         // read, and no copy of any line.
-        let mut batch = Vec::new();
+        let mut batch = Vec::with_capacity(64);
         let mut start = 0;
-        while let Some(end) = buf[start..].iter().position(|&b| b == b'\n') {
-            let line = &buf[start..start + end];
+        for end in memchr::memchr_iter(b'\n', &buf) {
             if skipping {
                 skipping = false;
             } else {
-                batch.extend(map_line(&mut state, line));
+                map_line_into(&mut state, &buf[start..end], &mut batch);
             }
-            start += end + 1;
+            start = end + 1;
         }
         let _ = buf.split_to(start);
         if buf.len() > MAX_LINE {

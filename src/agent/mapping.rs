@@ -108,56 +108,90 @@ struct ResultUsage {
 /// Maps one stdout line. Lines that are not JSON, and kinds loopd does not
 /// use (status, hooks, task notices…), map to nothing.
 pub fn map_line(state: &mut MapState, line: impl AsRef<[u8]>) -> Vec<AgentEvent> {
-    let Ok(line) = serde_json::from_slice::<Line>(line.as_ref()) else {
-        return Vec::new();
+    let mut out = Vec::new();
+    map_line_into(state, line.as_ref(), &mut out);
+    out
+}
+
+/// How Claude Code begins a `stream_event` line (the CLI writes `type` first).
+const STREAM_EVENT: &str = r#"{"type":"stream_event","#;
+
+/// [`map_line`], appending to `out`. The many `stream_event` lines take a
+/// short way: parsed into just their `event`, the rest of the line skipped.
+pub fn map_line_into(state: &mut MapState, line: &[u8], out: &mut Vec<AgentEvent>) {
+    // UTF-8 checked once for the line, not again for every string in it.
+    let Ok(line) = std::str::from_utf8(line) else {
+        return;
+    };
+    if line.starts_with(STREAM_EVENT)
+        && let Ok(stream) = serde_json::from_str::<StreamLine>(line)
+    {
+        return stream_event(state, stream.event, out);
+    }
+    let Ok(line) = serde_json::from_str::<Line>(line) else {
+        return;
     };
     match line.kind.as_ref() {
-        "stream_event" => line.event.map_or_else(Vec::new, |e| stream_event(state, e)),
-        "system" if line.subtype.as_deref() == Some("init") => line
-            .session_id
-            .map(|id| {
-                vec![AgentEvent::Init {
+        "stream_event" => {
+            if let Some(event) = line.event {
+                stream_event(state, event, out);
+            }
+        }
+        "system" if line.subtype.as_deref() == Some("init") => {
+            if let Some(id) = line.session_id {
+                out.push(AgentEvent::Init {
                     session_id: id.into_owned(),
-                }]
-            })
-            .unwrap_or_default(),
-        "assistant" => assistant(state, line.message.as_ref(), line.error.is_some()),
-        "user" => tool_results(line.message.as_ref()),
-        "result" => vec![AgentEvent::TurnEnd(result(state, &line))],
-        "control_request" => control_request(line.request_id, line.request),
-        "control_cancel_request" => line
-            .request_id
-            .map(|request_id| vec![AgentEvent::RequestCancelled { request_id }])
-            .unwrap_or_default(),
-        "control_response" => control_response(line.response),
-        _ => Vec::new(),
+                });
+            }
+        }
+        "assistant" => out.extend(assistant(
+            state,
+            line.message.as_ref(),
+            line.error.is_some(),
+        )),
+        "user" => out.extend(tool_results(line.message.as_ref())),
+        "result" => out.push(AgentEvent::TurnEnd(result(state, &line))),
+        "control_request" => out.extend(control_request(line.request_id, line.request)),
+        "control_cancel_request" => {
+            if let Some(request_id) = line.request_id {
+                out.push(AgentEvent::RequestCancelled { request_id });
+            }
+        }
+        "control_response" => out.extend(control_response(line.response)),
+        _ => {}
     }
 }
 
-fn stream_event(state: &mut MapState, event: StreamEvent) -> Vec<AgentEvent> {
+/// A `stream_event` line: only its `event` is read.
+#[derive(Deserialize)]
+struct StreamLine<'a> {
+    #[serde(borrow)]
+    event: StreamEvent<'a>,
+}
+
+fn stream_event(state: &mut MapState, event: StreamEvent, out: &mut Vec<AgentEvent>) {
     match event.kind.as_ref() {
         "message_start" => {
             state.streaming = event.message.and_then(|m| m.id);
             state.streamed = false;
-            Vec::new()
         }
         "content_block_delta" => {
             let Some(delta) = event.delta else {
-                return Vec::new();
+                return;
             };
-            let out = match (delta.kind.as_ref(), delta.text, delta.thinking) {
+            let event = match (delta.kind.as_ref(), delta.text, delta.thinking) {
                 ("text_delta", Some(text), _) if !text.is_empty() => {
                     AgentEvent::TextDelta(text.into_owned())
                 }
                 ("thinking_delta", _, Some(thinking)) if !thinking.is_empty() => {
                     AgentEvent::ThinkingDelta(thinking.into_owned())
                 }
-                _ => return Vec::new(),
+                _ => return,
             };
             state.streamed = true;
-            vec![out]
+            out.push(event);
         }
-        _ => Vec::new(),
+        _ => {}
     }
 }
 

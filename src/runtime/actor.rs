@@ -394,7 +394,7 @@ impl Actor {
         let loops = self.shared.loops.clone();
         let id = self.id;
         self.shared.tasks.spawn_blocking(move || {
-            if let Err(err) = loops.update(id, |r| r.last_active_at = crate::ids::now()) {
+            if let Err(err) = loops.touch(id, crate::ids::now()) {
                 tracing::warn!(loop_id = %id, error = %err, "could not record loop activity");
             }
         });

@@ -1,7 +1,7 @@
 //! The v1 event vocabulary (what streams carry and `events.jsonl` keeps),
 //! and the one serialization that yields both the log line and the SSE frame.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -197,32 +197,53 @@ pub fn encode(
     idem: Option<&IdemRecord>,
     event: &Event,
 ) -> Encoded {
-    let json = serde_json::to_vec(event).expect("events serialize");
+    let mut scratch = Vec::new();
+    let mut line = Vec::new();
+    let mut frame = BytesMut::new();
+    encode_into(seq, at, idem, event, &mut scratch, &mut line, &mut frame);
+    Encoded {
+        line,
+        frame: frame.freeze(),
+    }
+}
+
+/// [`encode`] into buffers a batch reuses: the log line is appended to
+/// `lines` and the frame to `frames`; `scratch` holds the event's JSON
+/// meanwhile. No allocation once the buffers have grown.
+pub fn encode_into(
+    seq: u64,
+    at: Option<DateTime<Utc>>,
+    idem: Option<&IdemRecord>,
+    event: &Event,
+    scratch: &mut Vec<u8>,
+    lines: &mut Vec<u8>,
+    frames: &mut BytesMut,
+) {
+    scratch.clear();
+    serde_json::to_writer(&mut *scratch, event).expect("events serialize");
     let name = event.name();
     // `{"event":"` + name + `","data":`
     let data_start = 10 + name.len() + 9;
-    debug_assert_eq!(&json[data_start - 7..data_start], b"\"data\":");
-    let data = &json[data_start..json.len() - 1];
+    debug_assert_eq!(&scratch[data_start - 7..data_start], b"\"data\":");
+    let data = &scratch[data_start..scratch.len() - 1];
+    let mut seq_text = itoa::Buffer::new();
+    let seq_text = seq_text.format(seq).as_bytes();
 
-    let mut line = Vec::with_capacity(json.len() + 64);
-    line.extend_from_slice(b"{\"seq\":");
-    line.extend_from_slice(seq.to_string().as_bytes());
+    lines.extend_from_slice(b"{\"seq\":");
+    lines.extend_from_slice(seq_text);
     if let Some(at) = at {
-        line.extend_from_slice(b",\"at\":");
-        serde_json::to_writer(&mut line, &at).expect("timestamps serialize");
+        lines.extend_from_slice(b",\"at\":");
+        serde_json::to_writer(&mut *lines, &at).expect("timestamps serialize");
     }
     if let Some(idem) = idem {
-        line.extend_from_slice(b",\"idem\":");
-        serde_json::to_writer(&mut line, idem).expect("idem serializes");
+        lines.extend_from_slice(b",\"idem\":");
+        serde_json::to_writer(&mut *lines, idem).expect("idem serializes");
     }
-    line.push(b',');
-    line.extend_from_slice(&json[1..]);
-    line.push(b'\n');
+    lines.push(b',');
+    lines.extend_from_slice(&scratch[1..]);
+    lines.push(b'\n');
 
-    Encoded {
-        line,
-        frame: super::wire::frame(name, seq, data),
-    }
+    super::wire::frame_into(frames, name, seq_text, data);
 }
 
 /// A line of `events.jsonl` as read back.

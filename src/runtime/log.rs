@@ -10,11 +10,11 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use super::events::{Encoded, Event, IdemRecord, StoredEvent, encode};
+use super::events::{Event, IdemRecord, StoredEvent, encode, encode_into};
 use super::view::LogView;
 use crate::store::StoreError;
 
@@ -23,6 +23,8 @@ const RING_EVENTS: usize = 1024;
 const RING_BYTES: usize = 512 * 1024;
 /// Every this many seqs, remember the byte offset (to read old events quickly).
 const SPARSE_EVERY: u64 = 256;
+/// An append buffer that grew past this (a huge event) is let go after use.
+const KEEP_BUFFER: usize = 256 * 1024;
 /// Most events handed to a reader at once.
 const BATCH: usize = 512;
 /// And at most about this many bytes of frames (always at least one event):
@@ -78,6 +80,9 @@ struct State {
     ring: VecDeque<Entry>,
     ring_bytes: usize,
     sparse: Vec<(u64, u64)>,
+    /// Reused by every append: the lines of one write, one event's JSON.
+    lines: Vec<u8>,
+    scratch: Vec<u8>,
 }
 
 pub struct EventLog {
@@ -175,6 +180,8 @@ impl EventLog {
                 ring: VecDeque::new(),
                 ring_bytes: 0,
                 sparse,
+                lines: Vec::new(),
+                scratch: Vec::new(),
             }),
             read_cache: Mutex::new(VecDeque::new()),
             announce: watch::Sender::new(last),
@@ -217,27 +224,43 @@ impl EventLog {
     /// Nothing changes unless the write succeeds: a failed write leaves the
     /// file, the view and the seqs as they were.
     pub fn append(&self, items: Vec<Append>) -> Result<Vec<(u64, Option<usize>)>, StoreError> {
-        let mut state = self.state.lock().expect("log poisoned");
+        let mut guard = self.state.lock().expect("log poisoned");
+        let state = &mut *guard;
         let start_len = state.len;
         let first = state.view.next_seq;
-        let mut buf = Vec::new();
+        // Every line goes into one write, every frame into one buffer that
+        // the frames then share: no allocation per event.
+        let (lines, scratch) = (&mut state.lines, &mut state.scratch);
+        lines.clear();
+        let mut frames = BytesMut::with_capacity(items.len() * 96);
         let mut encoded = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
             let seq = first + i as u64;
             let at = (!item.event.is_delta()).then(crate::ids::now);
-            let Encoded { line, frame } = encode(seq, at, item.idem.as_ref(), &item.event);
-            let offset = start_len + buf.len() as u64;
-            buf.extend_from_slice(&line);
-            encoded.push((seq, at, offset, item.event, frame));
+            let offset = start_len + lines.len() as u64;
+            let before = frames.len();
+            let idem = item.idem.as_ref();
+            encode_into(seq, at, idem, &item.event, scratch, lines, &mut frames);
+            encoded.push((seq, at, offset, item.event, frames.len() - before));
         }
-        if let Err(e) = state.file.write_all(&buf) {
+        let written = state.file.write_all(lines);
+        let len = lines.len() as u64;
+        // A huge event's buffers are not kept for the log's life.
+        if lines.capacity() > KEEP_BUFFER {
+            *lines = Vec::new();
+        }
+        if scratch.capacity() > KEEP_BUFFER {
+            *scratch = Vec::new();
+        }
+        if let Err(e) = written {
             // Put the file back as it was (a partial write is cut off).
             let _ = state.file.set_len(start_len);
             return Err(StoreError::io(&self.path, e));
         }
         let mut out = Vec::with_capacity(encoded.len());
         let mut entries = Vec::with_capacity(encoded.len());
-        for (seq, at, offset, event, frame) in encoded {
+        for (seq, at, offset, event, frame_len) in encoded {
+            let frame = frames.split_to(frame_len).freeze();
             if seq.is_multiple_of(SPARSE_EVERY) {
                 state.sparse.push((seq, offset));
             }
@@ -250,7 +273,7 @@ impl EventLog {
             });
             out.push((seq, turn));
         }
-        state.len += buf.len() as u64;
+        state.len += len;
         for entry in entries {
             state.ring_bytes += entry.frame.len();
             state.ring.push_back(entry);
@@ -262,7 +285,7 @@ impl EventLog {
             state.ring_bytes -= old.frame.len();
         }
         let last = state.view.next_seq - 1;
-        drop(state);
+        drop(guard);
         self.announce.send_replace(last);
         Ok(out)
     }

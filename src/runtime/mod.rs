@@ -438,6 +438,17 @@ impl Runtime {
         // Every actor, agent stop and sweep, and background write.
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
+        self.flush_touches().await;
+    }
+
+    /// Writes loop activity kept in memory to `meta.json` (every 30 s and at shutdown).
+    pub async fn flush_touches(&self) {
+        let loops = self.shared.loops.clone();
+        match tokio::task::spawn_blocking(move || loops.flush_touches()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "could not record loop activity"),
+            Err(err) => tracing::warn!(error = %err, "recording loop activity panicked"),
+        }
     }
 }
 

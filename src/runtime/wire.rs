@@ -3,7 +3,7 @@
 //! The log makes each event's frame once, when it is written; streams only
 //! copy frames out.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 
 /// Sent on an idle stream so proxies and clients keep it open.
@@ -11,15 +11,26 @@ pub const PING: &[u8] = b"event: ping\ndata: {}\n\n";
 
 /// `event: <name>\nid: <seq>\ndata: <json>\n\n`; `data` is one line of JSON.
 pub fn frame(name: &str, seq: u64, data: &[u8]) -> Bytes {
-    let mut frame = Vec::with_capacity(data.len() + name.len() + 40);
-    frame.extend_from_slice(b"event: ");
-    frame.extend_from_slice(name.as_bytes());
-    frame.extend_from_slice(b"\nid: ");
-    frame.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
-    frame.extend_from_slice(b"\ndata: ");
-    frame.extend_from_slice(data);
-    frame.extend_from_slice(b"\n\n");
-    Bytes::from(frame)
+    let mut frame = BytesMut::new();
+    frame_into(
+        &mut frame,
+        name,
+        itoa::Buffer::new().format(seq).as_bytes(),
+        data,
+    );
+    frame.freeze()
+}
+
+/// [`frame`], appended to `out` (frames of a batch share one buffer).
+pub fn frame_into(out: &mut BytesMut, name: &str, seq: &[u8], data: &[u8]) {
+    out.reserve(data.len() + name.len() + seq.len() + 18);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\nid: ");
+    out.extend_from_slice(seq);
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\n\n");
 }
 
 /// A frame without an id (`snapshot`): not part of the log, not resumable.

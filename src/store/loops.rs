@@ -114,9 +114,23 @@ pub struct LoopPage {
 pub struct LoopStore {
     dir: PathBuf,
     index: RwLock<HashMap<LoopId, LoopRecord>>,
-    /// Serializes writers so `meta.json` always holds the newest version.
-    writer: Mutex<()>,
+    /// Serializes writers so `meta.json` always holds the newest version;
+    /// also guards which loops' activity is not on disk yet.
+    writer: Mutex<Touched>,
 }
+
+/// Activity recorded in memory and not yet in `meta.json`, and when each
+/// loop's was last written.
+#[derive(Default)]
+struct Touched {
+    written: HashMap<LoopId, std::time::Instant>,
+    dirty: std::collections::HashSet<LoopId>,
+}
+
+/// A loop's activity is written to `meta.json` at most this often; in
+/// between it is kept in memory (listings use it at once) and written by
+/// [`LoopStore::flush_touches`].
+pub const TOUCH_WRITE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl LoopStore {
     /// Loads every `loops/*/meta.json`. One that cannot be parsed is an error
@@ -160,7 +174,7 @@ impl LoopStore {
         Ok(Self {
             dir,
             index: RwLock::new(index),
-            writer: Mutex::new(()),
+            writer: Mutex::new(Touched::default()),
         })
     }
 
@@ -262,9 +276,52 @@ impl LoopStore {
         Ok(Some(record))
     }
 
+    /// Records activity on a loop (a message): at once in memory, on disk at
+    /// most every [`TOUCH_WRITE_EVERY`] per loop, so a busy loop does not
+    /// rewrite and fsync its `meta.json` for every message.
+    pub fn touch(&self, id: LoopId, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut touched = self.writer.lock().expect("loop writer poisoned");
+        let record = {
+            let mut index = self.index.write().expect("loop index poisoned");
+            let Some(record) = index.get_mut(&id) else {
+                return Ok(());
+            };
+            record.last_active_at = at;
+            record.clone()
+        };
+        let now = std::time::Instant::now();
+        if touched
+            .written
+            .get(&id)
+            .is_some_and(|w| now.duration_since(*w) < TOUCH_WRITE_EVERY)
+        {
+            touched.dirty.insert(id);
+            return Ok(());
+        }
+        write_meta(&self.meta_path(id), &record)?;
+        touched.written.insert(id, now);
+        touched.dirty.remove(&id);
+        Ok(())
+    }
+
+    /// Writes the activity [`Self::touch`] kept in memory (periodically and at shutdown).
+    pub fn flush_touches(&self) -> Result<(), StoreError> {
+        let mut touched = self.writer.lock().expect("loop writer poisoned");
+        let now = std::time::Instant::now();
+        for id in std::mem::take(&mut touched.dirty) {
+            if let Some(record) = self.get(id) {
+                write_meta(&self.meta_path(id), &record)?;
+                touched.written.insert(id, now);
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets a loop whose creation could not be completed, and its files.
     pub fn discard(&self, id: LoopId) {
-        let _w = self.writer.lock().expect("loop writer poisoned");
+        let mut w = self.writer.lock().expect("loop writer poisoned");
+        w.written.remove(&id);
+        w.dirty.remove(&id);
         self.index.write().expect("loop index poisoned").remove(&id);
         let _ = fs::remove_dir_all(self.loop_dir(id));
     }
@@ -326,6 +383,33 @@ fn write_meta(path: &Path, record: &LoopRecord) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activity_is_kept_in_memory_between_writes_and_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LoopStore::open(dir.path().to_owned()).unwrap();
+        let id = store.create(new_loop("alice", "a")).unwrap().id;
+        let on_disk = || {
+            LoopStore::open(dir.path().to_owned())
+                .unwrap()
+                .get(id)
+                .unwrap()
+                .last_active_at
+        };
+        let t1 = Utc::now() + chrono::Duration::seconds(10);
+        let t2 = t1 + chrono::Duration::seconds(10);
+        store.touch(id, t1).unwrap();
+        assert_eq!(on_disk(), t1, "the first touch is written");
+        store.touch(id, t2).unwrap();
+        assert_eq!(
+            store.get(id).unwrap().last_active_at,
+            t2,
+            "in memory at once"
+        );
+        assert_eq!(on_disk(), t1, "not rewritten within the window");
+        store.flush_touches().unwrap();
+        assert_eq!(on_disk(), t2);
+    }
 
     fn new_loop(user: &str, title: &str) -> NewLoop {
         NewLoop {
