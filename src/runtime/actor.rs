@@ -87,6 +87,8 @@ pub struct Actor {
     /// Events gathered while handling one wake-up, written in one go.
     out: Vec<Append>,
     effects: Vec<Effect>,
+    /// Inputs that performing effects brought, fed next.
+    follow_ups: VecDeque<Input<Taken<String>>>,
 }
 
 enum Wake {
@@ -117,6 +119,7 @@ impl Actor {
             offered: false,
             out: Vec::new(),
             effects: Vec::new(),
+            follow_ups: VecDeque::new(),
         }
     }
 
@@ -131,8 +134,9 @@ impl Actor {
                 Wake::Command(None) => return self.stop(StopReason::Shutdown).await,
                 Wake::Command(Some(cmd)) => self.command(cmd).await,
                 Wake::Output(Some(AgentOutput::Events(events))) => {
+                    let now = Instant::now();
                     for event in events {
-                        self.feed(Input::Agent(event)).await;
+                        self.feed_at(Input::Agent(event), now).await;
                     }
                 }
                 Wake::Output(Some(AgentOutput::Exited { reason })) => {
@@ -257,14 +261,18 @@ impl Actor {
     /// inputs that performing brings (a slot, an agent started or stuck).
     /// Returns the machine's reply to the input, if it gave one.
     async fn feed(&mut self, input: Input<Taken<String>>) -> Option<Reply> {
-        let mut inputs = VecDeque::from([input]);
+        self.feed_at(input, Instant::now()).await
+    }
+
+    /// [`Self::feed`] at a moment already read (one clock reading per batch).
+    async fn feed_at(&mut self, input: Input<Taken<String>>, now: Instant) -> Option<Reply> {
+        let mut next = Some(input);
         let mut reply = None;
-        while let Some(input) = inputs.pop_front() {
+        while let Some(input) = next.take().or_else(|| self.follow_ups.pop_front()) {
             let mut effects = std::mem::take(&mut self.effects);
-            self.machine
-                .handle_into(input, Instant::now(), &mut effects);
+            self.machine.handle_into(input, now, &mut effects);
             for effect in effects.drain(..) {
-                if let Some(r) = self.perform(effect, &mut inputs).await {
+                if let Some(r) = self.perform(effect).await {
                     reply = Some(r);
                 }
             }
@@ -277,41 +285,37 @@ impl Actor {
         reply
     }
 
-    async fn perform(
-        &mut self,
-        effect: Effect,
-        inputs: &mut VecDeque<Input<Taken<String>>>,
-    ) -> Option<Reply> {
+    async fn perform(&mut self, effect: Effect) -> Option<Reply> {
         match effect {
             Effect::Emit(event) => self.out.push(event.into()),
             Effect::ToAgent(input) => {
                 if let Held::Agent(_, process) = &self.held
                     && let Err(TrySendError::Full(_)) = process.input.try_send(input)
                 {
-                    inputs.push_back(Input::AgentStuck);
+                    self.follow_ups.push_back(Input::AgentStuck);
                 }
                 // Closed: the agent is gone, and its output says so next.
             }
             Effect::AcquireSlot => match self.shared.slots.try_acquire() {
                 Some(permit) => {
                     self.held = Held::Slot(permit);
-                    inputs.push_back(Input::SlotGranted);
+                    self.follow_ups.push_back(Input::SlotGranted);
                 }
                 None => {
                     self.held = Held::Waiting(Box::pin(self.shared.slots.clone().acquire()));
                     self.shared.slots.reclaim_one(self.id);
-                    inputs.push_back(Input::SlotBusy);
+                    self.follow_ups.push_back(Input::SlotBusy);
                 }
             },
             Effect::StartAgent { fresh } => {
                 let Held::Slot(permit) = std::mem::replace(&mut self.held, Held::Nothing) else {
                     let message = "the loop has no agent slot to start an agent with".into();
-                    inputs.push_back(Input::AgentFailedToStart(message));
+                    self.follow_ups.push_back(Input::AgentFailedToStart(message));
                     return None;
                 };
                 // Events so far go out before a start that may take a while.
                 self.flush();
-                inputs.push_back(
+                self.follow_ups.push_back(
                     match super::launch::start(&self.shared, self.id, fresh).await {
                         Ok((process, resumed)) => {
                             self.held = Held::Agent(permit, process);
@@ -374,9 +378,9 @@ impl Actor {
         if self.out.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.out);
-        let ends_turn = batch.iter().any(|a| a.event.is_terminal());
-        if let Err(err) = self.log.append(batch) {
+        let ends_turn = self.out.iter().any(|a| a.event.is_terminal());
+        // Drained, so the buffer keeps its size for the next wake-up.
+        if let Err(err) = self.log.append(self.out.drain(..)) {
             tracing::error!(loop_id = %self.id, error = %err, "could not write the event log");
         }
         if ends_turn {

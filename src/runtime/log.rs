@@ -223,7 +223,12 @@ impl EventLog {
     /// Appends events in order with one write; returns each one's (seq, turn).
     /// Nothing changes unless the write succeeds: a failed write leaves the
     /// file, the view and the seqs as they were.
-    pub fn append(&self, items: Vec<Append>) -> Result<Vec<(u64, Option<usize>)>, StoreError> {
+    pub fn append<I>(&self, items: I) -> Result<Vec<(u64, Option<usize>)>, StoreError>
+    where
+        I: IntoIterator<Item = Append>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let items = items.into_iter();
         let mut guard = self.state.lock().expect("log poisoned");
         let state = &mut *guard;
         let start_len = state.len;
