@@ -310,7 +310,8 @@ impl Actor {
             Effect::StartAgent { fresh } => {
                 let Held::Slot(permit) = std::mem::replace(&mut self.held, Held::Nothing) else {
                     let message = "the loop has no agent slot to start an agent with".into();
-                    self.follow_ups.push_back(Input::AgentFailedToStart(message));
+                    self.follow_ups
+                        .push_back(Input::AgentFailedToStart(message));
                     return None;
                 };
                 // Events so far go out before a start that may take a while.
@@ -373,7 +374,7 @@ impl Actor {
     }
 
     /// Writes the gathered events to the log (one write); a batch that ends
-    /// a turn is synced to disk in the background.
+    /// a turn is synced to disk soon, in the background.
     fn flush(&mut self) {
         if self.out.is_empty() {
             return;
@@ -384,12 +385,8 @@ impl Actor {
             tracing::error!(loop_id = %self.id, error = %err, "could not write the event log");
         }
         if ends_turn {
-            let log = self.log.clone();
-            self.shared.tasks.spawn_blocking(move || {
-                if let Err(err) = log.sync() {
-                    tracing::warn!(error = %err, "could not sync the event log");
-                }
-            });
+            self.log
+                .sync_soon(&self.shared.tasks, &self.shared.stopping);
         }
     }
 

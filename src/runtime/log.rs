@@ -12,7 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::events::{Event, IdemRecord, StoredEvent, encode, encode_into};
 use super::view::LogView;
@@ -23,6 +27,9 @@ const RING_EVENTS: usize = 1024;
 const RING_BYTES: usize = 512 * 1024;
 /// Every this many seqs, remember the byte offset (to read old events quickly).
 const SPARSE_EVERY: u64 = 256;
+/// A log is synced at most this often; turns that end in between are made
+/// durable together (a killed server loses nothing: they are written).
+pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// An append buffer that grew past this (a huge event) is let go after use.
 const KEEP_BUFFER: usize = 256 * 1024;
 /// Most events handed to a reader at once.
@@ -93,6 +100,10 @@ pub struct EventLog {
     read_cache: Mutex<VecDeque<(Entry, u64)>>,
     /// The last seq written (0 before any).
     announce: watch::Sender<u64>,
+    /// A turn ended since the last sync began.
+    unsynced: AtomicBool,
+    /// A sync is running or waiting out [`SYNC_EVERY`].
+    syncing: AtomicBool,
 }
 
 impl EventLog {
@@ -185,6 +196,8 @@ impl EventLog {
             }),
             read_cache: Mutex::new(VecDeque::new()),
             announce: watch::Sender::new(last),
+            unsynced: AtomicBool::new(false),
+            syncing: AtomicBool::new(false),
         });
         let unfinished = log.view(|v| v.unfinished());
         if !unfinished.is_empty() {
@@ -293,6 +306,39 @@ impl EventLog {
         drop(guard);
         self.announce.send_replace(last);
         Ok(out)
+    }
+
+    /// Makes the turns that ended durable soon: at once if the log was not
+    /// synced in the last [`SYNC_EVERY`], else when that is over (turns that
+    /// end meanwhile share that one `fdatasync`). Runs on `tasks`; cut short
+    /// (with a last sync) when `stopping` fires.
+    pub fn sync_soon(self: &Arc<Self>, tasks: &TaskTracker, stopping: &CancellationToken) {
+        self.unsynced.store(true, Ordering::SeqCst);
+        if self.syncing.swap(true, Ordering::SeqCst) {
+            return; // the running syncer will see it
+        }
+        let (log, stopping) = (self.clone(), stopping.clone());
+        tasks.spawn(async move {
+            loop {
+                while log.unsynced.swap(false, Ordering::SeqCst) {
+                    let syncing = log.clone();
+                    let synced = tokio::task::spawn_blocking(move || syncing.sync()).await;
+                    if let Ok(Err(err)) = synced {
+                        tracing::warn!(error = %err, "could not sync the event log");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(SYNC_EVERY) => {}
+                        () = stopping.cancelled() => {}
+                    }
+                }
+                log.syncing.store(false, Ordering::SeqCst);
+                // A turn that ended just before the flag went down.
+                if !log.unsynced.load(Ordering::SeqCst) || log.syncing.swap(true, Ordering::SeqCst)
+                {
+                    return;
+                }
+            }
+        });
     }
 
     /// Makes what was written durable (call at turn boundaries, off the hot path).

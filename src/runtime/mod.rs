@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::actor::{Actor, Command, Sent};
@@ -56,6 +57,8 @@ pub struct Shared {
     /// Every task a loop starts (its actor, agent stops, background writes):
     /// shutdown waits for all of them.
     pub tasks: TaskTracker,
+    /// Fired when shutdown begins: background work that waits stops waiting.
+    pub stopping: CancellationToken,
 }
 
 impl Shared {
@@ -117,6 +120,7 @@ impl Runtime {
             queued: Budget::new(config.limits.queued_bytes_per_user),
             slots: Arc::new(Slots::new(config.max_agents)),
             tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
             config,
             loops,
             catalog,
@@ -436,6 +440,7 @@ impl Runtime {
                 .await;
         }
         // Every actor, agent stop and sweep, and background write.
+        self.shared.stopping.cancel();
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
         self.flush_touches().await;

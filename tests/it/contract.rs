@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::claude::Rig;
-use crate::support::{Auth, Sse, SseStream, TestApp, text};
+use crate::support::{Auth, Sse, SseStream, TestApp, eventually, text};
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -88,6 +88,25 @@ impl Driver {
         }
     }
 
+    /// Sends a held message and returns its stream once the turn really
+    /// runs in the agent (the echo agent said it holds; Claude's tool runs).
+    async fn hold(&self) -> SseStream {
+        let mut stream = self.send_body(self.held(), None).await;
+        match &self.rig {
+            None => {
+                stream.until("assistant_delta").await;
+            }
+            Some(rig) => {
+                stream.until("tool_call").await;
+                eventually("the held tool to run", async || {
+                    rig.processes().iter().any(|c| c.contains("test -e"))
+                })
+                .await;
+            }
+        }
+        stream
+    }
+
     fn release(&self) {
         self.app().release(&self.loop_id, RELEASE);
     }
@@ -143,8 +162,7 @@ for_each_agent!(
 
 async fn messages_while_busy_queue_and_stream_only_their_own_turn(kind: Kind) {
     let d = Driver::start(kind).await;
-    let mut first = d.send_body(d.held(), None).await;
-    first.until("started").await;
+    let mut first = d.hold().await;
     let (second_says, second_answer) = d.say("the second one");
     let (third_says, third_answer) = d.say("the third one");
     let mut second = d.send(&second_says).await;
@@ -177,8 +195,7 @@ async fn messages_while_busy_queue_and_stream_only_their_own_turn(kind: Kind) {
 
 async fn interrupt_ends_the_running_turn_and_the_next_message_works(kind: Kind) {
     let d = Driver::start(kind).await;
-    let mut stream = d.send_body(d.held(), None).await;
-    stream.until("started").await;
+    let mut stream = d.hold().await;
     let (status, body) = d.post("/interrupt").await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let end = stream.until_end().await.pop().unwrap();
@@ -265,8 +282,7 @@ async fn an_idempotent_retry_replays_without_sending_again(kind: Kind) {
 
 async fn archiving_ends_the_running_turn_and_frees_the_agent(kind: Kind) {
     let d = Driver::start(kind).await;
-    let mut stream = d.send_body(d.held(), None).await;
-    stream.until("started").await;
+    let mut stream = d.hold().await;
     let (status, _) = d
         .app()
         .delete(&format!("/api/v1/loops/{}", d.loop_id), &d.bearer)
