@@ -85,35 +85,93 @@ pub fn stream(
     }
 }
 
-/// The frames of a batch that the scope passes, joined (a lone frame as it
-/// is, without a copy); and whether the scope's turn ended in it.
+/// The frames of a batch that the scope passes, joined; and whether the
+/// scope's turn ended in it. Frames written by one append lie side by side
+/// in one block, so a run of them is sent as one slice of it, without a copy.
 fn select(batch: &[Entry], scope: Scope) -> (Bytes, bool) {
     let passes = |e: &Entry| match scope {
         Scope::Everything => true,
         Scope::Turn(turn) => e.turn == Some(turn),
     };
-    if let [only] = batch {
-        return if passes(only) {
-            (
-                only.frame.clone(),
-                matches!(scope, Scope::Turn(_)) && only.terminal,
-            )
-        } else {
-            (Bytes::new(), false)
-        };
-    }
-    let mut out = BytesMut::new();
-    for entry in batch {
-        match scope {
-            Scope::Everything => out.extend_from_slice(&entry.frame),
-            Scope::Turn(turn) if entry.turn == Some(turn) => {
-                out.extend_from_slice(&entry.frame);
-                if entry.terminal {
-                    return (out.freeze(), true);
-                }
+    let mut runs: Vec<Bytes> = Vec::new();
+    // The run being gathered: its block, start and end within it.
+    let mut run: Option<(&Bytes, usize, usize)> = None;
+    let mut ended = false;
+    for entry in batch.iter().filter(|e| passes(e)) {
+        let start = entry.offset_in_block();
+        let end = start + entry.frame.len();
+        run = match run {
+            Some((block, from, to)) if block.as_ptr() == entry.block.as_ptr() && to == start => {
+                Some((block, from, end))
             }
-            Scope::Turn(_) => {}
+            Some((block, from, to)) => {
+                runs.push(block.slice(from..to));
+                Some((&entry.block, start, end))
+            }
+            None => Some((&entry.block, start, end)),
+        };
+        if matches!(scope, Scope::Turn(_)) && entry.terminal {
+            ended = true;
+            break;
         }
     }
-    (out.freeze(), false)
+    if let Some((block, from, to)) = run {
+        runs.push(block.slice(from..to));
+    }
+    let chunk = match runs.len() {
+        0 => Bytes::new(),
+        1 => runs.pop().expect("one run"),
+        _ => {
+            let mut out = BytesMut::with_capacity(runs.iter().map(Bytes::len).sum());
+            for r in &runs {
+                out.extend_from_slice(r);
+            }
+            out.freeze()
+        }
+    };
+    (chunk, ended)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries whose frames are slices of one block, as one append writes them.
+    fn entries(block: &Bytes, turns: &[(usize, bool)], width: usize) -> Vec<Entry> {
+        turns
+            .iter()
+            .enumerate()
+            .map(|(i, &(turn, terminal))| Entry {
+                seq: i as u64 + 1,
+                turn: Some(turn),
+                terminal,
+                frame: block.slice(i * width..(i + 1) * width),
+                block: block.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_of_one_append_goes_out_as_one_slice_and_the_rest_is_joined() {
+        let block = Bytes::from_static(b"aaabbbcccddd");
+        let batch = entries(&block, &[(0, false), (0, false), (1, false), (0, true)], 3);
+        let (all, ended) = select(&batch, Scope::Everything);
+        assert_eq!((&all[..], ended), (&b"aaabbbcccddd"[..], false));
+        assert_eq!(all.as_ptr(), block.as_ptr(), "no copy");
+        // Turn 0 skips ccc: two runs, joined; its end ends the stream.
+        let (own, ended) = select(&batch, Scope::Turn(0));
+        assert_eq!((&own[..], ended), (&b"aaabbbddd"[..], true));
+        let (other, ended) = select(&batch, Scope::Turn(1));
+        assert_eq!((&other[..], ended), (&b"ccc"[..], false));
+        assert_eq!(
+            other.as_ptr(),
+            block[6..].as_ptr(),
+            "a lone frame is not copied"
+        );
+        // Frames of different appends are joined, not sliced across blocks.
+        let mut two = entries(&Bytes::from_static(b"xx"), &[(0, false)], 2);
+        two.extend(entries(&Bytes::from_static(b"yy"), &[(0, false)], 2));
+        assert_eq!(&select(&two, Scope::Everything).0[..], b"xxyy");
+        assert!(select(&[], Scope::Everything).0.is_empty());
+    }
 }

@@ -58,6 +58,16 @@ pub struct Entry {
     pub turn: Option<usize>,
     pub terminal: bool,
     pub frame: Bytes,
+    /// What `frame` is a slice of: the frames of the append that wrote it
+    /// (or the frame itself).
+    pub block: Bytes,
+}
+
+impl Entry {
+    /// Where the frame starts within its block.
+    pub fn offset_in_block(&self) -> usize {
+        self.frame.as_ptr() as usize - self.block.as_ptr() as usize
+    }
 }
 
 /// An event to append, with the idempotency record a `user_message` may carry.
@@ -277,8 +287,13 @@ impl EventLog {
         }
         let mut out = Vec::with_capacity(encoded.len());
         let mut entries = Vec::with_capacity(encoded.len());
+        // The frames stay slices of one block, so a stream can send a run of
+        // them as one slice too.
+        let block = frames.freeze();
+        let mut at_byte = 0;
         for (seq, at, offset, event, frame_len) in encoded {
-            let frame = frames.split_to(frame_len).freeze();
+            let frame = block.slice(at_byte..at_byte + frame_len);
+            at_byte += frame_len;
             if seq.is_multiple_of(SPARSE_EVERY) {
                 state.sparse.push((seq, offset));
             }
@@ -288,6 +303,7 @@ impl EventLog {
                 turn,
                 terminal: event.is_terminal(),
                 frame,
+                block: block.clone(),
             });
             out.push((seq, turn));
         }
@@ -487,6 +503,7 @@ impl EventLog {
                     seq: s.seq,
                     turn: s.event.turn_id().and_then(|t| state.view.turn(t)),
                     terminal: s.event.is_terminal(),
+                    block: frame.clone(),
                     frame,
                 };
                 (entry, past)
