@@ -17,6 +17,7 @@ use super::Shared;
 use super::choices::ChoiceAnswer;
 use super::error::RuntimeError;
 use super::events::{ChoiceSource, IdemRecord};
+use super::idempotency::Recorded;
 use super::log::{Append, EventLog};
 use super::machine::{Effect, Input, LoopMachine, RandomIds, Refusal, Reply, StopReason, Stopping};
 use crate::agent::{AgentOutput, AgentProcess, PermissionMode};
@@ -25,6 +26,10 @@ use crate::store::LoopId;
 
 /// While waiting for an agent slot, how often to ask an idle loop for one.
 const SLOT_RETRY: Duration = Duration::from_millis(250);
+/// How often events the log refused are tried again.
+const WRITE_RETRY: Duration = Duration::from_secs(1);
+/// Events kept for a log that refuses them, at most.
+const MAX_UNWRITTEN: usize = 4096;
 
 /// What the rest of the server asks of a loop.
 pub enum Command {
@@ -79,7 +84,8 @@ pub struct Actor {
     shared: Arc<Shared>,
     log: Arc<EventLog>,
     commands: mpsc::Receiver<Command>,
-    me: mpsc::Sender<Command>,
+    /// Weak: the loop's task ends when the runtime lets go of its sender.
+    me: mpsc::WeakSender<Command>,
     machine: LoopMachine<Taken<String>>,
     held: Held,
     /// Told the slots that this loop's agent may be reclaimed.
@@ -89,6 +95,10 @@ pub struct Actor {
     effects: Vec<Effect>,
     /// Inputs that performing effects brought, fed next.
     follow_ups: VecDeque<Input<Taken<String>>>,
+    /// Agent processes started so far (tells one process's output from the next's).
+    started: u64,
+    /// The log refused more events than [`MAX_UNWRITTEN`]: the turn must end.
+    unwritable: bool,
 }
 
 enum Wake {
@@ -97,6 +107,8 @@ enum Wake {
     Slot(OwnedSemaphorePermit),
     Tick,
     SlotRetry,
+    /// Events are waiting for the log to take them again.
+    RetryWrite,
 }
 
 impl Actor {
@@ -105,7 +117,7 @@ impl Actor {
         shared: Arc<Shared>,
         log: Arc<EventLog>,
         commands: mpsc::Receiver<Command>,
-        me: mpsc::Sender<Command>,
+        me: mpsc::WeakSender<Command>,
     ) -> Self {
         let machine = LoopMachine::new(shared.rules(), Box::new(RandomIds), Instant::now());
         Self {
@@ -120,6 +132,8 @@ impl Actor {
             out: Vec::new(),
             effects: Vec::new(),
             follow_ups: VecDeque::new(),
+            started: 0,
+            unwritable: false,
         }
     }
 
@@ -135,7 +149,12 @@ impl Actor {
                 Wake::Command(Some(cmd)) => self.command(cmd).await,
                 Wake::Output(Some(AgentOutput::Events(events))) => {
                     let now = Instant::now();
+                    let from = self.started;
                     for event in events {
+                        // The rest of a batch is dropped with its process.
+                        if self.started != from || !matches!(self.held, Held::Agent(..)) {
+                            break;
+                        }
                         self.feed_at(Input::Agent(event), now).await;
                     }
                 }
@@ -157,26 +176,39 @@ impl Actor {
                 Wake::SlotRetry => {
                     self.shared.slots.reclaim_one(self.id);
                 }
+                Wake::RetryWrite => {}
             }
             self.flush();
+            if self.unwritable {
+                self.unwritable = false;
+                self.feed(Input::LogUnwritable).await;
+                self.flush();
+            }
         }
     }
 
     async fn wait(&mut self) -> Wake {
         let deadline = self.machine.next_deadline();
-        let Self { commands, held, .. } = self;
+        let Self {
+            commands,
+            held,
+            out,
+            ..
+        } = self;
         let (output, slot) = match held {
             Held::Agent(_, process) => (Some(&mut process.output), None),
             Held::Waiting(wait) => (None, Some(wait)),
             Held::Nothing | Held::Slot(_) => (None, None),
         };
         let waiting = slot.is_some();
+        let unwritten = !out.is_empty();
         tokio::select! {
             cmd = commands.recv() => Wake::Command(cmd),
             out = recv(output) => Wake::Output(out),
             permit = wait_slot(slot) => Wake::Slot(permit),
             () = sleep_until(deadline) => Wake::Tick,
             () = tokio::time::sleep(SLOT_RETRY), if waiting => Wake::SlotRetry,
+            () = tokio::time::sleep(WRITE_RETRY), if unwritten => Wake::RetryWrite,
         }
     }
 
@@ -188,9 +220,25 @@ impl Actor {
                 idem,
                 reserved,
                 reply,
-            } => {
-                let _ = reply.send(self.send(content, mode, idem, reserved).await);
-            }
+            } => match self.log_message(&content, idem) {
+                Err(err) => {
+                    let _ = reply.send(Err(err));
+                }
+                Ok(sent) => {
+                    // Answered once the message is in the log: the stream
+                    // starts while the agent may still be starting.
+                    let turn_id = sent.turn_id.clone();
+                    let _ = reply.send(Ok(sent));
+                    let input = Input::Send {
+                        turn_id,
+                        content,
+                        mode,
+                        hold: reserved,
+                    };
+                    self.feed(input).await;
+                    self.touch();
+                }
+            },
             Command::Answer {
                 choice_id,
                 answer,
@@ -226,30 +274,39 @@ impl Actor {
         }
     }
 
-    /// Logs the message (and `queued` if it must wait), then queues its turn.
-    async fn send(
+    /// Logs the message (and `queued` if it must wait) and records its
+    /// idempotency key; the machine takes the message after that.
+    fn log_message(
         &mut self,
-        content: String,
-        mode: Option<PermissionMode>,
+        content: &str,
         idem: Option<IdemRecord>,
-        reserved: Taken<String>,
     ) -> Result<Sent, RuntimeError> {
         self.flush();
-        let admission = self.machine.admit(&content, crate::ids::now())?;
+        if !self.out.is_empty() {
+            return Err(RuntimeError::Internal(
+                "the loop's event log cannot be written".into(),
+            ));
+        }
+        let admission = self.machine.admit(content, crate::ids::now())?;
         let mut batch: Vec<Append> = admission.events.into_iter().map(Append::from).collect();
-        batch[0].idem = idem;
+        batch[0].idem = idem.clone();
         // Refused before the machine takes it: a message not logged was not sent.
-        let written = self.log.append(batch)?;
+        let written = self.log.append(&batch)?;
         let (seq, turn) = written[0];
         let turn_id = admission.turn_id;
-        let input = Input::Send {
-            turn_id: turn_id.clone(),
-            content,
-            mode,
-            hold: reserved,
-        };
-        self.feed(input).await;
-        self.touch();
+        if let Some(idem) = idem {
+            // Recorded here, not by the request: a client that gives up
+            // waiting cannot leave a logged message without its key.
+            let recorded = Recorded {
+                body_hash: idem.body_hash,
+                loop_id: self.id,
+                turn_id: turn_id.clone(),
+                seq,
+                at: chrono::Utc::now(),
+            };
+            let mut index = self.shared.idem.lock().expect("idem poisoned");
+            index.insert(&idem.user, &idem.key, recorded);
+        }
         Ok(Sent {
             turn_id,
             seq,
@@ -268,9 +325,12 @@ impl Actor {
     async fn feed_at(&mut self, input: Input<Taken<String>>, now: Instant) -> Option<Reply> {
         let mut next = Some(input);
         let mut reply = None;
+        let mut now = now;
         while let Some(input) = next.take().or_else(|| self.follow_ups.pop_front()) {
             let mut effects = std::mem::take(&mut self.effects);
             self.machine.handle_into(input, now, &mut effects);
+            // Follow-ups may come after a start that took a while.
+            now = Instant::now();
             for effect in effects.drain(..) {
                 if let Some(r) = self.perform(effect).await {
                     reply = Some(r);
@@ -319,6 +379,7 @@ impl Actor {
                 self.follow_ups.push_back(
                     match super::launch::start(&self.shared, self.id, fresh).await {
                         Ok((process, resumed)) => {
+                            self.started += 1;
                             self.held = Held::Agent(permit, process);
                             Input::AgentStarted { resumed }
                         }
@@ -366,7 +427,10 @@ impl Actor {
         self.offered = reclaimable;
         if reclaimable {
             let me = self.me.clone();
-            let reclaim = move || me.try_send(Command::Reclaim).is_ok();
+            let reclaim = move || {
+                me.upgrade()
+                    .is_some_and(|tx| tx.try_send(Command::Reclaim).is_ok())
+            };
             self.shared.slots.set_idle(self.id, Box::new(reclaim));
         } else {
             self.shared.slots.set_busy(self.id);
@@ -374,19 +438,33 @@ impl Actor {
     }
 
     /// Writes the gathered events to the log (one write); a batch that ends
-    /// a turn is synced to disk soon, in the background.
+    /// a turn is synced to disk soon, in the background. Events the log
+    /// refuses are kept and tried again (every [`WRITE_RETRY`]); past
+    /// [`MAX_UNWRITTEN`] they are dropped, loudly, and the turn is ended.
     fn flush(&mut self) {
         if self.out.is_empty() {
             return;
         }
-        let ends_turn = self.out.iter().any(|a| a.event.is_terminal());
-        // Drained, so the buffer keeps its size for the next wake-up.
-        if let Err(err) = self.log.append(self.out.drain(..)) {
-            tracing::error!(loop_id = %self.id, error = %err, "could not write the event log");
-        }
-        if ends_turn {
-            self.log
-                .sync_soon(&self.shared.tasks, &self.shared.stopping);
+        match self.log.append(&self.out) {
+            Ok(_) => {
+                let ends_turn = self.out.iter().any(|a| a.event.is_terminal());
+                self.out.clear();
+                if ends_turn {
+                    self.log
+                        .sync_soon(&self.shared.tasks, &self.shared.stopping);
+                }
+            }
+            Err(err) if self.out.len() > MAX_UNWRITTEN => {
+                tracing::error!(
+                    loop_id = %self.id, error = %err, lost = self.out.len(),
+                    "could not write the event log; dropping its unwritten events and stopping the turn"
+                );
+                self.out.clear();
+                self.unwritable = true;
+            }
+            Err(err) => {
+                tracing::error!(loop_id = %self.id, error = %err, "could not write the event log; will try again");
+            }
         }
     }
 
@@ -445,12 +523,22 @@ mod tests {
         let record = new_loop(&runtime);
         let log = runtime.log(record.id).unwrap();
         let (tx, rx) = mpsc::channel(1);
-        let mut actor = Actor::new(record.id, runtime.shared.clone(), log.clone(), rx, tx);
+        let mut actor = Actor::new(
+            record.id,
+            runtime.shared.clone(),
+            log.clone(),
+            rx,
+            tx.downgrade(),
+        );
         let reserved = runtime.shared.queued.take("alice".into(), 4).unwrap();
-        let sent = actor
-            .send("/sleep 60".into(), None, None, reserved)
-            .await
-            .unwrap();
+        let sent = actor.log_message("/sleep 60", None).unwrap();
+        let input = Input::Send {
+            turn_id: sent.turn_id.clone(),
+            content: "/sleep 60".into(),
+            mode: None,
+            hold: reserved,
+        };
+        actor.feed(input).await;
         // The (echo) agent runs the turn; now its input is full.
         let Held::Agent(_, process) = &mut actor.held else {
             panic!("the turn's agent is live");
@@ -477,5 +565,7 @@ mod tests {
             matches!(actor.held, Held::Nothing),
             "the stuck agent was stopped"
         );
+        drop((actor, tx));
+        runtime.shutdown().await;
     }
 }

@@ -131,20 +131,22 @@ pub struct KeyTurn<'a> {
 
 impl InFlight {
     pub async fn enter(&self, user: &str, key: &str) -> KeyTurn<'_> {
-        let key = (user.to_owned(), key.to_owned());
+        // Made first, so it is dropped last: a wait given up (the request
+        // gone) still removes an entry nobody else needs.
+        let mut turn = KeyTurn {
+            in_flight: self,
+            key: (user.to_owned(), key.to_owned()),
+            guard: None,
+        };
         let lock = self
             .keys
             .lock()
             .expect("in-flight keys poisoned")
-            .entry(key.clone())
+            .entry(turn.key.clone())
             .or_default()
             .clone();
-        let guard = lock.lock_owned().await;
-        KeyTurn {
-            in_flight: self,
-            key,
-            guard: Some(guard),
-        }
+        turn.guard = Some(lock.lock_owned().await);
+        turn
     }
 
     /// How many keys have a send in flight (or waiting).
@@ -256,6 +258,13 @@ mod tests {
         drop(first);
         let second = second.await;
         assert_eq!(in_flight.keys_in_flight(), 1);
+        // A wait given up leaves nothing behind either.
+        let mut third = Box::pin(in_flight.enter("alice", "k"));
+        assert!(futures_util::poll!(third.as_mut()).is_pending());
+        drop(second);
+        drop(third);
+        assert_eq!(in_flight.keys_in_flight(), 0, "a cancelled wait cleaned up");
+        let second = in_flight.enter("alice", "k").await;
         drop(second);
         assert_eq!(in_flight.keys_in_flight(), 0, "no entry outlives its sends");
     }

@@ -32,6 +32,14 @@ const SPARSE_EVERY: u64 = 256;
 pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// An append buffer that grew past this (a huge event) is let go after use.
 const KEEP_BUFFER: usize = 256 * 1024;
+
+thread_local! {
+    /// Each thread's append buffers (the lines of one write, one event's
+    /// JSON): kept per thread, not per log, so a thousand loops cost nothing.
+    static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
 /// Most events handed to a reader at once.
 const BATCH: usize = 512;
 /// And at most about this many bytes of frames (always at least one event):
@@ -97,9 +105,6 @@ struct State {
     ring: VecDeque<Entry>,
     ring_bytes: usize,
     sparse: Vec<(u64, u64)>,
-    /// Reused by every append: the lines of one write, one event's JSON.
-    lines: Vec<u8>,
-    scratch: Vec<u8>,
 }
 
 pub struct EventLog {
@@ -201,8 +206,6 @@ impl EventLog {
                 ring: VecDeque::new(),
                 ring_bytes: 0,
                 sparse,
-                lines: Vec::new(),
-                scratch: Vec::new(),
             }),
             read_cache: Mutex::new(VecDeque::new()),
             announce: watch::Sender::new(last),
@@ -223,7 +226,7 @@ impl EventLog {
                     .into()
                 })
                 .collect();
-            log.append(closing)?;
+            log.append(&closing)?;
             log.sync()?;
         }
         Ok((log, recovered))
@@ -245,41 +248,47 @@ impl EventLog {
 
     /// Appends events in order with one write; returns each one's (seq, turn).
     /// Nothing changes unless the write succeeds: a failed write leaves the
-    /// file, the view and the seqs as they were.
-    pub fn append<I>(&self, items: I) -> Result<Vec<(u64, Option<usize>)>, StoreError>
-    where
-        I: IntoIterator<Item = Append>,
-        I::IntoIter: ExactSizeIterator,
-    {
-        let items = items.into_iter();
+    /// file, the view and the seqs as they were (and `items` to try again).
+    pub fn append(&self, items: &[Append]) -> Result<Vec<(u64, Option<usize>)>, StoreError> {
+        BUFFERS.with_borrow_mut(|(lines, scratch)| {
+            let appended = self.append_with(items, lines, scratch);
+            // A huge event's buffers are not kept.
+            for buffer in [lines, scratch] {
+                buffer.clear();
+                if buffer.capacity() > KEEP_BUFFER {
+                    *buffer = Vec::new();
+                }
+            }
+            appended
+        })
+    }
+
+    fn append_with(
+        &self,
+        items: &[Append],
+        lines: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Vec<(u64, Option<usize>)>, StoreError> {
         let mut guard = self.state.lock().expect("log poisoned");
         let state = &mut *guard;
         let start_len = state.len;
         let first = state.view.next_seq;
         // Every line goes into one write, every frame into one buffer that
         // the frames then share: no allocation per event.
-        let (lines, scratch) = (&mut state.lines, &mut state.scratch);
         lines.clear();
         let mut frames = BytesMut::with_capacity(items.len() * 96);
         let mut encoded = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
+        for (i, item) in items.iter().enumerate() {
             let seq = first + i as u64;
             let at = (!item.event.is_delta()).then(crate::ids::now);
             let offset = start_len + lines.len() as u64;
             let before = frames.len();
             let idem = item.idem.as_ref();
             encode_into(seq, at, idem, &item.event, scratch, lines, &mut frames);
-            encoded.push((seq, at, offset, item.event, frames.len() - before));
+            encoded.push((seq, at, offset, &item.event, frames.len() - before));
         }
         let written = state.file.write_all(lines);
         let len = lines.len() as u64;
-        // A huge event's buffers are not kept for the log's life.
-        if lines.capacity() > KEEP_BUFFER {
-            *lines = Vec::new();
-        }
-        if scratch.capacity() > KEEP_BUFFER {
-            *scratch = Vec::new();
-        }
         if let Err(e) = written {
             // Put the file back as it was (a partial write is cut off).
             let _ = state.file.set_len(start_len);
@@ -297,7 +306,7 @@ impl EventLog {
             if seq.is_multiple_of(SPARSE_EVERY) {
                 state.sparse.push((seq, offset));
             }
-            let turn = state.view.apply(seq, at, offset, &event);
+            let turn = state.view.apply(seq, at, offset, event);
             entries.push(Entry {
                 seq,
                 turn,
@@ -742,16 +751,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         let (log, _) = EventLog::open(path.clone()).unwrap();
-        log.append(vec![said("t1", "one")]).unwrap();
+        log.append(&[said("t1", "one")]).unwrap();
         let writable = {
             let mut state = log.state.lock().unwrap();
             let read_only = File::open(&path).unwrap();
             std::mem::replace(&mut state.file, read_only)
         };
-        assert!(log.append(vec![said("t2", "lost")]).is_err());
+        assert!(log.append(&[said("t2", "lost")]).is_err());
         assert_eq!(log.view(|v| (v.next_seq, v.turns.len())), (2, 1));
         log.state.lock().unwrap().file = writable;
-        let written = log.append(vec![said("t3", "three")]).unwrap();
+        let written = log.append(&[said("t3", "three")]).unwrap();
         assert_eq!(written[0], (2, Some(1)), "no seq was skipped");
         let lines = std::fs::read_to_string(&path).unwrap();
         assert_eq!(lines.lines().count(), 2);
@@ -779,7 +788,7 @@ mod tests {
         let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
         let mut items = vec![user("t1"), started("t1")];
         items.extend((0..600).map(|i| delta("t1", &format!("d{i}"))));
-        log.append(items).unwrap();
+        log.append(&items).unwrap();
         let from_index = log.read_file(1, None).unwrap();
         let (last, end) = from_index.last().unwrap().clone();
         let next_by_index = log.read_file(last.seq + 1, None).unwrap();
@@ -801,7 +810,7 @@ mod tests {
         let big = "x".repeat(100 * 1024);
         let mut items = vec![user("t1"), started("t1")];
         items.extend((0..40).map(|_| delta("t1", &big)));
-        log.append(items).unwrap();
+        log.append(&items).unwrap();
         // The ring holds the newest events only: the start is read from the file.
         assert!(log.read_ring(1).is_none());
         let (mut a, mut b) = (log.follow(0), log.follow(0));
@@ -840,22 +849,20 @@ mod tests {
         let path = dir.path().join("events.jsonl");
         let (log, _) = EventLog::open(path.clone()).unwrap();
         let got = log
-            .append(vec![user("t1"), started("t1"), delta("t1", "a")])
+            .append(&[user("t1"), started("t1"), delta("t1", "a")])
             .unwrap();
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [1, 2, 3]);
-        log.append(vec![
-            Event::Done {
-                turn_id: "t1".into(),
-                usage: None,
-            }
-            .into(),
-        ])
-        .unwrap();
+        log.append(&[Event::Done {
+            turn_id: "t1".into(),
+            usage: None,
+        }
+        .into()])
+            .unwrap();
         drop(log);
         let (log, rec) = EventLog::open(path).unwrap();
         assert_eq!(rec.closed, 0);
         assert_eq!(log.view(|v| v.next_seq), 5);
-        assert_eq!(log.append(vec![user("t2")]).unwrap()[0].0, 5);
+        assert_eq!(log.append(&[user("t2")]).unwrap()[0].0, 5);
     }
 
     #[test]
@@ -863,13 +870,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         let (log, _) = EventLog::open(path.clone()).unwrap();
-        log.append(vec![
-            user("t1"),
-            started("t1"),
-            delta("t1", "a"),
-            user("t2"),
-        ])
-        .unwrap();
+        log.append(&[user("t1"), started("t1"), delta("t1", "a"), user("t2")])
+            .unwrap();
         drop(log);
         // A crash in the middle of a write.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -896,7 +898,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         let (log, _) = EventLog::open(path.clone()).unwrap();
-        log.append(vec![user("t1"), started("t1")]).unwrap();
+        log.append(&[user("t1"), started("t1")]).unwrap();
         drop(log);
         let text = std::fs::read_to_string(&path).unwrap();
         let broken = format!("garbage\n{text}");
@@ -910,26 +912,24 @@ mod tests {
     async fn a_follower_sees_every_event_once_even_far_behind_the_ring() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
-        log.append(vec![user("t"), started("t")]).unwrap();
+        log.append(&[user("t"), started("t")]).unwrap();
         let mut late = log.follow(0);
         let total = RING_EVENTS as u64 * 3;
         let writer = {
             let log = log.clone();
             tokio::spawn(async move {
                 for i in 0..total {
-                    log.append(vec![delta("t", &format!("{i} "))]).unwrap();
+                    log.append(&[delta("t", &format!("{i} "))]).unwrap();
                     if i % 100 == 0 {
                         tokio::task::yield_now().await;
                     }
                 }
-                log.append(vec![
-                    Event::Done {
-                        turn_id: "t".into(),
-                        usage: None,
-                    }
-                    .into(),
-                ])
-                .unwrap();
+                log.append(&[Event::Done {
+                    turn_id: "t".into(),
+                    usage: None,
+                }
+                .into()])
+                    .unwrap();
             })
         };
         writer.await.unwrap();
@@ -950,12 +950,12 @@ mod tests {
     async fn follow_from_now_pairs_the_view_with_what_comes_after() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
-        log.append(vec![user("t"), started("t"), delta("t", "so far")])
+        log.append(&[user("t"), started("t"), delta("t", "so far")])
             .unwrap();
         let (text, mut follower) =
             log.follow_from_now(|v| v.current.as_ref().unwrap().text.clone());
         assert_eq!(text, "so far");
-        log.append(vec![delta("t", " more")]).unwrap();
+        log.append(&[delta("t", " more")]).unwrap();
         let batch = follower.next_batch().await.unwrap();
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].seq, 4);

@@ -92,6 +92,8 @@ pub enum Input<H> {
     AgentStuck,
     /// Time passed (see [`LoopMachine::next_deadline`]).
     Tick,
+    /// The loop's log refuses its events: the running turn cannot go on.
+    LogUnwritable,
 }
 
 /// What the loop's task must do, in order.
@@ -372,7 +374,9 @@ impl<H> LoopMachine<H> {
                 }
             }
             Input::AgentStarted { resumed } => self.agent_started(resumed, fx),
-            Input::AgentFailedToStart(message) => self.agent_failed(message, fx),
+            Input::AgentFailedToStart(message) => self.agent_failed(message, fx), // What a process that is no longer the loop's agent said.
+            Input::Agent(_) | Input::AgentExited(_) | Input::AgentStuck
+                if !matches!(self.agent, Agent::Live(_)) => {}
             Input::Agent(event) => {
                 self.last_activity = now;
                 self.agent_event(event, now, fx);
@@ -383,6 +387,15 @@ impl<H> LoopMachine<H> {
             }
             Input::AgentStuck => self.agent_stuck(now, fx),
             Input::Tick => self.tick(now, fx),
+            Input::LogUnwritable => {
+                self.end_turn(
+                    "log_unwritable",
+                    "the loop's event log could not be written; events of this turn were lost"
+                        .into(),
+                    fx,
+                );
+                self.drop_agent(Stopping::Release, fx);
+            }
         }
         self.start_next(now, fx);
     }
@@ -727,11 +740,7 @@ impl<H> LoopMachine<H> {
         self.drop_agent(Stopping::Release, fx);
         self.last_activity = now;
     }
-
     fn agent_stuck(&mut self, now: Instant, fx: &mut Vec<Effect>) {
-        if !matches!(self.agent, Agent::Live(_)) {
-            return;
-        }
         fx.push(Effect::Warn(
             "the agent stopped taking input; stopping it".into(),
         ));

@@ -42,6 +42,8 @@ pub use self::error::RuntimeError;
 
 /// How long an interrupted agent may take to end its turn before it is killed.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+/// How long shutdown waits for loops' tasks (agent stops included).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 /// Bound of each loop's command channel.
 const COMMANDS: usize = 64;
 
@@ -54,6 +56,8 @@ pub struct Shared {
     pub loops: Arc<LoopStore>,
     pub catalog: Arc<Catalog>,
     pub slots: Arc<Slots>,
+    /// Idempotency keys seen (a loop's task records each as it logs the message).
+    pub idem: Mutex<IdemIndex>,
     /// Every task a loop starts (its actor, agent stops, background writes):
     /// shutdown waits for all of them.
     pub tasks: TaskTracker,
@@ -85,7 +89,6 @@ struct Handles {
 pub struct Runtime {
     shared: Arc<Shared>,
     loops: Mutex<HashMap<LoopId, Handles>>,
-    idem: Mutex<IdemIndex>,
     /// Sends with the same Idempotency-Key, one at a time (check, then record).
     in_flight: InFlight,
     /// Set once shutdown began: no new actor (and agent) starts after it.
@@ -116,7 +119,9 @@ impl Runtime {
         loops: Arc<LoopStore>,
         catalog: Arc<Catalog>,
     ) -> Result<Self, StoreError> {
+        let keys_per_user = config.limits.idempotency_keys_per_user;
         let shared = Shared {
+            idem: Mutex::new(IdemIndex::new(keys_per_user)),
             queued: Budget::new(config.limits.queued_bytes_per_user),
             slots: Arc::new(Slots::new(config.max_agents)),
             tasks: TaskTracker::new(),
@@ -125,11 +130,9 @@ impl Runtime {
             loops,
             catalog,
         };
-        let keys_per_user = shared.config.limits.idempotency_keys_per_user;
         let runtime = Self {
             shared: Arc::new(shared),
             loops: Mutex::new(HashMap::new()),
-            idem: Mutex::new(IdemIndex::new(keys_per_user)),
             in_flight: InFlight::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
         };
@@ -174,7 +177,7 @@ impl Runtime {
     fn open_log(&self, id: LoopId) -> Result<(Arc<EventLog>, usize), StoreError> {
         let path = self.shared.loops.loop_dir(id).join("events.jsonl");
         let (log, recovered) = EventLog::open(path)?;
-        let mut idem = self.idem.lock().expect("idem poisoned");
+        let mut idem = self.shared.idem.lock().expect("idem poisoned");
         for (record, turn_id, seq, at) in recovered.idem {
             if Utc::now()
                 .signed_duration_since(at)
@@ -251,14 +254,19 @@ impl Runtime {
         }
         let tx = self.handles(record.id, |h| h.actor.take())?;
         if let Some(tx) = tx {
-            let (reply, done) = oneshot::channel();
-            let stop = Command::Stop {
-                reason: StopReason::Archived,
-                reply,
-            };
-            if tx.send(stop).await.is_ok() {
-                let _ = done.await;
-            }
+            // On its own task: a request that gives up waiting cannot leave
+            // the loop's task without its stop.
+            let stopping = self.shared.tasks.spawn(async move {
+                let (reply, done) = oneshot::channel();
+                let stop = Command::Stop {
+                    reason: StopReason::Archived,
+                    reply,
+                };
+                if tx.send(stop).await.is_ok() {
+                    let _ = done.await;
+                }
+            });
+            let _ = stopping.await;
         }
         Ok(())
     }
@@ -275,7 +283,7 @@ impl Runtime {
                 return Ok(tx.clone());
             }
             let (tx, rx) = mpsc::channel(COMMANDS);
-            let actor = Actor::new(id, shared.clone(), h.log.clone(), rx, tx.clone());
+            let actor = Actor::new(id, shared.clone(), h.log.clone(), rx, tx.downgrade());
             shared.tasks.spawn(actor.run());
             h.actor = Some(tx.clone());
             Ok(tx)
@@ -322,7 +330,7 @@ impl Runtime {
             return Ok(accepted(log, sent, false));
         };
         let _one_at_a_time = self.in_flight.enter(user, &idem.key).await;
-        let found = self.idem.lock().expect("idem poisoned").lookup(
+        let found = self.shared.idem.lock().expect("idem poisoned").lookup(
             user,
             &idem.key,
             &idem.body_hash,
@@ -366,17 +374,7 @@ impl Runtime {
                 reply,
             })
             .await??;
-        let recorded = Recorded {
-            body_hash: idem.body_hash,
-            loop_id: record.id,
-            turn_id: sent.turn_id.clone(),
-            seq: sent.seq,
-            at: Utc::now(),
-        };
-        self.idem
-            .lock()
-            .expect("idem poisoned")
-            .insert(user, &idem.key, recorded);
+        // The loop's task recorded the key as it logged the message.
         Ok(accepted(log, sent, false))
     }
 
@@ -438,11 +436,18 @@ impl Runtime {
                     reply,
                 })
                 .await;
-        }
-        // Every actor, agent stop and sweep, and background write.
+        } // Every actor, agent stop and sweep, and background write.
         self.shared.stopping.cancel();
         self.shared.tasks.close();
-        self.shared.tasks.wait().await;
+        if tokio::time::timeout(SHUTDOWN_WAIT, self.shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.shared.tasks.len(),
+                "loop tasks still running after {SHUTDOWN_WAIT:?}; stopping without them"
+            );
+        }
         self.flush_touches().await;
     }
 

@@ -323,7 +323,7 @@ mod tests {
     fn interleaved() -> (tempfile::TempDir, std::sync::Arc<EventLog>) {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
-        log.append(vec![
+        log.append(&[
             said("t1", "one"),
             started("t1"),
             said("t2", "two"),
@@ -363,8 +363,7 @@ mod tests {
         let (log, _) = EventLog::open(dir.path().join("events.jsonl")).unwrap();
         let big = "x".repeat(MAX_PAGE_BYTES / 3);
         for t in ["a", "b", "c", "d", "e"] {
-            log.append(vec![said(t, &big), started(t), done(t)])
-                .unwrap();
+            log.append(&[said(t, &big), started(t), done(t)]).unwrap();
         }
         let newest = page(&log, &query(100, None, None)).unwrap();
         let got: Vec<&str> = newest.data.iter().map(|t| t.turn_id.as_str()).collect();

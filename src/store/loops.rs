@@ -298,23 +298,42 @@ impl LoopStore {
             touched.dirty.insert(id);
             return Ok(());
         }
-        write_meta(&self.meta_path(id), &record)?;
+        if let Err(err) = write_meta(&self.meta_path(id), &record) {
+            touched.dirty.insert(id); // the next flush tries again
+            return Err(err);
+        }
         touched.written.insert(id, now);
         touched.dirty.remove(&id);
         Ok(())
     }
 
     /// Writes the activity [`Self::touch`] kept in memory (periodically and at shutdown).
+    /// One loop at a time, so other writers wait for one fsync at most; a
+    /// loop whose write fails stays to be tried again.
     pub fn flush_touches(&self) -> Result<(), StoreError> {
-        let mut touched = self.writer.lock().expect("loop writer poisoned");
-        let now = std::time::Instant::now();
-        for id in std::mem::take(&mut touched.dirty) {
-            if let Some(record) = self.get(id) {
-                write_meta(&self.meta_path(id), &record)?;
-                touched.written.insert(id, now);
+        let dirty: Vec<LoopId> = {
+            let touched = self.writer.lock().expect("loop writer poisoned");
+            touched.dirty.iter().copied().collect()
+        };
+        let mut failed = None;
+        for id in dirty {
+            let mut touched = self.writer.lock().expect("loop writer poisoned");
+            if !touched.dirty.contains(&id) {
+                continue; // written meanwhile
+            }
+            let Some(record) = self.get(id) else {
+                touched.dirty.remove(&id);
+                continue;
+            };
+            match write_meta(&self.meta_path(id), &record) {
+                Ok(()) => {
+                    touched.dirty.remove(&id);
+                    touched.written.insert(id, std::time::Instant::now());
+                }
+                Err(err) => failed = Some(err),
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Forgets a loop whose creation could not be completed, and its files.

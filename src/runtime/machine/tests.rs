@@ -763,3 +763,56 @@ fn deadlines_are_the_interrupt_s_or_the_idle_one() {
     m.handle(Input::Interrupt, now);
     assert_eq!(m.next_deadline(), Some(now + Duration::from_secs(5)));
 }
+
+#[test]
+fn what_a_stopped_agent_still_said_is_ignored() {
+    warm_story(
+        "after the agent",
+        vec![
+            (
+                say("a"),
+                &[
+                    "user_message turn_2",
+                    "reply sent",
+                    "→agent user a",
+                    "started turn_2",
+                ],
+            ),
+            (
+                In(Input::AgentStuck),
+                &["warn", "error turn_2 agent_unresponsive", "stop agent"],
+            ),
+            // The rest of the stuck process's batch: no phantom turn opens.
+            (delta("late"), &[]),
+            (ask("r9", "Bash"), &[]),
+            (In(Input::AgentExited("gone".into())), &[]),
+            (
+                say("b"),
+                &["user_message turn_3", "reply sent", "acquire slot"],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn a_log_that_refuses_events_ends_the_turn_and_stops_the_agent() {
+    warm_story(
+        "log",
+        vec![
+            (
+                say("a"),
+                &[
+                    "user_message turn_2",
+                    "reply sent",
+                    "→agent user a",
+                    "started turn_2",
+                ],
+            ),
+            (
+                In(Input::LogUnwritable),
+                &["error turn_2 log_unwritable", "stop agent"],
+            ),
+            (In(Input::LogUnwritable), &[]),
+        ],
+    );
+}
