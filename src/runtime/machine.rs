@@ -374,7 +374,8 @@ impl<H> LoopMachine<H> {
                 }
             }
             Input::AgentStarted { resumed } => self.agent_started(resumed, fx),
-            Input::AgentFailedToStart(message) => self.agent_failed(message, fx), // What a process that is no longer the loop's agent said.
+            Input::AgentFailedToStart(message) => self.agent_failed(message, fx),
+            // What a process that is no longer the loop's agent said.
             Input::Agent(_) | Input::AgentExited(_) | Input::AgentStuck
                 if !matches!(self.agent, Agent::Live(_)) => {}
             Input::Agent(event) => {

@@ -436,7 +436,8 @@ impl Runtime {
                     reply,
                 })
                 .await;
-        } // Every actor, agent stop and sweep, and background write.
+        }
+        // Every actor, agent stop and sweep, and background write.
         self.shared.stopping.cancel();
         self.shared.tasks.close();
         if tokio::time::timeout(SHUTDOWN_WAIT, self.shared.tasks.wait())
