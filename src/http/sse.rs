@@ -93,9 +93,10 @@ fn select(batch: &[Entry], scope: Scope) -> (Bytes, bool) {
         Scope::Everything => true,
         Scope::Turn(turn) => e.turn == Some(turn),
     };
-    let mut runs: Vec<Bytes> = Vec::new();
-    // The run being gathered: its block, start and end within it.
+    // The run being gathered (its block, start and end within it); runs
+    // before it are copied into `joined` (only when there are several).
     let mut run: Option<(&Bytes, usize, usize)> = None;
+    let mut joined: Option<BytesMut> = None;
     let mut ended = false;
     for entry in batch.iter().filter(|e| passes(e)) {
         let start = entry.offset_in_block();
@@ -105,7 +106,9 @@ fn select(batch: &[Entry], scope: Scope) -> (Bytes, bool) {
                 Some((block, from, end))
             }
             Some((block, from, to)) => {
-                runs.push(block.slice(from..to));
+                joined
+                    .get_or_insert_with(BytesMut::new)
+                    .extend_from_slice(&block[from..to]);
                 Some((&entry.block, start, end))
             }
             None => Some((&entry.block, start, end)),
@@ -115,18 +118,12 @@ fn select(batch: &[Entry], scope: Scope) -> (Bytes, bool) {
             break;
         }
     }
-    if let Some((block, from, to)) = run {
-        runs.push(block.slice(from..to));
-    }
-    let chunk = match runs.len() {
-        0 => Bytes::new(),
-        1 => runs.pop().expect("one run"),
-        _ => {
-            let mut out = BytesMut::with_capacity(runs.iter().map(Bytes::len).sum());
-            for r in &runs {
-                out.extend_from_slice(r);
-            }
-            out.freeze()
+    let chunk = match (run, joined) {
+        (None, _) => Bytes::new(),
+        (Some((block, from, to)), None) => block.slice(from..to),
+        (Some((block, from, to)), Some(mut joined)) => {
+            joined.extend_from_slice(&block[from..to]);
+            joined.freeze()
         }
     };
     (chunk, ended)

@@ -329,14 +329,16 @@ impl Actor {
         while let Some(input) = next.take().or_else(|| self.follow_ups.pop_front()) {
             let mut effects = std::mem::take(&mut self.effects);
             self.machine.handle_into(input, now, &mut effects);
-            // Follow-ups may come after a start that took a while.
-            now = Instant::now();
             for effect in effects.drain(..) {
                 if let Some(r) = self.perform(effect).await {
                     reply = Some(r);
                 }
             }
             self.effects = effects;
+            if !self.follow_ups.is_empty() {
+                // They may come after a start that took a while.
+                now = Instant::now();
+            }
         }
         if !self.machine.wants_slot() && matches!(self.held, Held::Waiting(_)) {
             self.held = Held::Nothing;
