@@ -291,8 +291,7 @@ impl Actor {
         let mut batch: Vec<Append> = admission.events.into_iter().map(Append::from).collect();
         batch[0].idem = idem.clone();
         // Refused before the machine takes it: a message not logged was not sent.
-        let written = self.log.append(&batch)?;
-        let (seq, turn) = written[0];
+        let (seq, turn) = self.log.append(&batch)?;
         let turn_id = admission.turn_id;
         if let Some(idem) = idem {
             // Recorded here, not by the request: a client that gives up

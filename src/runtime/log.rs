@@ -36,10 +36,13 @@ const KEEP_BUFFER: usize = 256 * 1024;
 thread_local! {
     /// Each thread's append buffers (the lines of one write, one event's
     /// JSON): kept per thread, not per log, so a thousand loops cost nothing.
-    static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const {
-        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>, Vec<Placed>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new()))
     };
 }
+
+/// Where an appended event went: its time, its line's offset, its frame's length.
+type Placed = (Option<DateTime<Utc>>, u64, usize);
 /// Most events handed to a reader at once.
 const BATCH: usize = 512;
 /// And at most about this many bytes of frames (always at least one event):
@@ -246,12 +249,17 @@ impl EventLog {
         f(&self.state.lock().expect("log poisoned").view)
     }
 
-    /// Appends events in order with one write; returns each one's (seq, turn).
+    /// Appends events in order with one write; returns the first one's
+    /// (seq, turn) (a `user_message` opens its turn).
     /// Nothing changes unless the write succeeds: a failed write leaves the
     /// file, the view and the seqs as they were (and `items` to try again).
-    pub fn append(&self, items: &[Append]) -> Result<Vec<(u64, Option<usize>)>, StoreError> {
-        BUFFERS.with_borrow_mut(|(lines, scratch)| {
-            let appended = self.append_with(items, lines, scratch);
+    pub fn append(&self, items: &[Append]) -> Result<(u64, Option<usize>), StoreError> {
+        BUFFERS.with_borrow_mut(|(lines, scratch, placed)| {
+            let appended = self.append_with(items, lines, scratch, placed);
+            placed.clear();
+            if placed.capacity() > KEEP_BUFFER / 32 {
+                *placed = Vec::new();
+            }
             // A huge event's buffers are not kept.
             for buffer in [lines, scratch] {
                 buffer.clear();
@@ -268,7 +276,8 @@ impl EventLog {
         items: &[Append],
         lines: &mut Vec<u8>,
         scratch: &mut Vec<u8>,
-    ) -> Result<Vec<(u64, Option<usize>)>, StoreError> {
+        placed: &mut Vec<Placed>,
+    ) -> Result<(u64, Option<usize>), StoreError> {
         let mut guard = self.state.lock().expect("log poisoned");
         let state = &mut *guard;
         let start_len = state.len;
@@ -277,7 +286,7 @@ impl EventLog {
         // the frames then share: no allocation per event.
         lines.clear();
         let mut frames = BytesMut::with_capacity(items.len() * 96);
-        let mut encoded = Vec::with_capacity(items.len());
+        placed.clear();
         for (i, item) in items.iter().enumerate() {
             let seq = first + i as u64;
             let at = (!item.event.is_delta()).then(crate::ids::now);
@@ -285,7 +294,7 @@ impl EventLog {
             let before = frames.len();
             let idem = item.idem.as_ref();
             encode_into(seq, at, idem, &item.event, scratch, lines, &mut frames);
-            encoded.push((seq, at, offset, &item.event, frames.len() - before));
+            placed.push((at, offset, frames.len() - before));
         }
         let written = state.file.write_all(lines);
         let len = lines.len() as u64;
@@ -294,33 +303,32 @@ impl EventLog {
             let _ = state.file.set_len(start_len);
             return Err(StoreError::io(&self.path, e));
         }
-        let mut out = Vec::with_capacity(encoded.len());
-        let mut entries = Vec::with_capacity(encoded.len());
+        let mut first_turn = None;
         // The frames stay slices of one block, so a stream can send a run of
         // them as one slice too.
         let block = frames.freeze();
         let mut at_byte = 0;
-        for (seq, at, offset, event, frame_len) in encoded {
+        for (i, (item, &(at, offset, frame_len))) in items.iter().zip(placed.iter()).enumerate() {
+            let (seq, event) = (first + i as u64, &item.event);
             let frame = block.slice(at_byte..at_byte + frame_len);
             at_byte += frame_len;
             if seq.is_multiple_of(SPARSE_EVERY) {
                 state.sparse.push((seq, offset));
             }
             let turn = state.view.apply(seq, at, offset, event);
-            entries.push(Entry {
+            if i == 0 {
+                first_turn = turn;
+            }
+            state.ring_bytes += frame.len();
+            state.ring.push_back(Entry {
                 seq,
                 turn,
                 terminal: event.is_terminal(),
                 frame,
                 block: block.clone(),
             });
-            out.push((seq, turn));
         }
         state.len += len;
-        for entry in entries {
-            state.ring_bytes += entry.frame.len();
-            state.ring.push_back(entry);
-        }
         while state.ring.len() > RING_EVENTS
             || (state.ring_bytes > RING_BYTES && state.ring.len() > 1)
         {
@@ -330,7 +338,7 @@ impl EventLog {
         let last = state.view.next_seq - 1;
         drop(guard);
         self.announce.send_replace(last);
-        Ok(out)
+        Ok((first, first_turn))
     }
 
     /// Makes the turns that ended durable soon: at once if the log was not
@@ -761,7 +769,7 @@ mod tests {
         assert_eq!(log.view(|v| (v.next_seq, v.turns.len())), (2, 1));
         log.state.lock().unwrap().file = writable;
         let written = log.append(&[said("t3", "three")]).unwrap();
-        assert_eq!(written[0], (2, Some(1)), "no seq was skipped");
+        assert_eq!(written, (2, Some(1)), "no seq was skipped");
         let lines = std::fs::read_to_string(&path).unwrap();
         assert_eq!(lines.lines().count(), 2);
         assert!(!lines.contains("lost"));
@@ -851,7 +859,8 @@ mod tests {
         let got = log
             .append(&[user("t1"), started("t1"), delta("t1", "a")])
             .unwrap();
-        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(got, (1, Some(0)));
+        assert_eq!(log.view(|v| v.next_seq), 4, "the three took seqs 1, 2 and 3");
         log.append(&[Event::Done {
             turn_id: "t1".into(),
             usage: None,
@@ -862,7 +871,7 @@ mod tests {
         let (log, rec) = EventLog::open(path).unwrap();
         assert_eq!(rec.closed, 0);
         assert_eq!(log.view(|v| v.next_seq), 5);
-        assert_eq!(log.append(&[user("t2")]).unwrap()[0].0, 5);
+        assert_eq!(log.append(&[user("t2")]).unwrap().0, 5);
     }
 
     #[test]
