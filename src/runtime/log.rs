@@ -860,7 +860,11 @@ mod tests {
             .append(&[user("t1"), started("t1"), delta("t1", "a")])
             .unwrap();
         assert_eq!(got, (1, Some(0)));
-        assert_eq!(log.view(|v| v.next_seq), 4, "the three took seqs 1, 2 and 3");
+        assert_eq!(
+            log.view(|v| v.next_seq),
+            4,
+            "the three took seqs 1, 2 and 3"
+        );
         log.append(&[Event::Done {
             turn_id: "t1".into(),
             usage: None,
