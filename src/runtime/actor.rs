@@ -227,7 +227,7 @@ impl Actor {
                 Ok(sent) => {
                     // Answered once the message is in the log: the stream
                     // starts while the agent may still be starting.
-                    let turn_id = sent.turn_id.clone();
+                    let turn_id = sent.turn_id.as_str().into();
                     let _ = reply.send(Ok(sent));
                     let input = Input::Send {
                         turn_id,
@@ -299,7 +299,7 @@ impl Actor {
             let recorded = Recorded {
                 body_hash: idem.body_hash,
                 loop_id: self.id,
-                turn_id: turn_id.clone(),
+                turn_id: turn_id.to_string(),
                 seq,
                 at: chrono::Utc::now(),
             };
@@ -307,7 +307,7 @@ impl Actor {
             index.insert(&idem.user, &idem.key, recorded);
         }
         Ok(Sent {
-            turn_id,
+            turn_id: turn_id.to_string(),
             seq,
             turn: turn.expect("a user message opens a turn"),
         })
@@ -534,7 +534,7 @@ mod tests {
         let reserved = runtime.shared.queued.take("alice".into(), 4).unwrap();
         let sent = actor.log_message("/sleep 60", None).unwrap();
         let input = Input::Send {
-            turn_id: sent.turn_id.clone(),
+            turn_id: sent.turn_id.as_str().into(),
             content: "/sleep 60".into(),
             mode: None,
             hold: reserved,

@@ -45,23 +45,105 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// A turn's id (`turn_<16 hex>`), shared rather than copied: every event
+/// of a turn carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TurnId(std::sync::Arc<str>);
+
+impl TurnId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TurnId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for TurnId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TurnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for TurnId {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<&str> for TurnId {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<TurnId> for String {
+    fn from(t: TurnId) -> Self {
+        t.0.to_string()
+    }
+}
+
+impl PartialEq<str> for TurnId {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for TurnId {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for TurnId {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl Serialize for TurnId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TurnId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Self(s.as_ref().into()))
+    }
+}
+
 /// One event of a loop. Serialized as `{"event": name, "data": {...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "event", content = "data", rename_all = "snake_case")]
 pub enum Event {
     /// A message arrived (not on the sender's own `POST /messages` stream).
     UserMessage {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         content: String,
         created_at: DateTime<Utc>,
     },
     /// The loop was busy; `position` 1 is next.
     Queued {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         position: usize,
     },
     Started {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         /// The agent process had to be started for this turn.
         cold_start: bool,
         /// `agent`: output the agent produced while no turn ran.
@@ -72,33 +154,39 @@ pub enum Event {
         history_lost: bool,
     },
     AssistantDelta {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         text: String,
     },
     ThinkingDelta {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         text: String,
     },
     ToolCall {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         tool_use_id: String,
         tool: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input_summary: Option<String>,
     },
     ToolResult {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         tool_use_id: String,
         ok: bool,
     },
     RequiresChoice {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         choice_id: String,
         kind: ChoiceKind,
         payload: Value,
     },
     ChoiceResolved {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         choice_id: String,
         source: ChoiceSource,
         /// **(beyond)** What was answered: `{"allow": bool}` or `{"answers": {…}}`.
@@ -106,16 +194,19 @@ pub enum Event {
         answer: Option<Value>,
     },
     Done {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         usage: Option<Usage>,
     },
     Interrupted {
-        turn_id: String,
+        #[schema(value_type = String)]
+        turn_id: TurnId,
     },
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        turn_id: Option<String>,
+        #[schema(value_type = Option<String>)]
+        turn_id: Option<TurnId>,
         code: String,
         message: String,
     },
@@ -287,7 +378,7 @@ mod tests {
             key: "k1".into(),
             body_hash: "ab".into(),
         };
-        let t = || "turn_1".to_owned();
+        let t = || TurnId::from("turn_1");
         let events = vec![
             Event::UserMessage {
                 turn_id: t(),

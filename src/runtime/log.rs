@@ -188,9 +188,12 @@ impl EventLog {
                     },
                 ) = (&stored.idem, &stored.event)
                 {
-                    recovered
-                        .idem
-                        .push((idem.clone(), turn_id.clone(), stored.seq, *created_at));
+                    recovered.idem.push((
+                        idem.clone(),
+                        turn_id.to_string(),
+                        stored.seq,
+                        *created_at,
+                    ));
                 }
                 offset += n as u64;
             }
@@ -222,7 +225,7 @@ impl EventLog {
                 .into_iter()
                 .map(|turn_id| {
                     Event::Error {
-                        turn_id: Some(turn_id),
+                        turn_id: Some(turn_id.into()),
                         code: "server_restarted".into(),
                         message: "the server stopped while this turn was running".into(),
                     }

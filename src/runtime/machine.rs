@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::choices::{self, ChoiceAnswer};
 use super::error::RuntimeError;
-use super::events::{ChoiceKind, ChoiceSource, Event, Origin};
+use super::events::{ChoiceKind, ChoiceSource, Event, Origin, TurnId};
 use crate::agent::{AgentEvent, AgentInput, Decision, NativeModes, PermissionMode, TurnEnd};
 
 /// What the rules depend on, fixed for the server's life.
@@ -63,7 +63,7 @@ pub enum Input<H> {
     /// A message admitted by [`LoopMachine::admit`] and written to the log.
     /// `hold` stays with the turn while it waits (its queued bytes).
     Send {
-        turn_id: String,
+        turn_id: TurnId,
         content: String,
         mode: Option<PermissionMode>,
         hold: H,
@@ -147,7 +147,7 @@ pub enum Refusal {
 /// A message waiting for its turn.
 #[derive(Debug)]
 struct Waiting<H> {
-    turn_id: String,
+    turn_id: TurnId,
     content: String,
     mode: Option<PermissionMode>,
     /// `queued` was already said for it.
@@ -192,7 +192,7 @@ struct Request {
 
 #[derive(Debug)]
 struct Running {
-    turn_id: String,
+    turn_id: TurnId,
     /// The user's message, kept to send again if a resume fails; `None` for
     /// a turn the agent began on its own.
     content: Option<String>,
@@ -230,7 +230,7 @@ pub struct LoopMachine<H> {
 
 /// The events that admit a message: its `user_message`, and `queued` when it must wait.
 pub struct Admission {
-    pub turn_id: String,
+    pub turn_id: TurnId,
     pub events: Vec<Event>,
 }
 
@@ -261,7 +261,7 @@ impl<H> LoopMachine<H> {
                 Duration::from_secs(1),
             ));
         }
-        let turn_id = self.ids.turn();
+        let turn_id: TurnId = self.ids.turn().into();
         let mut events = vec![Event::UserMessage {
             turn_id: turn_id.clone(),
             content: content.to_owned(),
@@ -538,9 +538,9 @@ impl<H> LoopMachine<H> {
 
     /// The running turn's id, `started` said; output while no turn runs
     /// opens a turn of the agent's own.
-    fn output_turn(&mut self, fx: &mut Vec<Effect>) -> String {
+    fn output_turn(&mut self, fx: &mut Vec<Effect>) -> TurnId {
         let turn = self.turn.get_or_insert_with(|| {
-            let turn_id = self.ids.turn();
+            let turn_id: TurnId = self.ids.turn().into();
             fx.push(started(&turn_id, false, Some(Origin::Agent), false));
             Running {
                 turn_id,
@@ -680,7 +680,7 @@ impl<H> LoopMachine<H> {
             };
             fx.push(Effect::ToAgent(AgentInput::Interrupt));
         }
-        Some(turn.turn_id.clone())
+        Some(turn.turn_id.to_string())
     }
 
     /// A cold turn on a resumed conversation that failed before it began:
@@ -851,9 +851,14 @@ impl From<Event> for Effect {
     }
 }
 
-fn started(turn_id: &str, cold_start: bool, origin: Option<Origin>, history_lost: bool) -> Effect {
+fn started(
+    turn_id: &TurnId,
+    cold_start: bool,
+    origin: Option<Origin>,
+    history_lost: bool,
+) -> Effect {
     Effect::Emit(Event::Started {
-        turn_id: turn_id.to_owned(),
+        turn_id: turn_id.clone(),
         cold_start,
         origin,
         history_lost,
@@ -882,7 +887,7 @@ fn answer_agent(request_id: String, decision: Decision) -> Effect {
     })
 }
 
-fn error(turn_id: Option<String>, code: &str, message: String) -> Effect {
+fn error(turn_id: Option<TurnId>, code: &str, message: String) -> Effect {
     Effect::Emit(Event::Error {
         turn_id,
         code: code.into(),
