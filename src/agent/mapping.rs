@@ -1,5 +1,5 @@
 //! From Claude Code's stream-json stdout lines to [`AgentEvent`]s: one pure
-//! function, [`map_line`], plus the little it must remember between lines.
+//! function, [`map_line_into`], plus the little it must remember between lines.
 //!
 //! - Text and thinking stream as `stream_event` deltas; the `assistant` line
 //!   that repeats a finished block is skipped (unless nothing streamed for
@@ -105,8 +105,8 @@ struct ResultUsage {
     cache_read_input_tokens: Option<u64>,
 }
 
-/// Maps one stdout line. Lines that are not JSON, and kinds loopd does not
-/// use (status, hooks, task notices…), map to nothing.
+/// [`map_line_into`] returning the events (for the tests).
+#[cfg(test)]
 pub fn map_line(state: &mut MapState, line: impl AsRef<[u8]>) -> Vec<AgentEvent> {
     let mut out = Vec::new();
     map_line_into(state, line.as_ref(), &mut out);
@@ -116,7 +116,9 @@ pub fn map_line(state: &mut MapState, line: impl AsRef<[u8]>) -> Vec<AgentEvent>
 /// How Claude Code begins a `stream_event` line (the CLI writes `type` first).
 const STREAM_EVENT: &str = r#"{"type":"stream_event","#;
 
-/// [`map_line`], appending to `out`. The many `stream_event` lines take a
+/// Maps one stdout line, appending its events to `out`. Lines that are not
+/// JSON, and kinds loopd does not use (status, hooks, task notices…), map
+/// to nothing. The many `stream_event` lines take a
 /// short way: parsed into just their `event`, the rest of the line skipped.
 pub fn map_line_into(state: &mut MapState, line: &[u8], out: &mut Vec<AgentEvent>) {
     // UTF-8 checked once for the line, not again for every string in it.

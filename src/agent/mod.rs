@@ -3,7 +3,7 @@
 //! bounded channels, and stops it through its [`AgentHandle`].
 //!
 //! - `claude`: the Claude Code CLI as a child process ([`claude`]), whose
-//!   stream-json lines [`mapping::map_line`] turns into [`AgentEvent`]s;
+//!   stream-json lines [`mapping::map_line_into`] turns into [`AgentEvent`]s;
 //! - `echo`: a built-in deterministic development agent ([`echo`]).
 
 pub mod claude;

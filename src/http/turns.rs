@@ -323,8 +323,5 @@ pub async fn list_turns(
         before: query.before,
         after: query.after,
     };
-    // In the pool of file reads: many pages at once take turns.
-    let _turn = crate::runtime::log::file_read_turn().await;
-    let page = tokio::task::spawn_blocking(move || turns::page(&log, &query)).await??;
-    Ok(axum::Json(page))
+    Ok(axum::Json(turns::page(log, query).await?))
 }

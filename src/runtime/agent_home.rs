@@ -436,13 +436,6 @@ mod tests {
         assert!(mounts(&paths).is_err());
         fs::remove_dir_all(&liar).unwrap();
         // A record that names no worktree of this repo gets nothing of it.
-        let paths = LoopPaths {
-            data_dir: tmp.path(),
-            workspace: &ws,
-            home: &home,
-            credentials: None,
-            repo: Some(&repo),
-        };
         for bad in ["", "..", "../../x", "workspace9"] {
             fs::write(crate::runtime::workspace::worktree_record(&ws), bad).unwrap();
             assert!(mounts(&paths).is_err(), "{bad:?}");

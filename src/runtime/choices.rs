@@ -22,6 +22,14 @@ pub enum ChoiceAnswer {
 }
 
 impl ChoiceAnswer {
+    /// Whether this shape of answer is one a choice of `kind` takes.
+    pub fn fits(&self, kind: ChoiceKind) -> bool {
+        matches!(
+            (kind, self),
+            (ChoiceKind::Permission, Self::Allow { .. }) | (ChoiceKind::Question, Self::Answers(_))
+        )
+    }
+
     /// `{"allow": bool, "message"?: string}` or `{"answers": {question: label | [labels]}}`.
     pub fn parse(body: &Value) -> Result<Self, RuntimeError> {
         let bad = || {

@@ -310,13 +310,7 @@ pub fn encode_into(
     lines: &mut Vec<u8>,
     frames: &mut BytesMut,
 ) {
-    scratch.clear();
-    serde_json::to_writer(&mut *scratch, event).expect("events serialize");
-    let name = event.name();
-    // `{"event":"` + name + `","data":`
-    let data_start = 10 + name.len() + 9;
-    debug_assert_eq!(&scratch[data_start - 7..data_start], b"\"data\":");
-    let data = &scratch[data_start..scratch.len() - 1];
+    let data = serialize(event, scratch);
     let mut seq_text = itoa::Buffer::new();
     let seq_text = seq_text.format(seq).as_bytes();
 
@@ -334,7 +328,25 @@ pub fn encode_into(
     lines.extend_from_slice(&scratch[1..]);
     lines.push(b'\n');
 
-    super::wire::frame_into(frames, name, seq_text, data);
+    super::wire::frame_into(frames, event.name(), seq_text, &scratch[data]);
+}
+
+/// Only the SSE frame of [`encode_into`] (an event read back from the file).
+pub fn frame_into(seq: u64, event: &Event, scratch: &mut Vec<u8>, frames: &mut BytesMut) {
+    let data = serialize(event, scratch);
+    let seq_text = itoa::Buffer::new().format(seq).as_bytes().to_owned();
+    super::wire::frame_into(frames, event.name(), &seq_text, &scratch[data]);
+}
+
+/// Serializes `event` into `scratch` (`{"event":"NAME","data":DATA}`) and
+/// returns where DATA is.
+fn serialize(event: &Event, scratch: &mut Vec<u8>) -> std::ops::Range<usize> {
+    scratch.clear();
+    serde_json::to_writer(&mut *scratch, event).expect("events serialize");
+    // `{"event":"` + name + `","data":`
+    let data_start = 10 + event.name().len() + 9;
+    debug_assert_eq!(&scratch[data_start - 7..data_start], b"\"data\":");
+    data_start..scratch.len() - 1
 }
 
 /// A line of `events.jsonl` as read back.

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::events::{Event, IdemRecord, StoredEvent, encode, encode_into};
+use super::events::{Event, IdemRecord, StoredEvent, encode_into, frame_into};
 use super::view::LogView;
 use crate::store::StoreError;
 
@@ -56,9 +56,37 @@ const CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// take turns instead of each holding its own copies.
 static FILE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
-/// A turn in the pool of file reads, for other readers of logs (`/turns`).
-pub async fn file_read_turn() -> tokio::sync::SemaphorePermit<'static> {
-    FILE_READS.acquire().await.expect("never closed")
+/// Runs a blocking read of log files in the pool of file reads (followers
+/// catching up, `/turns` pages): many at once take turns.
+pub async fn in_read_pool<R, E>(
+    read: impl FnOnce() -> Result<R, E> + Send + 'static,
+) -> Result<R, E>
+where
+    R: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+{
+    let _turn = FILE_READS.acquire().await.expect("never closed");
+    tokio::task::spawn_blocking(read).await.map_err(|e| {
+        E::from(StoreError::io(
+            Path::new("log reader"),
+            std::io::Error::other(e),
+        ))
+    })?
+}
+
+/// The first events of `events` that make a batch: at most [`BATCH`], and
+/// at most [`BATCH_BYTES`] of frames unless the first alone is larger.
+fn batch_of<'a, T: 'a>(
+    events: impl Iterator<Item = &'a T>,
+    frame: impl Fn(&T) -> &Bytes,
+) -> impl Iterator<Item = &'a T> {
+    let mut bytes = 0;
+    events.take(BATCH).take_while(move |e| {
+        let len = frame(e).len();
+        let fits = bytes == 0 || bytes + len <= BATCH_BYTES;
+        bytes += len;
+        fits
+    })
 }
 
 /// One event as readers get it: a ready SSE frame plus what filters need.
@@ -110,12 +138,20 @@ struct State {
     sparse: Vec<(u64, u64)>,
 }
 
+/// Frames read back from the file, each with the offset just past it, and
+/// their bytes.
+#[derive(Default)]
+struct ReadCache {
+    entries: VecDeque<(Entry, u64)>,
+    bytes: usize,
+}
+
 pub struct EventLog {
     path: PathBuf,
     state: Mutex<State>,
     /// Frames read back from the file lately, shared by every follower
     /// catching up over the same stretch (bounded by [`CACHE_BYTES`]).
-    read_cache: Mutex<VecDeque<(Entry, u64)>>,
+    read_cache: Mutex<ReadCache>,
     /// The last seq written (0 before any).
     announce: watch::Sender<u64>,
     /// A turn ended since the last sync began.
@@ -213,7 +249,7 @@ impl EventLog {
                 ring_bytes: 0,
                 sparse,
             }),
-            read_cache: Mutex::new(VecDeque::new()),
+            read_cache: Mutex::new(ReadCache::default()),
             announce: watch::Sender::new(last),
             unsynced: AtomicBool::new(false),
             syncing: AtomicBool::new(false),
@@ -243,11 +279,6 @@ impl EventLog {
     }
 
     /// Reads the view under the log's lock (keep `f` short).
-    /// The bytes written so far.
-    pub fn len_bytes(&self) -> u64 {
-        self.state.lock().expect("log poisoned").len
-    }
-
     pub fn view<R>(&self, f: impl FnOnce(&LogView) -> R) -> R {
         f(&self.state.lock().expect("log poisoned").view)
     }
@@ -428,40 +459,19 @@ impl EventLog {
             return None;
         }
         let skip = (from - first) as usize;
-        let mut bytes = 0;
-        Some(
-            state
-                .ring
-                .iter()
-                .skip(skip)
-                .take(BATCH)
-                .take_while(|e| {
-                    let fits = bytes == 0 || bytes + e.frame.len() <= BATCH_BYTES;
-                    bytes += e.frame.len();
-                    fits
-                })
-                .cloned()
-                .collect(),
-        )
+        let ring = state.ring.iter().skip(skip);
+        Some(batch_of(ring, |e: &Entry| &e.frame).cloned().collect())
     }
 
     /// Events from `from` on that a follower read from the file lately,
     /// with the file offset just past the last.
     fn read_cached(&self, from: u64) -> Option<(Vec<Entry>, u64)> {
         let cache = self.read_cache.lock().expect("read cache poisoned");
-        let first = cache.front()?.0.seq;
+        let first = cache.entries.front()?.0.seq;
         let start = usize::try_from(from.checked_sub(first)?).ok()?;
-        let mut bytes = 0;
         let mut end = 0;
-        let batch: Vec<Entry> = cache
-            .iter()
-            .skip(start)
-            .take(BATCH)
-            .take_while(|(e, _)| {
-                let fits = bytes == 0 || bytes + e.frame.len() <= BATCH_BYTES;
-                bytes += e.frame.len();
-                fits
-            })
+        let cached = cache.entries.iter().skip(start);
+        let batch: Vec<Entry> = batch_of(cached, |(e, _): &(Entry, u64)| &e.frame)
             .map(|(e, past)| {
                 end = *past;
                 e.clone()
@@ -478,15 +488,19 @@ impl EventLog {
         };
         let mut cache = self.read_cache.lock().expect("read cache poisoned");
         if cache
+            .entries
             .back()
             .is_none_or(|(prev, _)| first.seq != prev.seq + 1)
         {
-            cache.clear();
+            *cache = ReadCache::default();
         }
-        cache.extend(batch.iter().cloned());
-        let mut bytes: usize = cache.iter().map(|(e, _)| e.frame.len()).sum();
-        while bytes > CACHE_BYTES && cache.len() > 1 {
-            bytes -= cache.pop_front().map_or(0, |(e, _)| e.frame.len());
+        for (entry, past) in batch {
+            cache.bytes += entry.frame.len();
+            cache.entries.push_back((entry.clone(), *past));
+        }
+        while cache.bytes > CACHE_BYTES && cache.entries.len() > 1 {
+            let (old, _) = cache.entries.pop_front().expect("more than one");
+            cache.bytes -= old.frame.len();
         }
     }
 
@@ -500,8 +514,10 @@ impl EventLog {
             let idx = state.sparse.partition_point(|&(seq, _)| seq <= from);
             if idx == 0 { 0 } else { state.sparse[idx - 1].1 }
         });
+        // As an append does: every frame into one block, which they share.
         let mut found = Vec::new();
-        let mut bytes = 0;
+        let mut frames = BytesMut::new();
+        let mut scratch = Vec::new();
         self.scan_lines(start, |line, past| {
             // Lines before `from` are skipped by their seq alone.
             if line_seq(line).is_some_and(|seq| seq < from) {
@@ -509,37 +525,40 @@ impl EventLog {
             }
             let stored = self.parse(line)?;
             if stored.seq >= from {
-                let frame = encode(stored.seq, None, None, &stored.event).frame;
-                bytes += frame.len();
-                found.push((stored, frame, past));
+                let before = frames.len();
+                frame_into(stored.seq, &stored.event, &mut scratch, &mut frames);
+                found.push((stored, frames.len() - before, past));
             }
-            Ok(found.len() < BATCH && bytes < BATCH_BYTES)
+            Ok(found.len() < BATCH && frames.len() < BATCH_BYTES)
         })?;
+        let block = frames.freeze();
         let state = self.state.lock().expect("log poisoned");
+        let mut at_byte = 0;
         Ok(found
             .into_iter()
-            .map(|(s, frame, past)| {
+            .map(|(s, len, past)| {
                 let entry = Entry {
                     seq: s.seq,
                     turn: s.event.turn_id().and_then(|t| state.view.turn(t)),
                     terminal: s.event.is_terminal(),
-                    block: frame.clone(),
-                    frame,
+                    frame: block.slice(at_byte..at_byte + len),
+                    block: block.clone(),
                 };
+                at_byte += len;
                 (entry, past)
             })
             .collect())
     }
 
     /// Hands every stored event from byte `offset` on to `take`, one at a
-    /// time, until it returns false (for deriving turns without holding the
-    /// whole log).
+    /// time, until it returns false (for the tests).
+    #[cfg(test)]
     pub fn scan_from_offset(
         &self,
         offset: u64,
-        take: impl FnMut(StoredEvent) -> bool,
+        mut take: impl FnMut(StoredEvent) -> bool,
     ) -> Result<(), StoreError> {
-        self.scan(offset, take)
+        self.scan_lines(offset, |line, _| Ok(take(self.parse(line)?)))
     }
 
     /// [`Self::scan_from_offset`] up to byte `end` only (from
@@ -557,16 +576,6 @@ impl EventLog {
     pub fn view_with_len<R>(&self, f: impl FnOnce(&LogView, u64) -> R) -> R {
         let state = self.state.lock().expect("log poisoned");
         f(&state.view, state.len)
-    }
-
-    /// Parses the stored events from byte `start` up to what was written so
-    /// far, handing each to `take` until it returns false.
-    fn scan(
-        &self,
-        start: u64,
-        mut take: impl FnMut(StoredEvent) -> bool,
-    ) -> Result<(), StoreError> {
-        self.scan_lines(start, |line, _| Ok(take(self.parse(line)?)))
     }
 
     fn parse(&self, line: &[u8]) -> Result<StoredEvent, StoreError> {
@@ -671,30 +680,25 @@ impl Follower {
             .file_pos
             .filter(|(seq, _)| *seq == from)
             .map(|(_, at)| at);
-        let batch = match self.log.read_cached(from) {
-            Some((batch, end)) => {
-                self.file_pos = batch.last().map(|e| (e.seq + 1, end));
-                return Ok(batch);
-            }
+        let (batch, end) = match self.log.read_cached(from) {
+            Some(cached) => cached,
             None => {
-                let _turn = FILE_READS.acquire().await.expect("never closed");
-                // Another follower may have read it while this one waited.
-                if let Some((batch, end)) = self.log.read_cached(from) {
-                    self.file_pos = batch.last().map(|e| (e.seq + 1, end));
-                    return Ok(batch);
-                }
                 let log = self.log.clone();
-                let read = tokio::task::spawn_blocking(move || log.read_file(from, at))
-                    .await
-                    .map_err(|e| {
-                        StoreError::io(Path::new("log reader"), std::io::Error::other(e))
-                    })??;
-                self.log.remember(&read);
-                read
+                in_read_pool(move || {
+                    // Another follower may have read it while this one waited.
+                    if let Some(cached) = log.read_cached(from) {
+                        return Ok(cached);
+                    }
+                    let read = log.read_file(from, at)?;
+                    log.remember(&read);
+                    let end = read.last().map_or(0, |(_, end)| *end);
+                    Ok((read.into_iter().map(|(e, _)| e).collect(), end))
+                })
+                .await?
             }
         };
-        self.file_pos = batch.last().map(|(e, end)| (e.seq + 1, *end));
-        Ok(batch.into_iter().map(|(e, _)| e).collect())
+        self.file_pos = batch.last().map(|e| (e.seq + 1, end));
+        Ok(batch)
     }
 
     /// The file this reader reads.
@@ -825,8 +829,14 @@ mod tests {
         // The ring holds the newest events only: the start is read from the file.
         assert!(log.read_ring(1).is_none());
         let (mut a, mut b) = (log.follow(0), log.follow(0));
-        let mut seen = 0;
-        loop {
+        // The second follower gets the very frames the first one read (no
+        // copy, no second read) while the cache has them.
+        let first_a = a.next_batch().await.unwrap();
+        let first_b = b.next_batch().await.unwrap();
+        assert_eq!(first_a[0].seq, first_b[0].seq);
+        assert_eq!(first_a[0].frame.as_ptr(), first_b[0].frame.as_ptr());
+        let mut seen = first_a.len();
+        while seen < 42 {
             let batch = a.next_batch().await.unwrap();
             let bytes: usize = batch.iter().map(|e| e.frame.len()).sum();
             assert!(
@@ -835,22 +845,10 @@ mod tests {
                 batch.len()
             );
             seen += batch.len();
-            if seen == 42 {
-                break;
-            }
         }
-        // The second follower gets the very same frames (no copy) while the
-        // cache has them.
-        let first_b = b.next_batch().await.unwrap();
-        let again = log.read_cached(first_b[0].seq).unwrap();
-        assert_eq!(first_b[0].frame.as_ptr(), again.0[0].frame.as_ptr());
-        let cached: usize = log
-            .read_cache
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(e, _)| e.frame.len())
-            .sum();
+        let cache = log.read_cache.lock().unwrap();
+        let cached: usize = cache.entries.iter().map(|(e, _)| e.frame.len()).sum();
+        assert_eq!(cached, cache.bytes, "the running count is the sum");
         assert!(cached <= CACHE_BYTES + big.len(), "{cached}");
     }
 

@@ -389,14 +389,7 @@ impl Runtime {
         let known = self
             .log(id)?
             .view(|v| v.choices.get(&choice_id).map(|c| c.1));
-        let fits = |kind| {
-            matches!(
-                (kind, &answer),
-                (events::ChoiceKind::Permission, ChoiceAnswer::Allow { .. })
-                    | (events::ChoiceKind::Question, ChoiceAnswer::Answers(_))
-            )
-        };
-        if known.is_some_and(|kind| !fits(kind)) {
+        if known.is_some_and(|kind| !answer.fits(kind)) {
             return Err(RuntimeError::invalid(
                 "invalid_choice_payload",
                 "this answer's shape does not fit the choice's kind",

@@ -2,6 +2,7 @@
 //! event log alone, so it reads the same after a restart.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -92,7 +93,12 @@ pub struct TurnQuery {
 
 /// The page of turns: the newest `limit` by default, the `limit` just
 /// before `before` or just after `after`; always oldest first.
-pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, RuntimeError> {
+/// A page of turns, read in the pool of file reads (many pages at once take turns).
+pub async fn page(log: Arc<EventLog>, query: TurnQuery) -> Result<TurnPage, RuntimeError> {
+    super::log::in_read_pool(move || read_page(&log, &query)).await
+}
+
+fn read_page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, RuntimeError> {
     // The view, its length and its last seq from one moment: the scan reads
     // no further, so `last_seq` never passes an event it did not see.
     let (has_more, offset, ids, log_len, snapshot_seq) = log.view_with_len(|v, log_len| {
@@ -110,7 +116,7 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, RuntimeError>
         };
         let n = v.turns.len();
         let limit = query.limit.max(1);
-        let (start, end, more) = match (cursor(&query.before)?, cursor(&query.after)?) {
+        let (mut start, mut end, mut more) = match (cursor(&query.before)?, cursor(&query.after)?) {
             (Some(_), Some(_)) => {
                 return Err(RuntimeError::invalid(
                     "invalid_cursor",
@@ -129,12 +135,14 @@ pub fn page(log: &EventLog, query: &TurnQuery) -> Result<TurnPage, RuntimeError>
             let next = v.turns.get(i + 1).map_or(log_len, |t| t.offset);
             next.saturating_sub(v.turns[i].offset) as usize
         };
-        let (mut start, mut end, mut more) = (start, end, more);
         let forward = query.after.is_some();
-        while end - start > 1 && (start..end).map(span).sum::<usize>() > MAX_PAGE_BYTES {
+        let mut bytes: usize = (start..end).map(span).sum();
+        while end - start > 1 && bytes > MAX_PAGE_BYTES {
             if forward {
                 end -= 1;
+                bytes -= span(end);
             } else {
+                bytes -= span(start);
                 start += 1;
             }
             more = true;
@@ -338,12 +346,12 @@ mod tests {
     #[test]
     fn a_page_reflects_no_event_of_a_turn_it_does_not_hold() {
         let (_dir, log) = interleaved();
-        let newest = page(&log, &query(1, None, None)).unwrap();
+        let newest = read_page(&log, &query(1, None, None)).unwrap();
         assert_eq!(newest.data[0].turn_id, "t2");
         assert_eq!((newest.has_more, newest.last_seq), (true, 6));
         // The older page stops before t2's user_message: following on from
         // its last_seq brings t2 whole.
-        let older = page(&log, &query(1, Some("t2"), None)).unwrap();
+        let older = read_page(&log, &query(1, Some("t2"), None)).unwrap();
         assert_eq!(older.data[0].turn_id, "t1");
         assert_eq!(older.data[0].content, "one");
         assert!(
@@ -352,7 +360,7 @@ mod tests {
             older.data[0].status
         );
         assert_eq!(older.last_seq, 2);
-        let forward = page(&log, &query(1, None, Some("t1"))).unwrap();
+        let forward = read_page(&log, &query(1, None, Some("t1"))).unwrap();
         assert_eq!(forward.data[0].turn_id, "t2");
         assert!(!forward.has_more);
     }
@@ -365,15 +373,15 @@ mod tests {
         for t in ["a", "b", "c", "d", "e"] {
             log.append(&[said(t, &big), started(t), done(t)]).unwrap();
         }
-        let newest = page(&log, &query(100, None, None)).unwrap();
+        let newest = read_page(&log, &query(100, None, None)).unwrap();
         let got: Vec<&str> = newest.data.iter().map(|t| t.turn_id.as_str()).collect();
         assert!(got.len() < 5 && got.last() == Some(&"e"), "{got:?}");
         assert!(newest.has_more);
-        let older = page(&log, &query(100, Some(got[0]), None)).unwrap();
+        let older = read_page(&log, &query(100, Some(got[0]), None)).unwrap();
         let mut all: Vec<&str> = older.data.iter().map(|t| t.turn_id.as_str()).collect();
         all.extend(&got);
         assert!(all.ends_with(&["a", "b", "c", "d", "e"][5 - all.len()..]));
-        let forward = page(&log, &query(100, None, Some("a"))).unwrap();
+        let forward = read_page(&log, &query(100, None, Some("a"))).unwrap();
         assert_eq!(
             forward.data[0].turn_id, "b",
             "going forward keeps the oldest"

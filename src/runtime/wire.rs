@@ -9,19 +9,8 @@ use serde::Serialize;
 /// Sent on an idle stream so proxies and clients keep it open.
 pub const PING: &[u8] = b"event: ping\ndata: {}\n\n";
 
-/// `event: <name>\nid: <seq>\ndata: <json>\n\n`; `data` is one line of JSON.
-pub fn frame(name: &str, seq: u64, data: &[u8]) -> Bytes {
-    let mut frame = BytesMut::new();
-    frame_into(
-        &mut frame,
-        name,
-        itoa::Buffer::new().format(seq).as_bytes(),
-        data,
-    );
-    frame.freeze()
-}
-
-/// [`frame`], appended to `out` (frames of a batch share one buffer).
+/// `event: <name>\nid: <seq>\ndata: <json>\n\n` appended to `out` (the
+/// frames of a batch share one buffer); `data` is one line of JSON.
 pub fn frame_into(out: &mut BytesMut, name: &str, seq: &[u8], data: &[u8]) {
     out.reserve(data.len() + name.len() + seq.len() + 18);
     out.extend_from_slice(b"event: ");

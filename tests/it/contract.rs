@@ -126,6 +126,18 @@ impl Driver {
         self.app().post(&path, &self.bearer, json!({})).await
     }
 
+    /// The first event of `GET /events?after=SEQ`.
+    async fn first_after(&self, seq: u64) -> Sse {
+        let path = format!("/api/v1/loops/{}/events?after={seq}", self.loop_id);
+        let resp = self
+            .app()
+            .request(reqwest::Method::GET, &path, &self.bearer)
+            .send()
+            .await
+            .unwrap();
+        SseStream::new(resp).next().await.unwrap()
+    }
+
     async fn detail(&self) -> Value {
         let path = format!("/api/v1/loops/{}", self.loop_id);
         self.app().get(&path, &self.bearer).await.1
@@ -241,21 +253,8 @@ async fn watchers_and_last_event_id_see_every_event_once(kind: Kind) {
     // `?after=` resumes the same way, and must be a seq.
     let bad = format!("/api/v1/loops/{}/events?after=nope", d.loop_id);
     assert_eq!(app.get(&bad, &d.bearer).await.0, StatusCode::BAD_REQUEST);
-    let path = format!("/api/v1/loops/{}/events?after={cut}", d.loop_id);
-    let resp = app
-        .request(reqwest::Method::GET, &path, &d.bearer)
-        .send()
-        .await
-        .unwrap();
-    let first = SseStream::new(resp).next().await.unwrap();
-    assert_eq!(first.id, Some(cut + 1));
-    let path = format!("/api/v1/loops/{}/events?after=0", d.loop_id);
-    let resp = app
-        .request(reqwest::Method::GET, &path, &d.bearer)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(SseStream::new(resp).next().await.unwrap().id, Some(1));
+    assert_eq!(d.first_after(cut).await.id, Some(cut + 1));
+    assert_eq!(d.first_after(0).await.id, Some(1));
 }
 
 async fn an_idempotent_retry_replays_without_sending_again(kind: Kind) {
