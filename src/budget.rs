@@ -65,6 +65,7 @@ impl<K: Hash + Eq + Clone> Budget<K> {
             .unwrap_or(0)
     }
 
+    #[cfg(test)]
     /// Whether nothing at all is held.
     pub fn is_empty(&self) -> bool {
         self.held.lock().expect("budget poisoned").is_empty()

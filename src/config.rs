@@ -139,7 +139,12 @@ impl std::str::FromStr for Rate {
 
 impl std::fmt::Display for Rate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}ms", self.burst, self.period.as_millis())
+        let ms = self.period.as_millis();
+        if ms.is_multiple_of(1000) {
+            write!(f, "{}/{}s", self.burst, ms / 1000)
+        } else {
+            write!(f, "{}/{ms}ms", self.burst)
+        }
     }
 }
 
@@ -306,6 +311,17 @@ mod tests {
         );
         assert!(public_origin("loopd.example.com").is_err());
         assert!(public_origin("ftp://x").is_err());
+    }
+
+    #[test]
+    fn default_rates_are_written_as_they_are_read() {
+        // The CLI's defaults are these rates, shown and parsed back as text.
+        let d = Limits::default();
+        for rate in [d.login_per_client, d.login_per_user, d.requests_per_caller] {
+            assert_eq!(rate.to_string().parse::<Rate>(), Ok(rate), "{rate}");
+        }
+        assert_eq!(d.login_per_client.to_string(), "20/3s");
+        assert_eq!(d.requests_per_caller.to_string(), "600/50ms");
     }
 
     #[test]

@@ -112,7 +112,8 @@ impl Sandbox {
     /// `bypassPermissions`, and loopd has to hold that mode itself).
     pub fn agent_is_root(&self) -> bool {
         match self {
-            Self::Bwrap(b) => !b.remap_uid && nix::unistd::geteuid().is_root(),
+            // As root, the agent gets a uid of its own (`remap_uid`).
+            Self::Bwrap(_) => false,
             Self::None => nix::unistd::geteuid().is_root(),
         }
     }
@@ -145,8 +146,15 @@ impl Sandbox {
 }
 
 impl Bwrap {
-    /// Finds `bwrap` and runs `true` in a sandbox like an agent's.
+    /// Finds `bwrap` and runs `true` in a sandbox like an agent's, once per
+    /// process: the answer depends only on the machine and loopd's uid (a
+    /// test process starts many servers).
     fn probe() -> Result<Self, String> {
+        static PROBED: std::sync::OnceLock<Result<Bwrap, String>> = std::sync::OnceLock::new();
+        PROBED.get_or_init(Self::probe_now).clone()
+    }
+
+    fn probe_now() -> Result<Self, String> {
         let bin = which::which("bwrap").map_err(|_| "`bwrap` is not on PATH".to_owned())?;
         let remap_uid = nix::unistd::geteuid().is_root();
         let mut system = Vec::new();
@@ -179,10 +187,9 @@ impl Bwrap {
             masked: unreadable_to_others(Path::new("/etc")),
             remap_uid,
         };
-        let probe_cwd = std::env::temp_dir();
         let out = Command::new(&bwrap.bin)
             .args(bwrap.wrap(Path::new("/bin/true"), &[], &[], Path::new("/")))
-            .current_dir(&probe_cwd)
+            .current_dir("/")
             .env_clear()
             .stdin(Stdio::null())
             .output()

@@ -122,11 +122,11 @@ pub struct LimitArgs {
     pub max_connections_per_client: usize,
     /// Seconds a client may take to send a request's headers, and a
     /// kept-alive connection may wait for its next request.
-    #[arg(long, env = "LOOPD_HEADER_TIMEOUT", default_value_t = 10)]
+    #[arg(long, env = "LOOPD_HEADER_TIMEOUT", default_value_t = ConnLimits::default().header_timeout.as_secs())]
     pub header_timeout: u64,
     /// Seconds a request may take until its response starts (reading its
     /// body included; an SSE stream then lives as long as it needs).
-    #[arg(long, env = "LOOPD_REQUEST_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "LOOPD_REQUEST_TIMEOUT", default_value_t = ConnLimits::default().request_timeout.as_secs())]
     pub request_timeout: u64,
     /// Largest request head (request line and headers), in bytes.
     #[arg(long, env = "LOOPD_MAX_HEADER_BYTES", default_value_t = ConnLimits::default().max_header_bytes)]
@@ -135,13 +135,13 @@ pub struct LimitArgs {
     #[arg(long, env = "LOOPD_PASSWORD_CHECKS")]
     pub password_checks: Option<usize>,
     /// Login attempts per client address: BURST/PERIOD (then one per PERIOD).
-    #[arg(long, env = "LOOPD_LOGIN_RATE_PER_CLIENT", default_value = "20/3s")]
+    #[arg(long, env = "LOOPD_LOGIN_RATE_PER_CLIENT", default_value_t = Limits::default().login_per_client)]
     pub login_rate_per_client: Rate,
     /// Login attempts per username: BURST/PERIOD.
-    #[arg(long, env = "LOOPD_LOGIN_RATE_PER_USER", default_value = "10/6s")]
+    #[arg(long, env = "LOOPD_LOGIN_RATE_PER_USER", default_value_t = Limits::default().login_per_user)]
     pub login_rate_per_user: Rate,
     /// Requests per API token or web session: BURST/PERIOD.
-    #[arg(long, env = "LOOPD_REQUEST_RATE", default_value = "600/50ms")]
+    #[arg(long, env = "LOOPD_REQUEST_RATE", default_value_t = Limits::default().requests_per_caller)]
     pub request_rate: Rate,
     /// Open SSE streams per user.
     #[arg(long, env = "LOOPD_MAX_STREAMS_PER_USER", default_value_t = Limits::default().streams_per_user)]

@@ -152,7 +152,7 @@ impl From<crate::store::StoreError> for ApiError {
             E::NotFound(code, msg) => Self::NotFound(code, msg),
             E::Invalid(code, msg) => Self::BadRequest(code, msg),
             E::Conflict(code, msg) => Self::Conflict(code, msg),
-            E::Full(code, msg) => Self::RateLimited(code, msg, std::time::Duration::from_secs(60)),
+            E::Full(code, msg, wait) => Self::RateLimited(code, msg, wait),
             other => Self::Internal(other.into()),
         }
     }

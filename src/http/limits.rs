@@ -54,7 +54,6 @@ pub struct Guards {
 /// one, and a client cannot aim at another's slot; two keys share a slot
 /// only by chance.
 struct Throttle<K: std::hash::Hash + ?Sized> {
-    rate: Rate,
     limiter: DefaultKeyedRateLimiter<u32>,
     seed: std::collections::hash_map::RandomState,
     _key: std::marker::PhantomData<fn(&K)>,
@@ -66,7 +65,6 @@ impl<K: std::hash::Hash + ?Sized> Throttle<K> {
             .expect("a period above zero")
             .allow_burst(NonZeroU32::new(rate.burst).expect("a burst above zero"));
         Self {
-            rate,
             limiter: RateLimiter::keyed(quota),
             seed: std::collections::hash_map::RandomState::new(),
             _key: std::marker::PhantomData,
@@ -77,7 +75,6 @@ impl<K: std::hash::Hash + ?Sized> Throttle<K> {
     fn check(&self, key: &K) -> Result<(), Duration> {
         use std::hash::BuildHasher;
         let slot = (self.seed.hash_one(key) % MAX_KEYS as u64) as u32;
-        let _ = self.rate;
         self.limiter
             .check_key(&slot)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
@@ -158,12 +155,11 @@ impl Guards {
                 wait,
             )
         };
-        self.login_per_client
-            .check(&client_key(client))
-            .map_err(too_many)?;
-        let user: String = username.chars().take(64).collect::<String>().to_lowercase();
+        let client = client_key(client);
+        self.login_per_client.check(&client).map_err(too_many)?;
+        let user = shown_username(username).to_lowercase();
         self.login_per_user
-            .check(&(user, client_key(client)))
+            .check(&(user, client))
             .map_err(too_many)?;
         let acquire = self.password_checks.clone().acquire_owned();
         match tokio::time::timeout(self.limits.password_wait, acquire).await {
@@ -296,33 +292,45 @@ pub async fn check_host(
 }
 
 /// Whether `host` (a `Host` header: name, optional port) names this server.
+/// A username as far as throttles and the log take it: its first 64 characters.
+pub fn shown_username(username: &str) -> String {
+    username.chars().take(64).collect()
+}
+
+/// Names are compared ignoring ASCII case, without copying any of them.
 pub fn host_allowed(config: &Config, host: &str) -> bool {
     let name = host_name(host);
     if name.is_empty() {
         return false;
     }
-    let loopback = name == "localhost"
-        || name.ends_with(".localhost")
-        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    let bound = name
-        .parse::<IpAddr>()
-        .is_ok_and(|ip| ip == config.bind.ip());
+    let same = |other: &str| host_name(other).eq_ignore_ascii_case(name);
+    let ip = name.parse::<IpAddr>().ok();
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || ends_with_ignore_case(name, ".localhost")
+        || ip.is_some_and(|ip| ip.is_loopback());
+    let bound = ip.is_some_and(|ip| ip == config.bind.ip());
     let public = config
         .public_origin
         .as_deref()
         .and_then(|o| o.split_once("://"))
-        .is_some_and(|(_, authority)| host_name(authority) == name);
-    loopback || bound || public || config.allowed_hosts.iter().any(|h| host_name(h) == name)
+        .is_some_and(|(_, authority)| same(authority));
+    loopback || bound || public || config.allowed_hosts.iter().any(|h| same(h))
 }
 
-/// The name of a `host[:port]`, lowercased, IPv6 brackets removed.
-fn host_name(host: &str) -> String {
-    let host = host.trim().to_ascii_lowercase();
+fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
+    s.len() >= suffix.len()
+        && s.is_char_boundary(s.len() - suffix.len())
+        && s[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+}
+
+/// The name of a `host[:port]`, IPv6 brackets removed.
+fn host_name(host: &str) -> &str {
+    let host = host.trim();
     if let Some(rest) = host.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or("").to_owned();
+        return rest.split(']').next().unwrap_or("");
     }
     match host.rsplit_once(':') {
-        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name.to_owned(),
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
         _ => host,
     }
 }

@@ -20,6 +20,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use super::error::ApiError;
 use tower::ServiceExt as _;
 
 use crate::budget::{Budget, Taken};
@@ -136,25 +138,26 @@ pub enum Refusal {
 /// Writes a short error response (without reading the request) and closes.
 /// Never blocks: a fresh socket's send buffer has room for it.
 fn refuse(tcp: &TcpStream, why: Refusal) {
-    let (status, kind, code, message) = match why {
-        Refusal::Total => (
-            "503 Service Unavailable",
-            "unavailable_error",
+    let error = match why {
+        Refusal::Total => ApiError::Unavailable(
             "too_many_connections",
-            "the server has as many open connections as it takes; try again shortly",
+            "the server has as many open connections as it takes; try again shortly".into(),
         ),
-        Refusal::PerClient => (
-            "429 Too Many Requests",
-            "rate_limit_error",
+        Refusal::PerClient => ApiError::RateLimited(
             "too_many_connections",
-            "this address has as many open connections as one client may have (--max-connections-per-client)",
+            "this address has as many open connections as one client may have (--max-connections-per-client)"
+                .into(),
+            std::time::Duration::from_secs(1),
         ),
     };
-    let body =
-        serde_json::json!({"error": {"type": kind, "code": code, "message": message}}).to_string();
+    // The one envelope, written by hand only because no request was read.
+    let body = serde_json::to_string(&error.envelope()).expect("envelopes serialize");
+    let status = error.status();
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
          retry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
         body.len()
     );
     let _ = tcp.try_write(response.as_bytes());

@@ -43,7 +43,7 @@ pub async fn login(
     Json(body): Json<LoginRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     check_same_origin(&headers, state.config.public_origin.as_deref())?;
-    let shown: String = body.username.chars().take(64).collect();
+    let shown = super::limits::shown_username(&body.username);
     let mut slot = match state.guards.login(client, &body.username).await {
         Ok(slot) => slot,
         Err(err) => {

@@ -146,7 +146,8 @@ pub struct Loop<'a> {
     pub repo: Option<&'a Path>,
     /// The environment agents' environments are built from.
     pub server_env: &'a [(String, String)],
-    pub session: &'a str,
+    /// The conversation it resumes (a new one has no transcript to move).
+    pub session: Option<&'a str>,
 }
 
 /// What a sandboxed agent of a loop runs with, every path canonical (the
@@ -165,7 +166,7 @@ pub fn sandboxed(l: &Loop) -> Result<Given, String> {
         (real(l.data_dir)?, real(l.loop_dir)?, real(l.workspace)?);
     let repo = l.repo.map(real).transpose()?;
     let server_home = env_var(l.server_env, "HOME");
-    let home = prepare(&loop_dir, server_home.as_deref(), Some(l.session))?;
+    let home = prepare(&loop_dir, server_home.as_deref(), l.session)?;
     let credentials = credentials(l.server_env);
     let mounts = mounts(&LoopPaths {
         data_dir: &data_dir,
@@ -437,12 +438,12 @@ mod tests {
         fs::remove_dir_all(&liar).unwrap();
         // A record that names no worktree of this repo gets nothing of it.
         for bad in ["", "..", "../../x", "workspace9"] {
-            fs::write(crate::runtime::workspace::worktree_record(&ws), bad).unwrap();
+            fs::write(&record, bad).unwrap();
             assert!(mounts(&paths).is_err(), "{bad:?}");
         }
         fs::create_dir_all(repo.join(".git/worktrees")).unwrap();
         std::os::unix::fs::symlink(&admin, repo.join(".git/worktrees/link")).unwrap();
-        fs::write(crate::runtime::workspace::worktree_record(&ws), "link").unwrap();
+        fs::write(&record, "link").unwrap();
         assert!(mounts(&paths).is_err(), "a symlinked admin dir");
     }
 }

@@ -91,11 +91,13 @@ impl IdemIndex {
         }
     }
 
+    #[cfg(test)]
     /// Keys remembered, over all users.
     pub fn len(&self) -> usize {
         self.users.values().map(|u| u.map.len()).sum()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.users.values().all(|u| u.map.is_empty())
     }
@@ -149,6 +151,7 @@ impl InFlight {
         turn
     }
 
+    #[cfg(test)]
     /// How many keys have a send in flight (or waiting).
     pub fn keys_in_flight(&self) -> usize {
         self.keys.lock().expect("in-flight keys poisoned").len()

@@ -71,7 +71,10 @@ fn spec(shared: &Shared, id: LoopId, fresh_session: bool) -> Result<AgentSpec, S
                 workspace: &cwd,
                 repo: repo.as_deref(),
                 server_env: &config.agent_base_env,
-                session: session.id(),
+                session: match &session {
+                    Session::Resume(id) => Some(id),
+                    Session::New(_) => None,
+                },
             })?;
             (Some(given.home), given.mounts, given.workspace)
         }

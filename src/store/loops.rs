@@ -223,6 +223,7 @@ impl LoopStore {
                     "you have {active} loops that are not archived, as many as one user may \
                      (--max-loops-per-user); archive some first"
                 ),
+                super::RETRY_AFTER_FREEING,
             ));
         }
         let dir = self.loop_dir(record.id);

@@ -21,6 +21,9 @@ pub use users::{CheckMemory, User, UserStore, no_such_user};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+/// The `Retry-After` of a [`StoreError::Full`]: the caller must free one first.
+pub const RETRY_AFTER_FREEING: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Everything that can go wrong in a store: I/O, a file that cannot be parsed,
 /// and the domain errors (with the contract's error codes) the stores decide.
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +48,10 @@ pub enum StoreError {
     NotFound(&'static str, String),
     #[error("{1}")]
     Invalid(&'static str, String),
-    /// A caller holds as many of something as they may.
+    /// A caller holds as many of something as they may; when to ask again
+    /// (`Retry-After`): after freeing one, which takes a person a while.
     #[error("{1}")]
-    Full(&'static str, String),
+    Full(&'static str, String, std::time::Duration),
     #[error("{1}")]
     Conflict(&'static str, String),
 }

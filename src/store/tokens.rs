@@ -80,6 +80,7 @@ impl TokenStore {
                     format!(
                         "you have {held} API tokens, as many as one user may (--max-tokens-per-user); revoke one first"
                     ),
+                    super::RETRY_AFTER_FREEING,
                 ));
             }
             f.tokens.insert(hash, record.clone());

@@ -126,8 +126,12 @@ impl UserStore {
     /// Computes the hash that unknown usernames are checked against, so the
     /// first such login takes as long as any other (call once at start).
     pub fn prepare_dummy_hash(&self) {
+        self.dummy_hash();
+    }
+
+    fn dummy_hash(&self) -> &str {
         self.dummy_hash
-            .get_or_init(|| hash_password("not anyone's password").unwrap_or_default());
+            .get_or_init(|| hash_password("not anyone's password").unwrap_or_default())
     }
 
     /// The user, if the password is theirs. Slow on purpose (argon2id): call
@@ -142,12 +146,7 @@ impl UserStore {
     pub fn verify_in(&self, name: &str, password: &str, memory: &mut CheckMemory) -> Option<User> {
         let users = self.file.read();
         let record = users.users.get(name);
-        let dummy = || {
-            self.dummy_hash
-                .get_or_init(|| hash_password("not anyone's password").unwrap_or_default())
-                .as_str()
-        };
-        let hash = record.map_or_else(dummy, |r| r.password_hash.as_str());
+        let hash = record.map_or_else(|| self.dummy_hash(), |r| r.password_hash.as_str());
         let ok = check(hash, password.as_bytes(), memory);
         match record {
             Some(r) if ok => Some(User {
@@ -198,13 +197,8 @@ fn check(hash: &str, password: &[u8], memory: &mut CheckMemory) -> bool {
         &mut out,
         &mut memory.0[..blocks],
     );
-    // Constant time: every byte is compared, whatever the first mismatch.
-    hashed.is_ok()
-        && out
-            .iter()
-            .zip(expected.as_bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    // `Output`'s comparison is constant time.
+    hashed.is_ok() && argon2::password_hash::Output::new(&out).is_ok_and(|out| out == expected)
 }
 
 pub fn no_such_user(name: &str) -> StoreError {
@@ -272,6 +266,18 @@ mod tests {
             argon2::Params::default().block_count(),
             "allocated once, at the size a check needs"
         );
+    }
+
+    #[test]
+    fn an_unknown_username_costs_a_whole_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let users =
+            UserStore::open(dir.path().join("users.json"), dir.path().join(".lock")).unwrap();
+        users.prepare_dummy_hash();
+        // argon2 really ran against the dummy hash: it filled its memory.
+        let mut memory = CheckMemory::default();
+        assert!(users.verify_in("nobody", "anything", &mut memory).is_none());
+        assert_eq!(memory.0.len(), argon2::Params::default().block_count());
     }
 
     #[test]
