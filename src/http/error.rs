@@ -178,3 +178,28 @@ impl From<crate::runtime::RuntimeError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
+        for (wait_ms, want) in [
+            (0, "1"),
+            (200, "1"),
+            (1000, "1"),
+            (1500, "2"),
+            (60_000, "60"),
+        ] {
+            let wait = std::time::Duration::from_millis(wait_ms);
+            let response = ApiError::RateLimited("x", "y".into(), wait).into_response();
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(
+                response.headers()[axum::http::header::RETRY_AFTER],
+                want,
+                "{wait_ms} ms"
+            );
+        }
+    }
+}
