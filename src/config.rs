@@ -41,6 +41,66 @@ pub struct Config {
     pub trust_forwarded_for: bool,
     pub connections: ConnLimits,
     pub limits: Limits,
+    /// With `--database-url`: the database and this node's place among others.
+    pub cluster: Option<Cluster>,
+}
+
+/// A node sharing one Postgres database with others.
+#[derive(Clone)]
+pub struct Cluster {
+    /// Never logged: it may hold a password.
+    pub database_url: String,
+    /// What other nodes reach this one at, and its name in leases.
+    pub advertise_url: String,
+    pub lease_ttl: Duration,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("advertise_url", &self.advertise_url)
+            .field("lease_ttl", &self.lease_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    pub fn resolve(
+        database_url: String,
+        advertise_url: Option<String>,
+        bind: SocketAddr,
+        lease_ttl: u64,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            database_url.starts_with("postgres://") || database_url.starts_with("postgresql://"),
+            "--database-url must be a postgres:// URL"
+        );
+        anyhow::ensure!(lease_ttl >= 3, "--lease-ttl must be at least 3 seconds");
+        let advertise_url = match advertise_url {
+            Some(url) => {
+                let uri: Uri = url
+                    .parse()
+                    .with_context(|| format!("--advertise-url `{url}` is not a URL"))?;
+                anyhow::ensure!(
+                    matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some(),
+                    "--advertise-url must be an http:// or https:// URL with a host"
+                );
+                url.trim_end_matches('/').to_owned()
+            }
+            None => {
+                anyhow::ensure!(
+                    !bind.ip().is_unspecified(),
+                    "--bind {bind} is every address: say which one other nodes reach this one at with --advertise-url"
+                );
+                format!("http://{bind}")
+            }
+        };
+        Ok(Self {
+            database_url,
+            advertise_url,
+            lease_ttl: Duration::from_secs(lease_ttl),
+        })
+    }
 }
 
 /// Bounds on connections (see `http::serve`).
@@ -200,6 +260,7 @@ impl Config {
             trust_forwarded_for: false,
             connections: ConnLimits::default(),
             limits: Limits::default(),
+            cluster: None,
         }
     }
 

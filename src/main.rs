@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use loopd::cli::{Cli, Command, LogFormat, run_token, run_user};
 use loopd::config::resolve_data_dir;
-use loopd::store::DataDir;
+use loopd::store::{Accounts, DataDir, Pg};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -26,16 +26,40 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let data_dir = resolve_data_dir(cli.data_dir)?;
     match cli.command {
         Command::Serve(args) => {
-            let config = (*args).into_config(data_dir)?;
+            let config = (*args).into_config(data_dir, cli.database_url)?;
             raise_open_file_limit();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
                 .block_on(serve(config))
         }
-        Command::User(cmd) => run_user(&DataDir::create(data_dir)?, cmd, &mut std::io::stdout()),
-        Command::Token(cmd) => run_token(&DataDir::create(data_dir)?, cmd, &mut std::io::stdout()),
+        Command::User(cmd) => with_accounts(data_dir, cli.database_url, |accounts| {
+            run_user(accounts, cmd, &mut std::io::stdout())
+        }),
+        Command::Token(cmd) => with_accounts(data_dir, cli.database_url, |accounts| {
+            run_token(accounts, cmd, &mut std::io::stdout())
+        }),
     }
+}
+
+/// Runs a CLI command on the accounts where they live: the data directory's
+/// files, or the shared database.
+fn with_accounts(
+    data_dir: std::path::PathBuf,
+    database_url: Option<String>,
+    run: impl FnOnce(&Accounts) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let Some(url) = database_url else {
+        return run(&Accounts::open(&DataDir::create(data_dir)?)?);
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let pg = runtime
+        .block_on(Pg::connect(&url))
+        .context("cannot open the database")?;
+    run(&Accounts::open_pg(&pg)?)
 }
 
 async fn serve(config: loopd::Config) -> anyhow::Result<()> {

@@ -27,7 +27,7 @@ pub async fn run(
     let dir = DataDir::create(&config.data_dir)?;
     // Held until this function returns: one server per data directory.
     let _serving = dir.lock_for_serving()?;
-    let state = AppState::open(config, &dir)?;
+    let state = AppState::open(config, &dir).await?;
     let accounts = state.accounts.clone();
     tokio::task::spawn_blocking(move || accounts.users.prepare_dummy_hash()).await?;
     let addr = listener.local_addr()?;

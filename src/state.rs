@@ -7,7 +7,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::runtime::Runtime;
-use crate::store::{Accounts, Catalog, DataDir, LoopStore, StoreError};
+use crate::runtime::cluster::Cluster;
+use crate::store::{Accounts, Backend, Catalog, DataDir, LoopStore, Pg, StoreError};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -21,25 +22,78 @@ pub struct AppState {
     /// Cancelled once agents have stopped; SSE streams end on it.
     pub streams: CancellationToken,
     pub started_at: Instant,
+    /// On a shared database: what nodes prove to each other with.
+    pub node_secret: Option<String>,
+    /// The client that carries requests to the node running a loop.
+    pub forwarder: reqwest::Client,
 }
 
 impl AppState {
-    /// Opens every store of the data directory and every loop's event log;
-    /// a file that cannot be parsed is an error naming it.
-    pub fn open(config: Config, dir: &DataDir) -> Result<Self, StoreError> {
+    /// Opens every store (the data directory's files, or the shared
+    /// database) and every loop's event log; a file that cannot be parsed
+    /// is an error naming it.
+    pub async fn open(config: Config, dir: &DataDir) -> Result<Self, StoreError> {
         let config = Arc::new(config);
-        let loops = Arc::new(LoopStore::open(dir.loops())?);
         let catalog = Arc::new(Catalog::new(dir.root()));
-        let runtime = Runtime::open(config.clone(), loops.clone(), catalog.clone())?;
+        let (backend, cluster, node_secret) = match &config.cluster {
+            None => (Backend::Files, None, None),
+            Some(c) => {
+                let pg = Pg::connect(&c.database_url).await?;
+                let secret = node_secret(&pg).await?;
+                let cluster = Cluster::new(pg.clone(), c.advertise_url.clone(), c.lease_ttl);
+                (Backend::Postgres(pg), Some(Arc::new(cluster)), Some(secret))
+            }
+        };
+        let data_dir = dir.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let loops = Arc::new(match &backend {
+                Backend::Files => LoopStore::open(data_dir.loops())?,
+                Backend::Postgres(pg) => LoopStore::open_pg(data_dir.loops(), pg.clone())?,
+            });
+            let accounts = Arc::new(Accounts::open_on(&backend, &data_dir)?);
+            Ok::<_, StoreError>((loops, accounts))
+        })
+        .await
+        .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))??;
+        let (loops, accounts) = opened;
+        let runtime = {
+            let (config, loops, catalog) = (config.clone(), loops.clone(), catalog.clone());
+            tokio::task::spawn_blocking(move || Runtime::open(config, loops, catalog, cluster))
+                .await
+                .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))??
+        };
+        let runtime = Arc::new(runtime);
+        runtime.start_cluster();
+        let forwarder = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))?;
         Ok(Self {
             guards: Arc::new(crate::http::limits::Guards::new(&config.limits)),
-            accounts: Arc::new(Accounts::open(dir)?),
+            accounts,
             loops,
             catalog,
-            runtime: Arc::new(runtime),
+            runtime,
             config,
             streams: CancellationToken::new(),
             started_at: Instant::now(),
+            node_secret,
+            forwarder,
         })
     }
+}
+
+/// The secret every node of one database shares, made by the first.
+async fn node_secret(pg: &Pg) -> Result<String, StoreError> {
+    let fresh = crate::ids::random_hex(32);
+    sqlx::query("INSERT INTO cluster (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
+        .bind(&fresh)
+        .execute(pg.pool())
+        .await?;
+    Ok(
+        sqlx::query_scalar("SELECT secret FROM cluster WHERE id = 1")
+            .fetch_one(pg.pool())
+            .await?,
+    )
 }

@@ -8,10 +8,9 @@ use serde_json::json;
 
 use super::{TokenCommand, UserCommand};
 use crate::ids;
-use crate::store::{Accounts, DataDir, TokenRecord, no_such_user};
+use crate::store::{Accounts, TokenRecord, no_such_user};
 
-pub fn run_user(dir: &DataDir, cmd: UserCommand, out: &mut impl Write) -> anyhow::Result<()> {
-    let accounts = Accounts::open(dir)?;
+pub fn run_user(accounts: &Accounts, cmd: UserCommand, out: &mut impl Write) -> anyhow::Result<()> {
     match cmd {
         UserCommand::Add {
             name,
@@ -60,8 +59,11 @@ pub fn run_user(dir: &DataDir, cmd: UserCommand, out: &mut impl Write) -> anyhow
     Ok(())
 }
 
-pub fn run_token(dir: &DataDir, cmd: TokenCommand, out: &mut impl Write) -> anyhow::Result<()> {
-    let accounts = Accounts::open(dir)?;
+pub fn run_token(
+    accounts: &Accounts,
+    cmd: TokenCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let known = |user: &str| {
         accounts
             .users

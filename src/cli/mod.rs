@@ -24,6 +24,16 @@ pub struct Cli {
     /// The data directory [default: $LOOPD_HOME, else ~/.loopd]
     #[arg(long, global = true, env = "LOOPD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Keep users, tokens, sessions, loops and their event logs in this
+    /// Postgres database (`postgres://user:pass@host/db`), shared by every
+    /// node that names it; without it, everything lives in the data directory.
+    #[arg(
+        long,
+        global = true,
+        env = "LOOPD_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
 
     /// Log filter, in tracing's EnvFilter syntax.
     #[arg(long, global = true, env = "LOOPD_LOG", default_value = "info")]
@@ -107,6 +117,15 @@ pub struct ServeArgs {
     /// from the last `X-Forwarded-For` entry, which the proxy appends.
     #[arg(long, env = "LOOPD_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
+    /// With --database-url: the URL other nodes reach this one at
+    /// (`http://10.0.0.5:8787`); defaults to `http://` and the bind address.
+    #[arg(long, env = "LOOPD_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// With --database-url: how long a loop stays this node's after its last
+    /// renewal (renewed every third of it); a dead node's loops are taken over
+    /// once it passes.
+    #[arg(long, env = "LOOPD_LEASE_TTL", default_value_t = 15)]
+    pub lease_ttl: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -216,7 +235,14 @@ impl LimitArgs {
 }
 
 impl ServeArgs {
-    pub fn into_config(self, data_dir: PathBuf) -> anyhow::Result<Config> {
+    pub fn into_config(
+        self,
+        data_dir: PathBuf,
+        database_url: Option<String>,
+    ) -> anyhow::Result<Config> {
+        let cluster = database_url
+            .map(|url| config::Cluster::resolve(url, self.advertise_url, self.bind, self.lease_ttl))
+            .transpose()?;
         let (agent, claude_bin, agent_warning) = config::resolve_agent(self.agent, self.claude_bin);
         anyhow::ensure!(self.max_agents >= 1, "--max-agents must be at least 1");
         let (sandbox, sandbox_warning) =
@@ -255,6 +281,7 @@ impl ServeArgs {
                 .transpose()?,
             agent_env: self.agent_env,
             agent_base_env: std::env::vars().collect(),
+            cluster,
         })
     }
 }

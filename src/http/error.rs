@@ -33,6 +33,10 @@ pub enum ApiError {
     /// 503: the server cannot take this now (it is shutting down).
     #[error("{1}")]
     Unavailable(&'static str, String),
+    /// On a shared database: the loop runs on the node at this URL. The
+    /// forwarding layer carries the request there; if it cannot, a 503.
+    #[error("this loop runs on another node")]
+    Elsewhere(String),
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -92,7 +96,7 @@ impl ApiError {
             Self::PayloadTooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout(..) => StatusCode::REQUEST_TIMEOUT,
-            Self::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(..) | Self::Elsewhere(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -110,6 +114,11 @@ impl ApiError {
             Self::Conflict(c, m) => ("conflict_error", *c, m.clone()),
             Self::RateLimited(c, m, _) => ("rate_limit_error", *c, m.clone()),
             Self::Unavailable(c, m) => ("unavailable_error", *c, m.clone()),
+            Self::Elsewhere(_) => (
+                "unavailable_error",
+                "loop_moving",
+                "this loop is run by another node that cannot be reached now; try again".to_owned(),
+            ),
             Self::Internal(_) => (
                 "internal_error",
                 "internal_error",
@@ -133,6 +142,15 @@ impl IntoResponse for ApiError {
             tracing::error!(error = format!("{cause:#}"), "internal error");
         }
         let mut response = (self.status(), axum::Json(self.envelope())).into_response();
+        if let Self::Elsewhere(node) = &self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            response
+                .extensions_mut()
+                .insert(crate::http::forward::ForwardTo(node.clone()));
+        }
         if let Self::RateLimited(_, _, wait) = &self {
             // Whole seconds, rounded up: never "0", which invites a hot retry.
             let secs = wait.as_millis().div_ceil(1000).max(1);
@@ -173,6 +191,7 @@ impl From<crate::runtime::RuntimeError> for ApiError {
             E::Conflict(code, msg) => Self::Conflict(code, msg),
             E::Full(code, msg, wait) => Self::RateLimited(code, msg, wait),
             E::Stopping => Self::Unavailable("server_stopping", err.to_string()),
+            E::Elsewhere(node) => Self::Elsewhere(node),
             E::Store(err) => err.into(),
             E::Internal(cause) => Self::Internal(anyhow::anyhow!(cause)),
         }

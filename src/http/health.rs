@@ -23,6 +23,12 @@ pub struct Health {
     /// was not found, or that agents run without a sandbox.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// With a shared database only: this node's advertise URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// With a shared database only: how many loops this node runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owned_loops: Option<usize>,
 }
 
 /// Liveness; no authentication.
@@ -32,6 +38,7 @@ pub struct Health {
 )]
 pub async fn healthz(State(state): State<AppState>) -> axum::Json<Health> {
     let config = &state.config;
+    let node = state.runtime.node();
     axum::Json(Health {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
@@ -41,5 +48,7 @@ pub async fn healthz(State(state): State<AppState>) -> axum::Json<Health> {
         live_agents: state.runtime.slots().live(),
         max_agents: config.max_agents,
         warnings: config.warnings.clone(),
+        node: node.as_ref().map(|(url, _)| url.clone()),
+        owned_loops: node.map(|(_, owned)| owned),
     })
 }

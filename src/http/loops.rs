@@ -69,6 +69,11 @@ pub struct LoopDetail {
     /// Turns so far.
     pub turn_count: u64,
     pub current_turn: Option<CurrentTurn>,
+    /// With a shared database only: the advertise URL of the node running
+    /// the loop's agent, or null when no node runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, nullable = true)]
+    pub node: Option<Option<String>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -259,7 +264,8 @@ pub async fn get_loop(
     State(state): State<AppState>,
     OwnedLoop { record, .. }: OwnedLoop,
 ) -> Result<axum::Json<LoopDetail>, ApiError> {
-    let log = state.runtime.log(record.id)?;
+    let log = state.runtime.current_log(record.id).await?;
+    let node = state.runtime.node_running(record.id).await?;
     let (busy, queue_depth, turn_count, current_turn) = log.view(|v| {
         let current = v.current.as_ref().map(|cur| CurrentTurn {
             turn_id: v.turns[cur.turn].turn_id.clone(),
@@ -274,6 +280,7 @@ pub async fn get_loop(
         queue_depth,
         turn_count,
         current_turn,
+        node,
     }))
 }
 

@@ -5,6 +5,7 @@ pub mod auth;
 mod docs;
 pub mod error;
 mod extract;
+pub mod forward;
 mod health;
 pub mod limits;
 mod loops;
@@ -112,6 +113,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(docs::rendered(openapi))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), forward::to_owner))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::X_CONTENT_TYPE_OPTIONS,

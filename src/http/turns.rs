@@ -200,7 +200,7 @@ pub async fn watch_events(
         ),
         None => None,
     };
-    let log = state.runtime.log(record.id)?;
+    let log = state.runtime.current_log(record.id).await?;
     let (first, follower) = match query.after.or(last_event_id) {
         Some(after) => (None, log.follow(after)),
         None => log.follow_from_now(|v| {
@@ -317,7 +317,7 @@ pub async fn list_turns(
     OwnedLoop { record, .. }: OwnedLoop,
     Query(query): Query<TurnsQuery>,
 ) -> Result<axum::Json<TurnPage>, ApiError> {
-    let log = state.runtime.log(record.id)?;
+    let log = state.runtime.current_log(record.id).await?;
     let query = TurnQuery {
         limit: query.limit.unwrap_or(20).clamp(1, 100),
         before: query.before,

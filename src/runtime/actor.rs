@@ -30,6 +30,8 @@ const SLOT_RETRY: Duration = Duration::from_millis(250);
 const WRITE_RETRY: Duration = Duration::from_secs(1);
 /// Events kept for a log that refuses them, at most.
 const MAX_UNWRITTEN: usize = 4096;
+/// Agent output already waiting is gathered into one write up to this many events.
+const COALESCE_EVENTS: usize = 2048;
 
 /// What the rest of the server asks of a loop.
 pub enum Command {
@@ -53,6 +55,12 @@ pub enum Command {
     },
     /// Give the agent back if it is idle (another loop needs the slot).
     Reclaim,
+    /// Turns a node that died left waiting (already in the log): run them.
+    Requeue {
+        turns: Vec<(String, String, Taken<String>)>,
+    },
+    /// Another node took the loop's lease: stop the agent, write nothing.
+    Lost,
     Stop {
         reason: StopReason,
         reply: oneshot::Sender<()>,
@@ -99,6 +107,10 @@ pub struct Actor {
     started: u64,
     /// The log refused more events than [`MAX_UNWRITTEN`]: the turn must end.
     unwritable: bool,
+    /// The shared log refused a write: another node holds the lease now.
+    fenced: bool,
+    /// The agent's exit, read while gathering its output (handled next).
+    pending_exit: Option<String>,
 }
 
 enum Wake {
@@ -134,6 +146,8 @@ impl Actor {
             follow_ups: VecDeque::new(),
             started: 0,
             unwritable: false,
+            fenced: false,
+            pending_exit: None,
         }
     }
 
@@ -146,16 +160,40 @@ impl Actor {
                     return;
                 }
                 Wake::Command(None) => return self.stop(StopReason::Shutdown).await,
+                Wake::Command(Some(Command::Lost)) => return self.lost().await,
                 Wake::Command(Some(cmd)) => self.command(cmd).await,
                 Wake::Output(Some(AgentOutput::Events(events))) => {
                     let now = Instant::now();
                     let from = self.started;
-                    for event in events {
-                        // The rest of a batch is dropped with its process.
-                        if self.started != from || !matches!(self.held, Held::Agent(..)) {
+                    let mut events = Some(events);
+                    // Whatever else the agent said meanwhile goes into the
+                    // same write (one round trip to a shared log, not one
+                    // per read of the agent's output).
+                    while let Some(batch) = events.take() {
+                        for event in batch {
+                            // The rest of a batch is dropped with its process.
+                            if self.started != from || !matches!(self.held, Held::Agent(..)) {
+                                break;
+                            }
+                            self.feed_at(Input::Agent(event), now).await;
+                        }
+                        if self.out.len() >= COALESCE_EVENTS || self.started != from {
                             break;
                         }
-                        self.feed_at(Input::Agent(event), now).await;
+                        events = match &mut self.held {
+                            Held::Agent(_, process) => match process.output.try_recv() {
+                                Ok(AgentOutput::Events(more)) => Some(more),
+                                Ok(AgentOutput::Exited { reason }) => {
+                                    self.pending_exit = Some(reason);
+                                    None
+                                }
+                                Err(_) => None,
+                            },
+                            _ => None,
+                        };
+                    }
+                    if let Some(reason) = self.pending_exit.take() {
+                        self.feed(Input::AgentExited(reason)).await;
                     }
                 }
                 Wake::Output(Some(AgentOutput::Exited { reason })) => {
@@ -184,6 +222,29 @@ impl Actor {
                 self.feed(Input::LogUnwritable).await;
                 self.flush();
             }
+            if self.fenced {
+                tracing::warn!(loop_id = %self.id, "another node holds this loop's lease now; stopping here");
+                return self.lost().await;
+            }
+            if self.out.is_empty()
+                && self.machine.quiet()
+                && let Some(cluster) = self.shared.cluster.clone()
+            {
+                // Nothing runs here any more: the loop is free for any node.
+                cluster.release(self.id, &self.log).await;
+                return;
+            }
+        }
+    }
+
+    /// The lease is gone: the agent stops, and nothing more is written.
+    async fn lost(&mut self) {
+        self.log.let_go();
+        self.out.clear();
+        self.stop_agent(Stopping::Release).await;
+        self.held = Held::Nothing;
+        if self.offered {
+            self.shared.slots.set_busy(self.id);
         }
     }
 
@@ -270,7 +331,18 @@ impl Actor {
             Command::Reclaim => {
                 self.feed(Input::Reclaim).await;
             }
-            Command::Stop { .. } => unreachable!("run handles Stop"),
+            Command::Requeue { turns } => {
+                for (turn_id, content, hold) in turns {
+                    let input = Input::Send {
+                        turn_id: turn_id.as_str().into(),
+                        content,
+                        mode: None,
+                        hold,
+                    };
+                    self.feed(input).await;
+                }
+            }
+            Command::Stop { .. } | Command::Lost => unreachable!("run handles Stop and Lost"),
         }
     }
 
@@ -291,7 +363,9 @@ impl Actor {
         let mut batch: Vec<Append> = admission.events.into_iter().map(Append::from).collect();
         batch[0].idem = idem.clone();
         // Refused before the machine takes it: a message not logged was not sent.
-        let (seq, turn) = self.log.append(&batch)?;
+        let (seq, turn) = self.log.append(&batch).inspect_err(|err| {
+            self.fenced = matches!(err, crate::store::StoreError::Fenced(_));
+        })?;
         let turn_id = admission.turn_id;
         if let Some(idem) = idem {
             // Recorded here, not by the request: a client that gives up
@@ -454,6 +528,10 @@ impl Actor {
                     self.log
                         .sync_soon(&self.shared.tasks, &self.shared.stopping);
                 }
+            }
+            Err(crate::store::StoreError::Fenced(_)) => {
+                self.out.clear();
+                self.fenced = true;
             }
             Err(err) if self.out.len() > MAX_UNWRITTEN => {
                 tracing::error!(

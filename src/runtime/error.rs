@@ -20,6 +20,10 @@ pub enum RuntimeError {
     /// The server is shutting down and takes no new work (503).
     #[error("the server is shutting down")]
     Stopping,
+    /// On a shared database: the loop runs on another node (its URL); the
+    /// request is carried out there.
+    #[error("the loop runs on {0}")]
+    Elsewhere(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Something that should not happen (a loop's task vanished).
@@ -38,7 +42,7 @@ impl RuntimeError {
             Self::Invalid(c, _) | Self::NotFound(c, _) | Self::Conflict(c, _) => Some(c),
             Self::Full(c, ..) => Some(c),
             Self::Stopping => Some("server_stopping"),
-            Self::Store(_) | Self::Internal(_) => None,
+            Self::Elsewhere(_) | Self::Store(_) | Self::Internal(_) => None,
         }
     }
 }

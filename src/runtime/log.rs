@@ -22,6 +22,9 @@ use super::events::{Event, IdemRecord, StoredEvent, encode_into, frame_into};
 use super::view::LogView;
 use crate::store::StoreError;
 
+mod shared;
+pub use shared::Remote;
+
 /// How many recent events stay in memory, and how many bytes of frames at most.
 const RING_EVENTS: usize = 1024;
 const RING_BYTES: usize = 512 * 1024;
@@ -131,11 +134,51 @@ pub struct Recovered {
 
 struct State {
     file: File,
+    /// False once this node's copy of a shared log failed a write: it is
+    /// no longer written (the database has every event).
+    copy_ok: bool,
     len: u64,
     view: LogView,
     ring: VecDeque<Entry>,
     ring_bytes: usize,
     sparse: Vec<(u64, u64)>,
+}
+
+impl State {
+    /// Takes in one event just written at `offset`: the view, the sparse
+    /// index and the ring; returns its turn.
+    fn admit(
+        &mut self,
+        seq: u64,
+        at: Option<DateTime<Utc>>,
+        offset: u64,
+        event: &Event,
+        frame: Bytes,
+        block: &Bytes,
+    ) -> Option<usize> {
+        if seq.is_multiple_of(SPARSE_EVERY) {
+            self.sparse.push((seq, offset));
+        }
+        let turn = self.view.apply(seq, at, offset, event);
+        self.ring_bytes += frame.len();
+        self.ring.push_back(Entry {
+            seq,
+            turn,
+            terminal: event.is_terminal(),
+            frame,
+            block: block.clone(),
+        });
+        turn
+    }
+
+    /// Lets the oldest events go once the ring is over its bounds.
+    fn trim_ring(&mut self) {
+        while self.ring.len() > RING_EVENTS || (self.ring_bytes > RING_BYTES && self.ring.len() > 1)
+        {
+            let old = self.ring.pop_front().expect("ring is not empty");
+            self.ring_bytes -= old.frame.len();
+        }
+    }
 }
 
 /// Frames read back from the file, each with the offset just past it, and
@@ -148,6 +191,9 @@ struct ReadCache {
 
 pub struct EventLog {
     path: PathBuf,
+    /// On Postgres: the database is the log's record and this file is the
+    /// node's copy of it (see [`shared`]).
+    remote: Option<shared::Remote>,
     state: Mutex<State>,
     /// Frames read back from the file lately, shared by every follower
     /// catching up over the same stretch (bounded by [`CACHE_BYTES`]).
@@ -166,6 +212,21 @@ impl EventLog {
     /// server left unfinished with `error server_restarted`. A damaged line
     /// anywhere else is an error naming the file and line.
     pub fn open(path: PathBuf) -> Result<(Arc<Self>, Recovered), StoreError> {
+        let (log, mut recovered) = Self::open_file(path, None)?;
+        let unfinished = log.view(|v| v.unfinished());
+        if !unfinished.is_empty() {
+            recovered.closed = unfinished.len();
+            log.append(&closing(unfinished, "server_restarted"))?;
+            log.sync()?;
+        }
+        Ok((log, recovered))
+    }
+
+    /// Opens the file and rebuilds the view from it, closing nothing.
+    fn open_file(
+        path: PathBuf,
+        remote: Option<shared::Remote>,
+    ) -> Result<(Arc<Self>, Recovered), StoreError> {
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -241,8 +302,10 @@ impl EventLog {
         let last = view.next_seq - 1;
         let log = Arc::new(Self {
             path,
+            remote,
             state: Mutex::new(State {
                 file,
+                copy_ok: true,
                 len: offset,
                 view,
                 ring: VecDeque::new(),
@@ -254,23 +317,6 @@ impl EventLog {
             unsynced: AtomicBool::new(false),
             syncing: AtomicBool::new(false),
         });
-        let unfinished = log.view(|v| v.unfinished());
-        if !unfinished.is_empty() {
-            recovered.closed = unfinished.len();
-            let closing: Vec<Append> = unfinished
-                .into_iter()
-                .map(|turn_id| {
-                    Event::Error {
-                        turn_id: Some(turn_id.into()),
-                        code: "server_restarted".into(),
-                        message: "the server stopped while this turn was running".into(),
-                    }
-                    .into()
-                })
-                .collect();
-            log.append(&closing)?;
-            log.sync()?;
-        }
         Ok((log, recovered))
     }
 
@@ -312,10 +358,12 @@ impl EventLog {
         scratch: &mut Vec<u8>,
         placed: &mut Vec<Placed>,
     ) -> Result<(u64, Option<usize>), StoreError> {
+        // A shared log's writers go one at a time, so the state's lock can
+        // be let go during the database's round trip (readers keep reading).
+        let _writing = self.remote.as_ref().map(|r| r.writing());
         let mut guard = self.state.lock().expect("log poisoned");
-        let state = &mut *guard;
-        let start_len = state.len;
-        let first = state.view.next_seq;
+        let start_len = guard.len;
+        let first = guard.view.next_seq;
         // Every line goes into one write, every frame into one buffer that
         // the frames then share: no allocation per event.
         lines.clear();
@@ -330,12 +378,35 @@ impl EventLog {
             encode_into(seq, at, idem, &item.event, scratch, lines, &mut frames);
             placed.push((at, offset, frames.len() - before));
         }
-        let written = state.file.write_all(lines);
+        if let Some(remote) = &self.remote {
+            // The record first: once the database has them they are the
+            // log's, whatever happens to this node's copy. Never wait for
+            // the database holding the state's lock: the threads that would
+            // drive the round trip may be waiting for that lock.
+            drop(guard);
+            remote.append(first, start_len, lines, placed)?;
+            guard = self.state.lock().expect("log poisoned");
+            debug_assert_eq!((guard.view.next_seq, guard.len), (first, start_len));
+        }
+        let state = &mut *guard;
+        let written = if state.copy_ok {
+            state.file.write_all(lines)
+        } else {
+            Ok(())
+        };
         let len = lines.len() as u64;
         if let Err(e) = written {
             // Put the file back as it was (a partial write is cut off).
             let _ = state.file.set_len(start_len);
-            return Err(StoreError::io(&self.path, e));
+            if self.remote.is_none() {
+                return Err(StoreError::io(&self.path, e));
+            }
+            // The database took them: they are the log's. This node's copy
+            // stops here (readers of older events still use it) and is
+            // rebuilt from the database at the next start.
+            tracing::error!(path = %self.path.display(), error = %e,
+                "this node's copy of an event log cannot be written; restart the node to rebuild it");
+            state.copy_ok = false;
         }
         let mut first_turn = None;
         // The frames stay slices of one block, so a stream can send a run of
@@ -346,29 +417,13 @@ impl EventLog {
             let (seq, event) = (first + i as u64, &item.event);
             let frame = block.slice(at_byte..at_byte + frame_len);
             at_byte += frame_len;
-            if seq.is_multiple_of(SPARSE_EVERY) {
-                state.sparse.push((seq, offset));
-            }
-            let turn = state.view.apply(seq, at, offset, event);
+            let turn = state.admit(seq, at, offset, event, frame, &block);
             if i == 0 {
                 first_turn = turn;
             }
-            state.ring_bytes += frame.len();
-            state.ring.push_back(Entry {
-                seq,
-                turn,
-                terminal: event.is_terminal(),
-                frame,
-                block: block.clone(),
-            });
         }
         state.len += len;
-        while state.ring.len() > RING_EVENTS
-            || (state.ring_bytes > RING_BYTES && state.ring.len() > 1)
-        {
-            let old = state.ring.pop_front().expect("ring is not empty");
-            state.ring_bytes -= old.frame.len();
-        }
+        state.trim_ring();
         let last = state.view.next_seq - 1;
         drop(guard);
         self.announce.send_replace(last);
@@ -380,6 +435,9 @@ impl EventLog {
     /// end meanwhile share that one `fdatasync`). Runs on `tasks`; cut short
     /// (with a last sync) when `stopping` fires.
     pub fn sync_soon(self: &Arc<Self>, tasks: &TaskTracker, stopping: &CancellationToken) {
+        if self.remote.is_some() {
+            return; // the database made them durable as they were written
+        }
         self.unsynced.store(true, Ordering::SeqCst);
         if self.syncing.swap(true, Ordering::SeqCst) {
             return; // the running syncer will see it
@@ -635,6 +693,27 @@ fn line_seq(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
+/// The events that close `turns` with an error `code`.
+pub fn closing(turns: Vec<String>, code: &str) -> Vec<Append> {
+    let message = match code {
+        "node_lost" => {
+            "the node running this turn stopped answering; another node took the loop over"
+        }
+        _ => "the server stopped while this turn was running",
+    };
+    turns
+        .into_iter()
+        .map(|turn_id| {
+            Event::Error {
+                turn_id: Some(turn_id.into()),
+                code: code.into(),
+                message: message.into(),
+            }
+            .into()
+        })
+        .collect()
+}
+
 fn at_eof(reader: &mut BufReader<&mut File>) -> bool {
     reader.fill_buf().map(|b| b.is_empty()).unwrap_or(true)
 }
@@ -687,7 +766,7 @@ impl Follower {
                 in_read_pool(move || {
                     // Another follower may have read it while this one waited.
                     if let Some(cached) = log.read_cached(from) {
-                        return Ok(cached);
+                        return Ok::<_, StoreError>(cached);
                     }
                     let read = log.read_file(from, at)?;
                     log.remember(&read);

@@ -287,6 +287,11 @@ impl<H> LoopMachine<H> {
         self.turn.is_none() && self.queue.is_empty() && matches!(self.agent, Agent::Live(_))
     }
 
+    /// Nothing running, nothing waiting, no agent: the loop's task may end.
+    pub fn quiet(&self) -> bool {
+        self.turn.is_none() && self.queue.is_empty() && matches!(self.agent, Agent::Absent)
+    }
+
     /// Waiting for an agent slot.
     pub fn wants_slot(&self) -> bool {
         matches!(self.agent, Agent::WaitingSlot)

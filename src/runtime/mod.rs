@@ -5,6 +5,7 @@
 pub mod actor;
 pub mod agent_home;
 pub mod choices;
+pub mod cluster;
 pub mod error;
 pub mod events;
 pub mod idempotency;
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use self::actor::{Actor, Command, Sent};
 use self::choices::ChoiceAnswer;
+use self::cluster::{Claim, Cluster};
 use self::events::{ChoiceSource, IdemRecord};
 use self::idempotency::{IdemIndex, InFlight, Lookup, Recorded};
 use self::log::EventLog;
@@ -63,6 +65,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// Fired when shutdown begins: background work that waits stops waiting.
     pub stopping: CancellationToken,
+    /// With a shared database: this node's leases among the others'.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Shared {
@@ -118,6 +122,7 @@ impl Runtime {
         config: Arc<Config>,
         loops: Arc<LoopStore>,
         catalog: Arc<Catalog>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Result<Self, StoreError> {
         let keys_per_user = config.limits.idempotency_keys_per_user;
         let shared = Shared {
@@ -129,6 +134,7 @@ impl Runtime {
             config,
             loops,
             catalog,
+            cluster,
         };
         let runtime = Self {
             shared: Arc::new(shared),
@@ -139,7 +145,7 @@ impl Runtime {
         let mut closed = 0;
         let mut handles = runtime.loops.lock().expect("loops poisoned");
         for id in runtime.shared.loops.ids() {
-            let (log, n) = runtime.open_log(id)?;
+            let (log, n) = runtime.open_log(id, true)?;
             handles.insert(id, Handles { log, actor: None });
             closed += n;
         }
@@ -174,11 +180,36 @@ impl Runtime {
     }
 
     /// Opens a loop's log file, remembering the idempotency keys it holds.
-    fn open_log(&self, id: LoopId) -> Result<(Arc<EventLog>, usize), StoreError> {
-        let path = self.shared.loops.loop_dir(id).join("events.jsonl");
-        let (log, recovered) = EventLog::open(path)?;
+    /// On a shared database: this node's copy, brought up to date.
+    /// `at_start`: on a shared database, the copy is checked against the
+    /// database and caught up now (else by the caller, without the lock).
+    fn open_log(&self, id: LoopId, at_start: bool) -> Result<(Arc<EventLog>, usize), StoreError> {
+        let dir = self.shared.loops.loop_dir(id);
+        let path = dir.join("events.jsonl");
+        let (log, recovered) = match &self.shared.cluster {
+            None => EventLog::open(path)?,
+            Some(cluster) => {
+                std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+                if at_start {
+                    EventLog::open_shared(path, cluster.pg.clone(), id.0)?
+                } else {
+                    EventLog::open_copy(path, cluster.pg.clone(), id.0)?
+                }
+            }
+        };
+        self.remember_keys(id, recovered.idem);
+        Ok((log, recovered.closed))
+    }
+
+    /// Remembers the idempotency keys of messages found in a loop's log
+    /// (those of the last 24 h).
+    fn remember_keys(
+        &self,
+        id: LoopId,
+        found: Vec<(IdemRecord, String, u64, chrono::DateTime<Utc>)>,
+    ) {
         let mut idem = self.shared.idem.lock().expect("idem poisoned");
-        for (record, turn_id, seq, at) in recovered.idem {
+        for (record, turn_id, seq, at) in found {
             if Utc::now()
                 .signed_duration_since(at)
                 .to_std()
@@ -194,7 +225,6 @@ impl Runtime {
                 idem.insert(&record.user, &record.key, recorded);
             }
         }
-        Ok((log, recovered.closed))
     }
 
     /// The loop's handles, its log opened on first use (loops made since
@@ -204,16 +234,28 @@ impl Runtime {
         let handles = match loops.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let (log, _) = self.open_log(id)?;
+                let (log, _) = self.open_log(id, false)?;
                 e.insert(Handles { log, actor: None })
             }
         };
         Ok(f(handles))
     }
 
-    /// The loop's event log.
+    /// The loop's event log (on a shared database: this node's copy as it is).
     pub fn log(&self, id: LoopId) -> Result<Arc<EventLog>, StoreError> {
         self.handles(id, |h| h.log.clone())
+    }
+
+    /// The loop's event log, on a shared database brought up to what the
+    /// database has first (one round trip), so a read on any node sees
+    /// what any node wrote before it.
+    pub async fn current_log(&self, id: LoopId) -> Result<Arc<EventLog>, StoreError> {
+        let log = self.log(id)?;
+        if log.remote().is_some() && log.held().is_none() {
+            let found = log.catch_up().await?;
+            self.remember_keys(id, found.idem);
+        }
+        Ok(log)
     }
 
     /// Makes a loop: its record (within the user's cap) and its workspace.
@@ -237,6 +279,14 @@ impl Runtime {
     /// Archives a loop: marks its record, then stops its actor and agent
     /// (the agent's tools with it); a queued turn ends with `loop_archived`.
     pub async fn archive(&self, record: &LoopRecord) -> Result<(), RuntimeError> {
+        if let Some(cluster) = &self.shared.cluster
+            && self.log(record.id)?.held().is_none()
+            && let Some(Some(owner)) = self.node_running(record.id).await?
+            && owner != cluster.me
+        {
+            // Its agent runs there: that node stops it.
+            return Err(RuntimeError::Elsewhere(owner));
+        }
         if !record.archived {
             let loops = self.shared.loops.clone();
             let id = record.id;
@@ -296,13 +346,159 @@ impl Runtime {
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, RuntimeError> {
         let (reply, answer) = oneshot::channel();
+        let mut command = make(reply);
+        // A loop's task that just ended (its lease given back) is started
+        // again, once.
+        for _ in 0..2 {
+            self.claim(id).await?;
+            match self.actor(id)?.send(command).await {
+                Ok(()) => {
+                    return answer.await.map_err(|_| {
+                        RuntimeError::Internal("the loop's task dropped a reply".into())
+                    });
+                }
+                Err(mpsc::error::SendError(back)) => command = back,
+            }
+        }
+        Err(RuntimeError::Internal("the loop's task is gone".into()))
+    }
+
+    /// On a shared database, makes sure this node holds the loop's lease
+    /// before its task may write: taken if free (turns a previous holder
+    /// left are settled first), or the request belongs to the node that
+    /// holds it ([`RuntimeError::Elsewhere`]).
+    async fn claim(&self, id: LoopId) -> Result<(), RuntimeError> {
+        let Some(cluster) = &self.shared.cluster else {
+            return Ok(());
+        };
+        let log = self.log(id)?;
+        if log.held().is_some() {
+            return Ok(());
+        }
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(RuntimeError::Stopping);
+        }
+        match cluster.claim(id, &log).await? {
+            Claim::Elsewhere(owner) => Err(RuntimeError::Elsewhere(owner)),
+            Claim::Mine { previous } => {
+                let restarted = previous.as_deref() == Some(cluster.me.as_str());
+                self.settle(id, &log, restarted).await
+            }
+        }
+    }
+
+    /// Deals with the turns the lease's previous holder left unfinished:
+    /// after this node's own restart they end `server_restarted` (as on
+    /// one node); taken from a node that died, the running one ends
+    /// `node_lost` and the waiting ones run here.
+    async fn settle(
+        &self,
+        id: LoopId,
+        log: &Arc<EventLog>,
+        restarted: bool,
+    ) -> Result<(), RuntimeError> {
+        let (running, waiting, end) = log.view_with_len(|v, end| {
+            let running = v.current.as_ref().map(|c| v.turns[c.turn].turn_id.clone());
+            let waiting: Vec<(String, u64)> = v
+                .queue
+                .iter()
+                .map(|&t| (v.turns[t].turn_id.clone(), v.turns[t].offset))
+                .collect();
+            (running, waiting, end)
+        });
+        if restarted || self.shared.loops.get(id).is_none_or(|r| r.archived) {
+            let all: Vec<String> = running
+                .into_iter()
+                .chain(waiting.into_iter().map(|(t, _)| t))
+                .collect();
+            if !all.is_empty() {
+                log.append(&log::closing(all, "server_restarted"))?;
+            }
+            return Ok(());
+        }
+        if let Some(turn) = running {
+            log.append(&log::closing(vec![turn], "node_lost"))?;
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let mut turns = Vec::with_capacity(waiting.len());
+        for (turn_id, offset) in waiting {
+            let mut content = None;
+            log.scan_from_offset_to(offset, end, |stored| {
+                if let events::Event::UserMessage { content: c, .. } = stored.event {
+                    content = Some(c);
+                    return false;
+                }
+                true
+            })?;
+            turns.push((turn_id, content.unwrap_or_default()));
+        }
+        let owner = self
+            .shared
+            .loops
+            .get(id)
+            .map(|r| r.created_by)
+            .unwrap_or_default();
+        let mut queued = Vec::with_capacity(turns.len());
+        for (turn_id, content) in turns {
+            // Their bytes count again; past the budget they run anyway (they
+            // were accepted once).
+            let reserved = self
+                .shared
+                .queued
+                .take(owner.clone(), content.len())
+                .or_else(|| self.shared.queued.take(owner.clone(), 0))
+                .ok_or_else(|| RuntimeError::Internal("no room to requeue a turn".into()))?;
+            queued.push((turn_id, content, reserved));
+        }
         self.actor(id)?
-            .send(make(reply))
+            .send(Command::Requeue { turns: queued })
             .await
-            .map_err(|_| RuntimeError::Internal("the loop's task is gone".into()))?;
-        answer
-            .await
-            .map_err(|_| RuntimeError::Internal("the loop's task dropped a reply".into()))
+            .map_err(|_| RuntimeError::Internal("the loop's task is gone".into()))
+    }
+
+    /// Takes over a loop from a node that died: its lease, and its turns.
+    async fn resume_here(&self, id: LoopId) -> Result<(), RuntimeError> {
+        self.claim(id).await?;
+        let log = self.log(id)?;
+        let live = self.handles(id, |h| h.actor.as_ref().is_some_and(|tx| !tx.is_closed()))?;
+        if !live && let Some(cluster) = &self.shared.cluster {
+            // Nothing was waiting: the loop is free again, for any node.
+            cluster.release(id, &log).await;
+        }
+        Ok(())
+    }
+
+    /// This node lost the loop's lease: its task stops at once, writing
+    /// nothing more.
+    async fn lost(&self, id: LoopId) {
+        let Ok((log, tx)) = self.handles(id, |h| (h.log.clone(), h.actor.take())) else {
+            return;
+        };
+        log.let_go();
+        if let Some(tx) = tx {
+            let _ = tx.send(Command::Lost).await;
+        }
+    }
+
+    /// On a shared database: the node running the loop's agent, if any,
+    /// as the database has it now.
+    pub async fn node_running(&self, id: LoopId) -> Result<Option<Option<String>>, RuntimeError> {
+        let Some(cluster) = &self.shared.cluster else {
+            return Ok(None);
+        };
+        let lease = crate::store::shared_log::lease(&cluster.pg, id.0).await?;
+        let now = Utc::now();
+        Ok(Some(lease.and_then(|l| {
+            l.owner.filter(|_| l.expires_at.is_some_and(|at| at > now))
+        })))
+    }
+
+    /// This node's name and how many loops it runs, on a shared database.
+    pub fn node(&self) -> Option<(String, usize)> {
+        let cluster = self.shared.cluster.as_ref()?;
+        Some((cluster.me.clone(), cluster.owned()))
     }
 
     /// Sends a message to a loop. With a key: the same key and body find the
@@ -315,7 +511,7 @@ impl Runtime {
         mode: Option<PermissionMode>,
         idem: Option<IdemKey>,
     ) -> Result<Accepted, RuntimeError> {
-        let log = self.log(record.id)?;
+        let log = self.current_log(record.id).await?;
         let Some(idem) = idem else {
             let reserved = self.reserve(user, &content)?;
             let sent = self
@@ -441,6 +637,16 @@ impl Runtime {
                 tasks = self.shared.tasks.len(),
                 "loop tasks still running after {SHUTDOWN_WAIT:?}; stopping without them"
             );
+        }
+        if let Some(cluster) = &self.shared.cluster {
+            let logs: Vec<Arc<EventLog>> = {
+                let loops = self.loops.lock().expect("loops poisoned");
+                loops.values().map(|h| h.log.clone()).collect()
+            };
+            for log in logs {
+                log.let_go();
+            }
+            cluster.release_all().await;
         }
         self.flush_touches().await;
     }

@@ -13,7 +13,7 @@ pub(crate) fn runtime(dir: &std::path::Path) -> Runtime {
     let config = Arc::new(Config::for_data_dir(dir));
     let loops = Arc::new(LoopStore::open(data.loops()).unwrap());
     let catalog = Arc::new(Catalog::new(data.root()));
-    Runtime::open(config, loops, catalog).unwrap()
+    Runtime::open(config, loops, catalog, None).unwrap()
 }
 
 pub(crate) fn new_loop(runtime: &Runtime) -> LoopRecord {

@@ -1,6 +1,9 @@
-//! One JSON file shared by the server and the CLI: cached in memory, reloaded
-//! when another process replaced it, changed under an advisory lock and
-//! replaced atomically (temp file in the same directory, fsync, rename).
+//! One small collection shared by the server and the CLI, cached in memory.
+//! On files: reloaded when another process replaced the file, changed under
+//! an advisory lock and replaced atomically (temp file in the same
+//! directory, fsync, rename). On Postgres: one JSON document per
+//! collection, changed inside a transaction that locks its row, and
+//! reloaded by every node when the change feed says it changed.
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
@@ -9,8 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sqlx::types::Json;
 
 use super::StoreError;
+use super::pg::Pg;
+
+/// The channel a changed document is announced on (payload: its name).
+const CHANNEL: &str = "loopd_documents";
 
 /// Identifies one version of a file: any atomic replace changes the inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,97 +41,283 @@ impl Stamp {
     }
 }
 
+/// Which version the cached value is: a file's stamp, or a row's version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    /// The file (or row) does not exist.
+    Missing,
+    File(Stamp),
+    Row(i64),
+}
+
 struct Cached<T> {
     value: Arc<T>,
-    /// The version `value` was read from; `None` when the file does not exist.
-    stamp: Option<Stamp>,
+    version: Version,
     /// A version that failed to parse, remembered so it is reported only once.
-    bad: Option<Stamp>,
+    bad: Option<Version>,
+}
+
+/// Where a collection lives.
+pub enum Place {
+    File { path: PathBuf, lock: PathBuf },
+    Pg { pg: Arc<Pg>, name: &'static str },
 }
 
 pub struct JsonStore<T> {
-    path: PathBuf,
-    lock_path: PathBuf,
-    cache: Mutex<Cached<T>>,
+    place: Place,
+    cache: Arc<Mutex<Cached<T>>>,
 }
 
 impl<T> JsonStore<T>
 where
-    T: Serialize + DeserializeOwned + Default + Clone,
+    T: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static,
 {
     /// Loads the file (a missing file is the empty default). A file that
     /// exists but cannot be parsed is an error naming it; it is left untouched.
     pub fn open(path: PathBuf, lock_path: PathBuf) -> Result<Self, StoreError> {
-        let (value, stamp) = match load::<T>(&path)? {
-            Some((value, stamp)) => (value, Some(stamp)),
-            None => (T::default(), None),
-        };
-        Ok(Self {
+        Self::open_in(Place::File {
             path,
-            lock_path,
-            cache: Mutex::new(Cached {
-                value: Arc::new(value),
-                stamp,
-                bad: None,
-            }),
+            lock: lock_path,
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Loads the collection from where it lives. On Postgres, the store then
+    /// follows the change feed (a change by any node or the CLI is seen
+    /// within [`super::pg::POLL_EVERY`], usually at once).
+    pub fn open_in(place: Place) -> Result<Self, StoreError> {
+        let (value, version) = match &place {
+            Place::File { path, .. } => match load::<T>(path)? {
+                Some((value, stamp)) => (value, Version::File(stamp)),
+                None => (T::default(), Version::Missing),
+            },
+            Place::Pg { pg, name } => match pg.block(load_row::<T>(pg, name))? {
+                Some((value, version)) => (value, Version::Row(version)),
+                None => (T::default(), Version::Missing),
+            },
+        };
+        let cache = Arc::new(Mutex::new(Cached {
+            value: Arc::new(value),
+            version,
+            bad: None,
+        }));
+        if let Place::Pg { pg, name } = &place {
+            // Weak: the database's list of watchers must not keep it alive.
+            let (pg2, cache2, name) = (Arc::downgrade(pg), cache.clone(), *name);
+            pg.watch(
+                CHANNEL,
+                Arc::new(move |payload: Option<String>| {
+                    let (pg, cache) = (pg2.clone(), cache2.clone());
+                    Box::pin(async move {
+                        let Some(pg) = pg.upgrade() else { return };
+                        if payload.as_deref().is_none_or(|p| p == name) {
+                            refresh_row(&pg, name, &cache).await;
+                        }
+                    })
+                }),
+            );
+        }
+        Ok(Self { place, cache })
     }
 
-    /// The current contents, reloaded first if another process changed the file.
-    /// Costs one `stat` when nothing changed. If the new version cannot be
-    /// parsed, the last good contents keep being served and the problem is
-    /// logged once.
+    /// Where it lives, for messages.
+    pub fn path(&self) -> PathBuf {
+        match &self.place {
+            Place::File { path, .. } => path.clone(),
+            Place::Pg { name, .. } => PathBuf::from(format!("database document {name}")),
+        }
+    }
+
+    /// The current contents. On files, reloaded first if another process
+    /// changed the file (one `stat` when nothing changed); on Postgres, as
+    /// the change feed last brought it. If a new version cannot be parsed,
+    /// the last good contents keep being served and the problem is logged once.
     pub fn read(&self) -> Arc<T> {
-        let current = fs::metadata(&self.path).ok().map(|m| Stamp::of(&m));
+        let Place::File { path, .. } = &self.place else {
+            return self
+                .cache
+                .lock()
+                .expect("store cache poisoned")
+                .value
+                .clone();
+        };
+        let current = match fs::metadata(path) {
+            Ok(m) => Version::File(Stamp::of(&m)),
+            Err(_) => Version::Missing,
+        };
         let mut cache = self.cache.lock().expect("store cache poisoned");
-        if current == cache.stamp || (current.is_some() && current == cache.bad) {
+        if current == cache.version || Some(current) == cache.bad {
             return cache.value.clone();
         }
-        match load::<T>(&self.path) {
+        match load::<T>(path) {
             Ok(Some((value, stamp))) => {
                 cache.value = Arc::new(value);
-                cache.stamp = Some(stamp);
+                cache.version = Version::File(stamp);
             }
             Ok(None) => {
                 cache.value = Arc::new(T::default());
-                cache.stamp = None;
+                cache.version = Version::Missing;
             }
             Err(err) => {
                 tracing::error!(error = %err, "keeping the last good copy");
-                cache.bad = current;
+                cache.bad = Some(current);
             }
         }
         cache.value.clone()
     }
 
-    /// Read-modify-write under the directory's write lock, so the CLI and the
-    /// server never lose each other's changes. `change` sees the file as it is
-    /// on disk now; if it returns `Err`, nothing is written.
-    pub fn update<R, E>(&self, change: impl FnOnce(&mut T) -> Result<R, E>) -> Result<R, E>
+    /// Read-modify-write that never loses a concurrent writer's change (the
+    /// CLI's, another node's): under the directory's write lock, or in a
+    /// transaction holding the document's row. `change` sees the latest
+    /// contents; if it returns `Err`, nothing is written.
+    pub fn update<R, E>(&self, change: impl FnOnce(&mut T) -> Result<R, E> + Send) -> Result<R, E>
     where
-        E: From<StoreError>,
+        R: Send,
+        E: From<StoreError> + Send,
     {
-        let _guard = WriteLock::acquire(&self.lock_path)?;
-        let mut value = match load::<T>(&self.path)? {
-            Some((value, _)) => value,
-            None => T::default(),
-        };
-        let out = change(&mut value)?;
-        let mut bytes = serde_json::to_vec_pretty(&value).map_err(|e| {
-            StoreError::io(&self.path, std::io::Error::new(ErrorKind::InvalidData, e))
-        })?;
-        bytes.push(b'\n');
-        let stamp = write_stamped(&self.path, &bytes)?;
+        match &self.place {
+            Place::File { path, lock } => {
+                let _guard = WriteLock::acquire(lock)?;
+                let mut value = match load::<T>(path)? {
+                    Some((value, _)) => value,
+                    None => T::default(),
+                };
+                let out = change(&mut value)?;
+                let mut bytes = serde_json::to_vec_pretty(&value).map_err(|e| {
+                    StoreError::io(path, std::io::Error::new(ErrorKind::InvalidData, e))
+                })?;
+                bytes.push(b'\n');
+                let stamp = write_stamped(path, &bytes)?;
+                self.cached(value, Version::File(stamp));
+                Ok(out)
+            }
+            Place::Pg { pg, name } => {
+                let (value, version, out) = pg.block(update_row(pg, name, change))?;
+                self.cached(value, Version::Row(version));
+                Ok(out)
+            }
+        }
+    }
+
+    fn cached(&self, value: T, version: Version) {
         let mut cache = self.cache.lock().expect("store cache poisoned");
         cache.value = Arc::new(value);
-        cache.stamp = Some(stamp);
+        cache.version = version;
         cache.bad = None;
-        Ok(out)
     }
+}
+
+/// A document and its version; `None` when there is none yet.
+async fn load_row<T: DeserializeOwned>(
+    pg: &Pg,
+    name: &str,
+) -> Result<Option<(T, i64)>, StoreError> {
+    let row: Option<(serde_json::Value, i64)> =
+        sqlx::query_as("SELECT body, version FROM documents WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pg.pool())
+            .await?;
+    row.map(|(body, version)| {
+        serde_json::from_value(body)
+            .map(|value| (value, version))
+            .map_err(|e| corrupt_row(name, &e))
+    })
+    .transpose()
+}
+
+fn corrupt_row(name: &str, e: &serde_json::Error) -> StoreError {
+    StoreError::Corrupt {
+        path: PathBuf::from(format!("database document {name}")),
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    }
+}
+
+/// Re-reads a document if its version changed (what the feed calls).
+async fn refresh_row<T: DeserializeOwned + Send + Sync>(
+    pg: &Pg,
+    name: &str,
+    cache: &Mutex<Cached<T>>,
+) {
+    let version: Result<Option<i64>, sqlx::Error> =
+        sqlx::query_scalar("SELECT version FROM documents WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pg.pool())
+            .await;
+    let current = match version {
+        Ok(Some(v)) => Version::Row(v),
+        Ok(None) => Version::Missing,
+        Err(err) => {
+            tracing::warn!(error = %err, document = name, "could not check for changes");
+            return;
+        }
+    };
+    {
+        let cache = cache.lock().expect("store cache poisoned");
+        if cache.version == current || cache.bad == Some(current) {
+            return;
+        }
+    }
+    match load_row::<T>(pg, name).await {
+        Ok(Some((value, version))) => {
+            let mut cache = cache.lock().expect("store cache poisoned");
+            cache.value = Arc::new(value);
+            cache.version = Version::Row(version);
+        }
+        Ok(None) => {}
+        Err(err) => {
+            tracing::error!(error = %err, "keeping the last good copy");
+            cache.lock().expect("store cache poisoned").bad = Some(current);
+        }
+    }
+}
+
+/// One read-modify-write of a document, in a transaction that holds its
+/// row (other nodes' writers wait), announced on commit.
+async fn update_row<T, R, E>(
+    pg: &Pg,
+    name: &str,
+    change: impl FnOnce(&mut T) -> Result<R, E> + Send,
+) -> Result<(T, i64, R), E>
+where
+    T: Serialize + DeserializeOwned + Default + Send,
+    R: Send,
+    E: From<StoreError> + Send,
+{
+    let db = |e: sqlx::Error| E::from(StoreError::Database(e));
+    let mut tx = pg.pool().begin().await.map_err(db)?;
+    let empty = serde_json::to_value(T::default()).expect("a default serializes");
+    sqlx::query("INSERT INTO documents (name, body) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+        .bind(name)
+        .bind(Json(&empty))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    let body: serde_json::Value =
+        sqlx::query_scalar("SELECT body FROM documents WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+    let mut value: T = serde_json::from_value(body).map_err(|e| E::from(corrupt_row(name, &e)))?;
+    let out = change(&mut value)?;
+    let version: i64 = sqlx::query_scalar(
+        "UPDATE documents SET body = $2, version = nextval('changes') WHERE name = $1 \
+         RETURNING version",
+    )
+    .bind(name)
+    .bind(Json(&value))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    Ok((value, version, out))
 }
 
 /// Reads and parses a file; `None` when it does not exist.

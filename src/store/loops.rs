@@ -5,13 +5,13 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{StoreError, write_atomic};
+use super::{Pg, StoreError, write_atomic};
 use crate::ids;
 
 /// `loop_<uuid>`; the directory on disk is the bare uuid.
@@ -113,7 +113,10 @@ pub struct LoopPage {
 
 pub struct LoopStore {
     dir: PathBuf,
-    index: RwLock<HashMap<LoopId, LoopRecord>>,
+    /// Where records are kept: `meta.json` files, or the shared database
+    /// (then `dir` holds only this node's workspaces and logs' copies).
+    pg: Option<Arc<Pg>>,
+    index: super::loops_pg::Index,
     /// Serializes writers so `meta.json` always holds the newest version;
     /// also guards which loops' activity is not on disk yet.
     writer: Mutex<Touched>,
@@ -173,9 +176,34 @@ impl LoopStore {
         }
         Ok(Self {
             dir,
-            index: RwLock::new(index),
+            pg: None,
+            index: Arc::new(RwLock::new(index)),
             writer: Mutex::new(Touched::default()),
         })
+    }
+
+    /// Loop records in the shared database; `dir` is this node's own
+    /// directory for the loops' workspaces. Follows the change feed, so a
+    /// loop made or changed by any node is seen here.
+    pub fn open_pg(dir: PathBuf, pg: Arc<Pg>) -> Result<Self, StoreError> {
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        let (index, highest) = pg.block(super::loops_pg::load_all(&pg))?;
+        let index = Arc::new(RwLock::new(index));
+        super::loops_pg::follow(&pg, index.clone(), highest);
+        Ok(Self {
+            dir,
+            pg: Some(pg),
+            index,
+            writer: Mutex::new(Touched::default()),
+        })
+    }
+
+    /// Writes a record where records are kept.
+    fn persist(&self, record: &LoopRecord) -> Result<(), StoreError> {
+        match &self.pg {
+            None => write_meta(&self.meta_path(record.id), record),
+            Some(pg) => pg.block(super::loops_pg::upsert(pg, record)),
+        }
     }
 
     pub fn loop_dir(&self, id: LoopId) -> PathBuf {
@@ -209,14 +237,22 @@ impl LoopStore {
             agent_session_id: None,
         };
         let _w = self.writer.lock().expect("loop writer poisoned");
-        let active = self
-            .index
-            .read()
-            .expect("loop index poisoned")
-            .values()
-            .filter(|r| r.created_by == record.created_by && !r.archived)
-            .count();
-        if active >= max_active {
+        let refused = match &self.pg {
+            None => {
+                let active = self
+                    .index
+                    .read()
+                    .expect("loop index poisoned")
+                    .values()
+                    .filter(|r| r.created_by == record.created_by && !r.archived)
+                    .count();
+                (active >= max_active).then_some(active)
+            }
+            Some(pg) => pg
+                .block(super::loops_pg::insert_within(pg, &record, max_active))?
+                .err(),
+        };
+        if let Some(active) = refused {
             return Err(StoreError::Full(
                 "too_many_loops",
                 format!(
@@ -228,7 +264,9 @@ impl LoopStore {
         }
         let dir = self.loop_dir(record.id);
         fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
-        write_meta(&self.meta_path(record.id), &record)?;
+        if self.pg.is_none() {
+            write_meta(&self.meta_path(record.id), &record)?;
+        }
         self.index
             .write()
             .expect("loop index poisoned")
@@ -268,7 +306,7 @@ impl LoopStore {
         let before = record.clone();
         change(&mut record);
         if record != before {
-            write_meta(&self.meta_path(id), &record)?;
+            self.persist(&record)?;
             self.index
                 .write()
                 .expect("loop index poisoned")
@@ -299,7 +337,7 @@ impl LoopStore {
             touched.dirty.insert(id);
             return Ok(());
         }
-        if let Err(err) = write_meta(&self.meta_path(id), &record) {
+        if let Err(err) = self.persist(&record) {
             touched.dirty.insert(id); // the next flush tries again
             return Err(err);
         }
@@ -326,7 +364,7 @@ impl LoopStore {
                 touched.dirty.remove(&id);
                 continue;
             };
-            match write_meta(&self.meta_path(id), &record) {
+            match self.persist(&record) {
                 Ok(()) => {
                     touched.dirty.remove(&id);
                     touched.written.insert(id, std::time::Instant::now());
@@ -343,6 +381,11 @@ impl LoopStore {
         w.written.remove(&id);
         w.dirty.remove(&id);
         self.index.write().expect("loop index poisoned").remove(&id);
+        if let Some(pg) = &self.pg
+            && let Err(err) = pg.block(super::loops_pg::delete(pg, id))
+        {
+            tracing::warn!(error = %err, loop_id = %id, "could not remove an unused loop record");
+        }
         let _ = fs::remove_dir_all(self.loop_dir(id));
     }
 

@@ -7,19 +7,24 @@
 mod catalog;
 mod json_file;
 mod loops;
+mod loops_pg;
+pub mod pg;
 mod sessions;
+pub mod shared_log;
 mod tokens;
 mod users;
 
 pub use catalog::{Catalog, DEFAULT_VAULT};
-pub use json_file::{JsonStore, write_atomic};
+pub use json_file::{JsonStore, Place, write_atomic};
 pub use loops::{LoopId, LoopPage, LoopRecord, LoopStore, NewLoop, PageRequest};
+pub use pg::Pg;
 pub use sessions::{SESSION_TTL, SessionRecord, SessionStore};
 pub use tokens::{TokenRecord, TokenStore};
 pub use users::{CheckMemory, User, UserStore, no_such_user};
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The `Retry-After` of a [`StoreError::Full`]: the caller must free one first.
 pub const RETRY_AFTER_FREEING: std::time::Duration = std::time::Duration::from_secs(60);
@@ -54,6 +59,13 @@ pub enum StoreError {
     Full(&'static str, String, std::time::Duration),
     #[error("{1}")]
     Conflict(&'static str, String),
+    /// The shared database refused or could not be reached.
+    #[error("the database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// This node no longer holds the loop's lease: another node took it over,
+    /// and nothing this node writes into that loop's log is accepted.
+    #[error("this node lost the lease of {0}")]
+    Fenced(String),
 }
 
 impl StoreError {
@@ -145,6 +157,35 @@ impl Accounts {
             sessions: SessionStore::open(dir.sessions(), dir.write_lock())?,
         })
     }
+
+    /// The same three, as documents in the shared database.
+    pub fn open_pg(pg: &Arc<Pg>) -> Result<Self, StoreError> {
+        let place = |name| Place::Pg {
+            pg: pg.clone(),
+            name,
+        };
+        Ok(Self {
+            users: UserStore::open_in(place("users"))?,
+            tokens: TokenStore::open_in(place("api-tokens"))?,
+            sessions: SessionStore::open_in(place("sessions"))?,
+        })
+    }
+
+    /// Opens them where `backend` keeps them.
+    pub fn open_on(backend: &Backend, dir: &DataDir) -> Result<Self, StoreError> {
+        match backend {
+            Backend::Files => Self::open(dir),
+            Backend::Postgres(pg) => Self::open_pg(pg),
+        }
+    }
+}
+
+/// Where the shared state lives: the data directory's files (one node), or
+/// a Postgres database that several nodes share.
+#[derive(Clone)]
+pub enum Backend {
+    Files,
+    Postgres(Arc<Pg>),
 }
 
 /// Names of profiles, vaults, repos and users: one path segment, no dot first.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::json_file::Place;
 use super::{JsonStore, StoreError};
 use crate::ids;
 
@@ -33,8 +34,13 @@ pub struct SessionStore {
 
 impl SessionStore {
     pub fn open(path: PathBuf, lock: PathBuf) -> Result<Self, StoreError> {
+        Self::open_in(Place::File { path, lock })
+    }
+
+    /// Opens the collection wherever it lives (a file, or a database document).
+    pub fn open_in(place: Place) -> Result<Self, StoreError> {
         Ok(Self {
-            file: JsonStore::open(path, lock)?,
+            file: JsonStore::open_in(place)?,
         })
     }
 

@@ -9,6 +9,7 @@ use argon2::{Argon2, PasswordHasher};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::json_file::Place;
 use super::{JsonStore, StoreError, valid_name};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -43,8 +44,13 @@ pub struct UserStore {
 
 impl UserStore {
     pub fn open(path: PathBuf, lock: PathBuf) -> Result<Self, StoreError> {
+        Self::open_in(Place::File { path, lock })
+    }
+
+    /// Opens the collection wherever it lives (a file, or a database document).
+    pub fn open_in(place: Place) -> Result<Self, StoreError> {
         Ok(Self {
-            file: JsonStore::open(path, lock)?,
+            file: JsonStore::open_in(place)?,
             dummy_hash: OnceLock::new(),
         })
     }

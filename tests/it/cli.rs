@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Auth, PASSWORD, TestApp, assert_error};
+use crate::support::{Auth, PASSWORD, TestApp};
 
 fn loopd(dir: &Path, args: &[&str]) -> Output {
     loopd_with_stdin(dir, args, None)
@@ -21,6 +21,7 @@ fn loopd_with_stdin(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
         .arg("--data-dir")
         .arg(dir)
         .env_remove("LOOPD_DATA_DIR")
+        .envs(database_env(dir))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -54,6 +55,7 @@ fn serve(
             "echo",
         ])
         .env("LOOPD_DATA_DIR", dir)
+        .envs(database_env(dir))
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -67,6 +69,23 @@ fn serve(
         }
     });
     (child, rx)
+}
+
+/// On Postgres runs: the data directory's database, for the binary.
+fn database_env(dir: &Path) -> Vec<(&'static str, String)> {
+    crate::pg::on_postgres()
+        .then(|| ("LOOPD_DATABASE_URL", crate::pg::database_for(dir)))
+        .into_iter()
+        .collect()
+}
+
+/// `auth` is refused with `code` (see [`crate::support::seen_by_server`]).
+async fn until_refused(app: &TestApp, auth: &Auth, code: &str) {
+    crate::support::seen_by_server(code, async || {
+        let got = app.get("/api/auth/me", auth).await;
+        got.0 == StatusCode::UNAUTHORIZED && got.1["error"]["code"] == code
+    })
+    .await;
 }
 
 fn stdout(out: &Output) -> String {
@@ -142,18 +161,29 @@ async fn first_start_creates_admin_and_prints_the_password_once() {
 async fn a_corrupt_file_makes_serve_exit_with_its_name() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("api-tokens.json");
-    std::fs::write(&path, "{ nope").unwrap();
+    // On a shared database: a document that does not parse as what it holds.
+    let database = crate::pg::on_postgres().then(|| crate::pg::database_for(tmp.path()));
+    match &database {
+        None => std::fs::write(&path, "{ nope").unwrap(),
+        Some(url) => crate::pg::set_document(url, "api-tokens", json!({"tokens": 5})),
+    }
     let out = loopd(
         tmp.path(),
         &["serve", "--bind", "127.0.0.1:0", "--agent", "echo"],
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        err.contains(&path.display().to_string()) && err.contains("line 1"),
-        "{err}"
-    );
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{ nope");
+    let Some(url) = database else {
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("line 1"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{ nope");
+        return;
+    };
+    assert!(err.contains("database document api-tokens"), "{err}");
+    let (left, _) = crate::pg::document(&url, "api-tokens").unwrap();
+    assert_eq!(left, json!({"tokens": 5}), "left as it was");
 }
 
 #[test]
@@ -207,6 +237,8 @@ fn user_commands_and_their_output() {
         Some("another password\n"),
     );
     assert_eq!(stdout(&new), "");
+    // Opened again, as a new process would.
+    let accounts = crate::support::accounts(dir);
     assert!(accounts.users.verify("carol", "another password").is_some());
     stdout(&loopd(dir, &["user", "remove", "carol"]));
     assert_eq!(stdout(&loopd(dir, &["user", "list"])), "root\tadmin\n");
@@ -272,18 +304,16 @@ async fn cli_changes_reach_the_running_server_at_once() {
         .trim()
         .to_owned();
     let bearer = Auth::Bearer(token);
-    assert_eq!(app.get("/api/auth/me", &bearer).await.1["user_id"], "alice");
+    crate::support::seen_by_server("the CLI's token", async || {
+        app.get("/api/auth/me", &bearer).await.1["user_id"] == "alice"
+    })
+    .await;
     // …shows up in the web listing, and stops working when revoked with the CLI.
     let session = app.session("alice").await;
     let (_, list) = app.get("/api/v1/me/tokens", &session).await;
     let id = list["tokens"][0]["tokenId"].as_str().unwrap().to_owned();
     stdout(&loopd(&dir, &["token", "revoke", "--user", "alice", &id]));
-    assert_error(
-        &app.get("/api/auth/me", &bearer).await,
-        401,
-        "authentication_error",
-        "invalid_token",
-    );
+    until_refused(&app, &bearer, "invalid_token").await;
 
     // A token made in the web is seen by the CLI.
     let (status, _) = app
@@ -298,6 +328,11 @@ async fn cli_changes_reach_the_running_server_at_once() {
         &["user", "add", "dave", "--password-stdin"],
         Some("dave's password\n"),
     );
+    crate::support::seen_by_server("dave can log in", async || {
+        let body = json!({"username": "dave", "password": "dave's password"});
+        app.post("/api/auth/login", &Auth::None, body).await.0 == StatusCode::OK
+    })
+    .await;
     let dave = Auth::Cookie(app.login("dave", "dave's password").await);
     assert_eq!(app.get("/api/auth/me", &dave).await.0, StatusCode::OK);
     stdout(&loopd_with_stdin(
@@ -305,29 +340,14 @@ async fn cli_changes_reach_the_running_server_at_once() {
         &["user", "passwd", "dave", "--password-stdin"],
         Some("dave's new password\n"),
     ));
-    assert_error(
-        &app.get("/api/auth/me", &dave).await,
-        401,
-        "authentication_error",
-        "invalid_session",
-    );
+    until_refused(&app, &dave, "invalid_session").await;
 
     // Removing a user ends their tokens and sessions.
     let bob_bearer = app.bearer("bob").await;
     let bob_session = Auth::Cookie(app.login("bob", PASSWORD).await);
     stdout(&loopd(&dir, &["user", "remove", "bob"]));
-    assert_error(
-        &app.get("/api/auth/me", &bob_bearer).await,
-        401,
-        "authentication_error",
-        "invalid_token",
-    );
-    assert_error(
-        &app.get("/api/auth/me", &bob_session).await,
-        401,
-        "authentication_error",
-        "invalid_session",
-    );
+    until_refused(&app, &bob_bearer, "invalid_token").await;
+    until_refused(&app, &bob_session, "invalid_session").await;
 }
 
 #[test]

@@ -40,12 +40,15 @@ async fn create_with_defaults_and_read_back() {
     assert_eq!(got["turn_count"], 0);
     assert_eq!(got["current_turn"], Value::Null);
 
-    // On disk as loops/<uuid>/meta.json.
+    // Stored as loops/<uuid>/meta.json, or as the database's row.
     let uuid = id.strip_prefix("loop_").unwrap();
-    let meta: Value = serde_json::from_slice(
-        &std::fs::read(app.dir.join("loops").join(uuid).join("meta.json")).unwrap(),
-    )
-    .unwrap();
+    let meta: Value = match app.database_url() {
+        None => serde_json::from_slice(
+            &std::fs::read(app.dir.join("loops").join(uuid).join("meta.json")).unwrap(),
+        )
+        .unwrap(),
+        Some(url) => crate::pg::loop_record(&url, uuid.parse().unwrap()).unwrap(),
+    };
     assert_eq!(meta["id"], id);
 }
 

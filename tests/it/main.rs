@@ -14,6 +14,7 @@ mod lifecycle;
 mod limits;
 mod loops;
 mod mock_anthropic;
+mod pg;
 mod sandbox;
 mod support;
 mod tokens;

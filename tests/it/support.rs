@@ -10,7 +10,7 @@ use loopd::store::{Accounts, DataDir};
 use reqwest::{Method, StatusCode, header};
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 pub const PASSWORD: &str = "correct horse battery";
@@ -20,7 +20,9 @@ pub struct TestApp {
     pub dir: PathBuf,
     _tmp: Option<TempDir>,
     shutdown: CancellationToken,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The server's result, once it ended (it runs on a runtime of its own,
+    /// as `loopd serve` does, on its own thread).
+    server: Option<oneshot::Receiver<anyhow::Result<()>>>,
     pub http: reqwest::Client,
 }
 
@@ -56,12 +58,34 @@ impl TestApp {
     }
 
     /// A server with this configuration (its data directory is not removed).
-    pub async fn start_with(config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// With `LOOPD_TEST_BACKEND=postgres`, on the data directory's database.
+    pub async fn start_with(mut config: Config) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
+        if crate::pg::on_postgres() && config.cluster.is_none() {
+            config.cluster = Some(loopd::config::Cluster {
+                database_url: crate::pg::database_for(&config.data_dir),
+                advertise_url: format!("http://{addr}"),
+                lease_ttl: Duration::from_secs(15),
+            });
+        }
         let dir = config.data_dir.clone();
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(loopd::run(config, listener, shutdown.clone()));
+        let (done, server) = oneshot::channel();
+        let stop = shutdown.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let result = runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loopd::run(config, listener, stop).await
+            });
+            let _ = done.send(result);
+        });
         let app = Self {
             addr,
             dir,
@@ -91,7 +115,12 @@ impl TestApp {
     /// test can start another server on it.
     pub async fn stop(mut self) -> (PathBuf, Option<TempDir>) {
         self.shutdown.cancel();
-        let result = self.server.take().unwrap().await.unwrap();
+        let result = self
+            .server
+            .take()
+            .unwrap()
+            .await
+            .expect("the server's thread ended");
         result.expect("server ended with an error");
         (self.dir.clone(), self._tmp.take())
     }
@@ -107,9 +136,14 @@ impl TestApp {
         format!("http://{}{path}", self.addr)
     }
 
-    /// The accounts files as another process (the CLI) would open them.
+    /// The accounts as another process (the CLI) would open them.
     pub fn accounts(&self) -> Accounts {
         accounts(&self.dir)
+    }
+
+    /// The database the server keeps its state in, on Postgres runs.
+    pub fn database_url(&self) -> Option<String> {
+        crate::pg::on_postgres().then(|| crate::pg::database_for(&self.dir))
     }
 
     pub fn request(&self, method: Method, path: &str, auth: &Auth) -> reqwest::RequestBuilder {
@@ -195,7 +229,11 @@ impl Drop for TestApp {
     }
 }
 
+/// The accounts of data directory `dir` (on Postgres runs: its database).
 pub fn accounts(dir: &Path) -> Accounts {
+    if crate::pg::on_postgres() {
+        return crate::pg::accounts(&crate::pg::database_for(dir));
+    }
     Accounts::open(&DataDir::create(dir).unwrap()).unwrap()
 }
 
@@ -414,6 +452,17 @@ impl TestApp {
 }
 
 /// Polls `check` until it returns true or 20 s pass.
+/// A change made by another process (the CLI, another node) as the server
+/// sees it: on files at once (checked once), on a shared database once the
+/// change feed brought it (within a second; waited for).
+pub async fn seen_by_server(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    if crate::pg::on_postgres() {
+        eventually(what, check).await;
+    } else {
+        assert!(check().await, "not at once: {what}");
+    }
+}
+
 pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !check().await {

@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{Auth, TestApp, assert_error};
+use crate::support::{Auth, TestApp, assert_error, seen_by_server};
 
 #[tokio::test]
 async fn create_list_use_and_revoke() {
@@ -133,21 +133,26 @@ async fn labels_are_checked() {
 async fn last_used_is_written_to_disk_on_shutdown_without_rewriting_per_request() {
     let app = TestApp::start().await;
     let bearer = app.bearer("alice").await;
-    let path = app.dir.join("api-tokens.json");
-    let before = std::fs::read(&path).unwrap();
+    // The file's bytes, or the database document's version.
+    let stored = |dir: &std::path::Path| match crate::pg::on_postgres() {
+        false => {
+            let raw = std::fs::read(dir.join("api-tokens.json")).unwrap();
+            (
+                serde_json::from_slice::<serde_json::Value>(&raw).unwrap(),
+                raw.len() as i64,
+            )
+        }
+        true => crate::pg::document(&crate::pg::database_for(dir), "api-tokens").unwrap(),
+    };
+    let before = stored(&app.dir);
     for _ in 0..5 {
         assert_eq!(app.get("/api/v1/loops", &bearer).await.0, StatusCode::OK);
     }
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        before,
-        "a request rewrote the file"
-    );
+    assert_eq!(stored(&app.dir), before, "a request rewrote the tokens");
     let (dir, _tmp) = app.stop().await;
-    let raw = std::fs::read_to_string(dir.join("api-tokens.json")).unwrap();
-    let file: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let (file, _) = stored(&dir);
     let record = file["tokens"].as_object().unwrap().values().next().unwrap();
-    assert!(record["last_used_at"].is_string(), "{raw}");
+    assert!(record["last_used_at"].is_string(), "{file}");
 }
 
 #[tokio::test]
@@ -157,17 +162,17 @@ async fn tokens_changed_by_another_process_take_effect_at_once() {
     let cli = app.accounts();
     let (plaintext, record) = cli.tokens.create("alice", Some("cli".into())).unwrap();
     let bearer = Auth::Bearer(plaintext);
-    let (status, me) = app.get("/api/auth/me", &bearer).await;
-    assert_eq!(
-        (status, me["user_id"].as_str()),
-        (StatusCode::OK, Some("alice"))
-    );
+    seen_by_server("the new token", async || {
+        let (status, me) = app.get("/api/auth/me", &bearer).await;
+        (status, me["user_id"].as_str()) == (StatusCode::OK, Some("alice"))
+    })
+    .await;
     cli.tokens.revoke("alice", &record.token_id).unwrap();
-    // At once: the very next request already fails.
-    assert_error(
-        &app.get("/api/auth/me", &bearer).await,
-        401,
-        "authentication_error",
-        "invalid_token",
-    );
+    // On files the very next request already fails; on a shared database
+    // within a second.
+    seen_by_server("the revocation", async || {
+        let (status, body) = app.get("/api/auth/me", &bearer).await;
+        status == StatusCode::UNAUTHORIZED && body["error"]["code"] == "invalid_token"
+    })
+    .await;
 }

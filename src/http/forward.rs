@@ -1,0 +1,105 @@
+//! On a shared database, a request that changes a loop (a message, an
+//! answer, an interrupt, an archive) is carried out by the node that runs
+//! the loop's agent. A handler that finds the loop elsewhere answers
+//! [`ApiError::Elsewhere`]; this layer then sends the same request to that
+//! node (the caller's own credentials with it, so the owner checks them
+//! itself) and streams its answer back, an SSE stream included. A request
+//! that was already forwarded once is never forwarded again.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::MAX_BODY_BYTES;
+use super::error::ApiError;
+use crate::state::AppState;
+
+/// Marks a request one node forwarded to another: the cluster's secret.
+pub const FORWARDED_BY: HeaderName = HeaderName::from_static("x-loopd-forwarded");
+
+/// Set on an [`ApiError::Elsewhere`] response: where to send the request.
+#[derive(Clone, Debug)]
+pub struct ForwardTo(pub String);
+
+/// Headers that describe one hop, not the request.
+const HOP: [HeaderName; 6] = [
+    header::HOST,
+    header::CONNECTION,
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+];
+
+pub async fn to_owner(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(secret) = state.node_secret.clone() else {
+        return next.run(req).await;
+    };
+    if req.method() == Method::GET || !req.uri().path().starts_with("/api/v1/loops/") {
+        return next.run(req).await;
+    }
+    let forwarded = req
+        .headers()
+        .get(&FORWARDED_BY)
+        .is_some_and(|v| constant_time_eq(v.as_bytes(), secret.as_bytes()));
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return ApiError::body_too_large().into_response();
+    };
+    let response = next
+        .run(Request::from_parts(
+            parts.clone(),
+            Body::from(bytes.clone()),
+        ))
+        .await;
+    let Some(ForwardTo(node)) = response.extensions().get::<ForwardTo>().cloned() else {
+        return response;
+    };
+    if forwarded {
+        // The node we were sent to by another says it is not the owner
+        // either (the loop moved meanwhile): the caller tries again.
+        return response;
+    }
+    let mut url = node.clone();
+    url.push_str(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    let mut headers = HeaderMap::new();
+    for (name, value) in &parts.headers {
+        if !HOP.contains(name) && name != FORWARDED_BY {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&secret) {
+        headers.insert(FORWARDED_BY, v);
+    }
+    let sent = state
+        .forwarder
+        .request(parts.method.clone(), &url)
+        .headers(headers)
+        .body(bytes)
+        .send()
+        .await;
+    match sent {
+        Ok(answer) => {
+            let mut out = Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                if !HOP.contains(name) {
+                    out = out.header(name, value);
+                }
+            }
+            out.body(Body::from_stream(answer.bytes_stream()))
+                .unwrap_or_else(|e| ApiError::internal(e).into_response())
+        }
+        Err(err) => {
+            tracing::warn!(node = %node, error = %err, "could not forward a request to the loop's node");
+            response
+        }
+    }
+}
+
+/// Compares digests, so the time taken says nothing about the secret.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(a) == Sha256::digest(b)
+}

@@ -1,0 +1,332 @@
+//! A node among others on one database. Each live loop runs on one node,
+//! recorded as a lease (owner, fencing generation, expiry) that its node
+//! renews every third of the lease's time; a node that stops renewing
+//! loses its loops to whichever live node is least loaded. Every node keeps
+//! its copy of every loop's log up to date from the change feed, so any
+//! node can serve reads and streams.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::log::EventLog;
+use super::{Runtime, RuntimeError};
+use crate::store::pg::Watermark;
+use crate::store::{LoopId, Pg, StoreError, shared_log};
+
+/// How a loop's lease stands for this node.
+pub enum Claim {
+    /// This node holds it now; `previous` held it before (this node itself
+    /// after a restart, another node that died, or nobody).
+    Mine { previous: Option<String> },
+    /// Another node holds it: send the request there.
+    Elsewhere(String),
+}
+
+pub struct Cluster {
+    pub pg: Arc<Pg>,
+    /// This node's advertise URL: its name in leases.
+    pub me: String,
+    pub ttl: Duration,
+    /// Loops whose lease this node holds, with the generation.
+    held: Mutex<HashMap<LoopId, i64>>,
+    /// Who runs each loop's agent, as the change feed last said.
+    owners: Mutex<HashMap<LoopId, String>>,
+}
+
+impl Cluster {
+    pub fn new(pg: Arc<Pg>, me: String, ttl: Duration) -> Self {
+        Self {
+            pg,
+            me,
+            ttl,
+            held: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes the loop's lease unless a live node holds it. After a take,
+    /// this node's copy of the log is brought up to the database's head
+    /// before anything is written under the new generation.
+    pub async fn claim(&self, id: LoopId, log: &Arc<EventLog>) -> Result<Claim, RuntimeError> {
+        if log.held().is_some() {
+            return Ok(Claim::Mine {
+                previous: Some(self.me.clone()),
+            });
+        }
+        let Some(claimed) = shared_log::claim(&self.pg, id.0, &self.me, self.ttl).await? else {
+            let owner = shared_log::lease(&self.pg, id.0)
+                .await?
+                .and_then(|l| l.owner)
+                .ok_or_else(|| RuntimeError::Internal("a lease vanished while claimed".into()))?;
+            return Ok(Claim::Elsewhere(owner));
+        };
+        log.catch_up().await?;
+        if log.last_seq() < claimed.head as u64 {
+            // The copy could not be brought up to date: do not write.
+            let _ = shared_log::release(&self.pg, id.0, claimed.generation).await;
+            return Err(RuntimeError::Internal(format!(
+                "this node's copy of {id}'s log stops at {} but the database has {}",
+                log.last_seq(),
+                claimed.head
+            )));
+        }
+        log.hold(claimed.generation);
+        self.held
+            .lock()
+            .expect("held poisoned")
+            .insert(id, claimed.generation);
+        self.owners
+            .lock()
+            .expect("owners poisoned")
+            .insert(id, self.me.clone());
+        tracing::info!(loop_id = %id, generation = claimed.generation, previous = ?claimed.previous, "took the loop's lease");
+        Ok(Claim::Mine {
+            previous: claimed.previous,
+        })
+    }
+
+    /// Gives the loop's lease back (its agent stopped, nothing waits).
+    pub async fn release(&self, id: LoopId, log: &EventLog) {
+        let Some(generation) = log.let_go() else {
+            return;
+        };
+        self.held.lock().expect("held poisoned").remove(&id);
+        self.owners.lock().expect("owners poisoned").remove(&id);
+        if let Err(err) = shared_log::release(&self.pg, id.0, generation).await {
+            // It expires on its own.
+            tracing::warn!(loop_id = %id, error = %err, "could not give a lease back");
+        }
+    }
+
+    /// Gives back every lease this node holds (at shutdown, once its
+    /// loops' tasks have stopped): another node may take them at once.
+    pub async fn release_all(&self) {
+        let held: Vec<(LoopId, i64)> = self.held.lock().expect("held poisoned").drain().collect();
+        for (id, generation) in held {
+            self.owners.lock().expect("owners poisoned").remove(&id);
+            if let Err(err) = shared_log::release(&self.pg, id.0, generation).await {
+                tracing::warn!(loop_id = %id, error = %err, "could not give a lease back");
+            }
+        }
+    }
+
+    /// How many loops this node runs.
+    pub fn owned(&self) -> usize {
+        self.held.lock().expect("held poisoned").len()
+    }
+
+    /// The node running the loop's agent, if any.
+    pub fn owner(&self, id: LoopId) -> Option<String> {
+        self.owners
+            .lock()
+            .expect("owners poisoned")
+            .get(&id)
+            .cloned()
+    }
+
+    /// Renews every lease held; returns the loops whose lease was lost.
+    async fn renew(&self) -> Result<Vec<LoopId>, StoreError> {
+        let held: Vec<(Uuid, i64)> = {
+            let held = self.held.lock().expect("held poisoned");
+            held.iter().map(|(id, g)| (id.0, *g)).collect()
+        };
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let kept = shared_log::renew(&self.pg, &self.me, &held, self.ttl).await?;
+        Ok(held
+            .into_iter()
+            .filter(|(id, _)| !kept.contains(id))
+            .map(|(id, _)| LoopId(id))
+            .collect())
+    }
+
+    /// Says this node is alive and how loaded it is.
+    async fn heartbeat(&self, max_agents: usize) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nodes (url, seen_at, owned, max_agents) VALUES ($1, now(), $2, $3) \
+             ON CONFLICT (url) DO UPDATE SET seen_at = now(), owned = $2, max_agents = $3",
+        )
+        .bind(&self.me)
+        .bind(self.owned() as i32)
+        .bind(max_agents as i32)
+        .execute(self.pg.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Whether this node should take over a dead node's loops now: it is
+    /// the least loaded live node, or the lease has been dead so long that
+    /// the preferred node must be gone too.
+    async fn my_turn_to_take_over(&self, overdue: bool) -> Result<bool, StoreError> {
+        if overdue {
+            return Ok(true);
+        }
+        let best: Option<String> = sqlx::query_scalar(
+            "SELECT url FROM nodes WHERE seen_at > now() - make_interval(secs => $1) \
+             ORDER BY owned::float / greatest(max_agents, 1), url LIMIT 1",
+        )
+        .bind(self.ttl.as_secs_f64())
+        .fetch_optional(self.pg.pool())
+        .await?;
+        Ok(best.is_none_or(|b| b == self.me))
+    }
+}
+
+impl Runtime {
+    /// Starts what makes this node one of many: the change feed that keeps
+    /// logs and owners current, lease renewal, the heartbeat, and taking
+    /// over the loops of nodes that died.
+    pub fn start_cluster(self: &Arc<Self>) {
+        let Some(cluster) = self.shared.cluster.clone() else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        let watermark = Arc::new(Mutex::new(Watermark::default()));
+        cluster.pg.watch(
+            shared_log::CHANNEL,
+            Arc::new(move |payload: Option<String>| {
+                let (me, watermark) = (me.clone(), watermark.clone());
+                Box::pin(async move {
+                    let Some(runtime) = me.upgrade() else { return };
+                    runtime.follow_change(payload, &watermark).await;
+                })
+            }),
+        );
+        cluster
+            .pg
+            .start_feed(&self.shared.tasks, &self.shared.stopping);
+        let me = Arc::downgrade(self);
+        let stopping = self.shared.stopping.clone();
+        self.shared.tasks.spawn(async move {
+            let every = cluster.ttl / 3;
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stopping.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(runtime) = me.upgrade() else { return };
+                runtime.keep_leases(&cluster).await;
+            }
+        });
+    }
+
+    /// One round of lease keeping: renew, give up what was lost, say we are
+    /// alive, take over from the dead.
+    async fn keep_leases(self: &Arc<Self>, cluster: &Cluster) {
+        match cluster.renew().await {
+            Ok(lost) => {
+                for id in lost {
+                    tracing::warn!(loop_id = %id, "lost the loop's lease to another node; stopping its agent here");
+                    self.lost(id).await;
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "could not renew leases"),
+        }
+        if let Err(err) = cluster.heartbeat(self.shared.config.max_agents).await {
+            tracing::warn!(error = %err, "could not report this node");
+        }
+        if let Err(err) = self.take_over(cluster).await {
+            tracing::warn!(error = %err, "could not take over a dead node's loops");
+        }
+    }
+
+    /// Claims loops whose node stopped renewing their lease and that have
+    /// work left (a turn running or waiting): the running turn ends with
+    /// `node_lost`, the waiting ones run here.
+    async fn take_over(self: &Arc<Self>, cluster: &Cluster) -> Result<(), RuntimeError> {
+        let expired = shared_log::expired(&cluster.pg).await?;
+        for lease in expired {
+            let id = LoopId(lease.loop_id);
+            if lease.owner.as_deref() == Some(cluster.me.as_str()) && cluster.owner(id).is_some() {
+                continue; // ours, renewed on the next round
+            }
+            let Some(record) = self.shared.loops.get(id) else {
+                continue;
+            };
+            let log = self.log(id)?;
+            log.catch_up().await?;
+            let unfinished = log.view(|v| !v.unfinished().is_empty());
+            if record.archived || !unfinished {
+                continue;
+            }
+            let overdue = lease.expires_at.is_some_and(|at| {
+                chrono::Utc::now() - at
+                    > chrono::Duration::from_std(cluster.ttl).unwrap_or_default()
+            });
+            if !cluster.my_turn_to_take_over(overdue).await? {
+                continue;
+            }
+            tracing::warn!(loop_id = %id, node = ?lease.owner, "taking over a loop from a node that stopped answering");
+            if let Err(err) = self.resume_here(id).await {
+                tracing::warn!(loop_id = %id, error = %err, "could not take the loop over");
+            }
+        }
+        Ok(())
+    }
+
+    /// What the change feed says: a loop's head moved (catch its copy up),
+    /// or, on a poll, every lease that changed lately (heads and owners).
+    async fn follow_change(
+        self: &Arc<Self>,
+        payload: Option<String>,
+        watermark: &Mutex<Watermark>,
+    ) {
+        let Some(cluster) = self.shared.cluster.as_ref() else {
+            return;
+        };
+        if let Some(payload) = payload {
+            let Some((id, head)) = payload.split_once(' ') else {
+                return;
+            };
+            let (Ok(id), Ok(head)) = (Uuid::parse_str(id), head.parse::<u64>()) else {
+                return;
+            };
+            self.catch_up_to(LoopId(id), head).await;
+            return;
+        }
+        let floor = watermark.lock().expect("watermark").floor();
+        let (leases, highest) = match shared_log::changed_since(&cluster.pg, floor).await {
+            Ok(changed) => changed,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read changed leases");
+                return;
+            }
+        };
+        watermark.lock().expect("watermark").saw(highest);
+        for lease in leases {
+            let id = LoopId(lease.loop_id);
+            {
+                let mut owners = cluster.owners.lock().expect("owners poisoned");
+                let live = lease.expires_at.is_some_and(|at| at > chrono::Utc::now());
+                match lease.owner.filter(|_| live) {
+                    Some(owner) => owners.insert(id, owner),
+                    None => owners.remove(&id),
+                };
+            }
+            self.catch_up_to(id, lease.head as u64).await;
+        }
+    }
+
+    /// Brings this node's copy of a loop's log up to `head`, if it is behind.
+    async fn catch_up_to(&self, id: LoopId, head: u64) {
+        if self.shared.loops.get(id).is_none() {
+            return; // made by another node a moment ago: seen on the next poll
+        }
+        let Ok(log) = self.log(id) else { return };
+        if log.last_seq() >= head {
+            return;
+        }
+        match log.catch_up().await {
+            Ok(found) => self.remember_keys(id, found.idem),
+            Err(err) => {
+                tracing::warn!(loop_id = %id, error = %err, "could not bring a log's copy up to date")
+            }
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! A loop's log on Postgres: the database is the record, and the node keeps
+//! a copy in the usual file, so readers here (streams, `/turns`) work as on
+//! one node. The node holding the loop's lease writes through: each append
+//! goes to the database first (one round trip, fenced by the lease's
+//! generation), then to the copy. Every other node brings its copy up to
+//! date when the change feed says the loop's head moved.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::BytesMut;
+use uuid::Uuid;
+
+use super::{EventLog, Placed, Recovered};
+use crate::runtime::events::{StoredEvent, frame_into};
+use crate::store::{Pg, StoreError, shared_log};
+
+/// Rows read from the database at once while catching up.
+const CATCH_UP_ROWS: i64 = 512;
+
+/// The database side of a shared log.
+pub struct Remote {
+    pg: Arc<Pg>,
+    loop_id: Uuid,
+    /// The lease generation this node writes under; 0 while it holds none.
+    generation: AtomicI64,
+    /// Held by whoever writes this node's copy (an append, a catch-up).
+    writer: Mutex<()>,
+}
+
+impl Remote {
+    /// Waits for this log's writers to be done (keep it short of readers:
+    /// it guards writing, not reading).
+    pub(super) fn writing(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().expect("log writer poisoned")
+    }
+
+    /// Writes the encoded `lines` (events `first..`, placed as `placed`
+    /// says, from file offset `start`) to the database under the lease.
+    pub(super) fn append(
+        &self,
+        first: u64,
+        start: u64,
+        lines: &[u8],
+        placed: &[Placed],
+    ) -> Result<(), StoreError> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if generation == 0 {
+            return Err(StoreError::Fenced(format!("loop_{}", self.loop_id)));
+        }
+        let mut rows = Vec::with_capacity(placed.len());
+        for (i, (_, offset, _)) in placed.iter().enumerate() {
+            let from = (offset - start) as usize;
+            let to = placed
+                .get(i + 1)
+                .map_or(lines.len(), |(_, next, _)| (next - start) as usize);
+            let line = &lines[from..to];
+            let line = line.strip_suffix(b"\n").unwrap_or(line);
+            rows.push(std::str::from_utf8(line).expect("events encode as UTF-8"));
+        }
+        self.pg.block(shared_log::append(
+            &self.pg,
+            self.loop_id,
+            generation,
+            first,
+            &rows,
+        ))
+    }
+}
+
+impl EventLog {
+    /// Opens this node's copy of a shared log and brings it up to date
+    /// from the database. A copy that is ahead of the database (the data
+    /// directory was used with another database) is thrown away and made
+    /// again. Unfinished turns are left alone: closing them is for the
+    /// node that takes the loop's lease.
+    pub fn open_shared(
+        path: PathBuf,
+        pg: Arc<Pg>,
+        loop_id: Uuid,
+    ) -> Result<(Arc<Self>, Recovered), StoreError> {
+        let (log, mut recovered) = Self::open_copy(path, pg.clone(), loop_id)?;
+        let head = pg
+            .block(shared_log::lease(&pg, loop_id))?
+            .map_or(0, |l| l.head);
+        if log.last_seq() > head as u64 {
+            let path = log.path.clone();
+            tracing::warn!(path = %path.display(), "this node's copy of the log is ahead of the database; making it again");
+            drop(log);
+            std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            return Self::open_shared(path, pg, loop_id);
+        }
+        let caught = pg.block(log.catch_up())?;
+        recovered.idem.extend(caught.idem);
+        Ok((log, recovered))
+    }
+
+    /// Opens this node's copy as it is on disk, without asking the database
+    /// anything (for a loop first seen while the server runs: the copy is
+    /// brought up to date by [`Self::catch_up`] afterwards).
+    pub fn open_copy(
+        path: PathBuf,
+        pg: Arc<Pg>,
+        loop_id: Uuid,
+    ) -> Result<(Arc<Self>, Recovered), StoreError> {
+        let remote = || Remote {
+            pg: pg.clone(),
+            loop_id,
+            generation: AtomicI64::new(0),
+            writer: Mutex::new(()),
+        };
+        Self::open_file(path, Some(remote()))
+    }
+
+    /// The database side, when the log is shared.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
+    }
+
+    /// The loop's last seq as this node has it.
+    pub fn last_seq(&self) -> u64 {
+        self.view(|v| v.next_seq - 1)
+    }
+
+    /// Writes from now on go out under lease `generation` (this node just
+    /// took the lease, and caught up first).
+    pub fn hold(&self, generation: i64) {
+        if let Some(remote) = &self.remote {
+            remote.generation.store(generation, Ordering::SeqCst);
+        }
+    }
+
+    /// This node gave up (or lost) the lease: it writes nothing more.
+    /// Returns the generation it held, if any.
+    pub fn let_go(&self) -> Option<i64> {
+        let held = self.remote.as_ref()?.generation.swap(0, Ordering::SeqCst);
+        (held != 0).then_some(held)
+    }
+
+    /// The generation this node writes under, if it holds the lease.
+    pub fn held(&self) -> Option<i64> {
+        let held = self.remote.as_ref()?.generation.load(Ordering::SeqCst);
+        (held != 0).then_some(held)
+    }
+
+    /// Brings this node's copy up to the database's head (nothing to do
+    /// while this node holds the lease: it wrote them). Returns the
+    /// idempotency records of the messages it found.
+    pub async fn catch_up(self: &Arc<Self>) -> Result<Recovered, StoreError> {
+        let mut found = Recovered::default();
+        let Some(remote) = &self.remote else {
+            return Ok(found);
+        };
+        loop {
+            if self.held().is_some() {
+                return Ok(found);
+            }
+            let after = self.last_seq();
+            let rows =
+                shared_log::read_after(&remote.pg, remote.loop_id, after, CATCH_UP_ROWS).await?;
+            if rows.is_empty() {
+                return Ok(found);
+            }
+            let full = rows.len() as i64 == CATCH_UP_ROWS;
+            let log = self.clone();
+            let applied = tokio::task::spawn_blocking(move || log.apply_stored(&rows))
+                .await
+                .map_err(|e| StoreError::io(&self.path, std::io::Error::other(e)))??;
+            found.idem.extend(applied.idem);
+            if !full {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// Takes in events another node wrote, in seq order from the next one
+    /// this copy lacks (rows it already has are skipped; a gap stops).
+    fn apply_stored(&self, rows: &[(i64, String)]) -> Result<Recovered, StoreError> {
+        let _writing = self.remote.as_ref().map(Remote::writing);
+        let mut guard = self.state.lock().expect("log poisoned");
+        let state = &mut *guard;
+        let mut expected = state.view.next_seq;
+        let mut parsed = Vec::with_capacity(rows.len());
+        let mut lines = Vec::new();
+        let mut frames = BytesMut::new();
+        let mut scratch = Vec::new();
+        for (seq, line) in rows {
+            let seq = *seq as u64;
+            if seq < expected {
+                continue;
+            }
+            if seq > expected {
+                break;
+            }
+            let stored: StoredEvent =
+                serde_json::from_str(line).map_err(|e| StoreError::Corrupt {
+                    path: PathBuf::from(format!("database events of loop_{}", self.loop_uuid())),
+                    line: seq as usize,
+                    column: e.column(),
+                    message: e.to_string(),
+                })?;
+            let offset = state.len + lines.len() as u64;
+            let before = frames.len();
+            frame_into(seq, &stored.event, &mut scratch, &mut frames);
+            lines.extend_from_slice(line.as_bytes());
+            lines.push(b'\n');
+            parsed.push((stored, offset, frames.len() - before));
+            expected += 1;
+        }
+        let mut found = Recovered::default();
+        if parsed.is_empty() {
+            return Ok(found);
+        }
+        if state.copy_ok {
+            use std::io::Write;
+            if let Err(e) = state.file.write_all(&lines) {
+                let _ = state.file.set_len(state.len);
+                tracing::error!(path = %self.path.display(), error = %e,
+                    "this node's copy of an event log cannot be written; restart the node to rebuild it");
+                state.copy_ok = false;
+            }
+        }
+        let block = frames.freeze();
+        let mut at_byte = 0;
+        for (stored, offset, len) in parsed {
+            let frame = block.slice(at_byte..at_byte + len);
+            at_byte += len;
+            state.admit(stored.seq, stored.at, offset, &stored.event, frame, &block);
+            if let (
+                Some(idem),
+                crate::runtime::events::Event::UserMessage {
+                    turn_id,
+                    created_at,
+                    ..
+                },
+            ) = (stored.idem, &stored.event)
+            {
+                found
+                    .idem
+                    .push((idem, turn_id.to_string(), stored.seq, *created_at));
+            }
+        }
+        state.len += lines.len() as u64;
+        state.trim_ring();
+        let last = state.view.next_seq - 1;
+        drop(guard);
+        self.announce.send_replace(last);
+        Ok(found)
+    }
+
+    fn loop_uuid(&self) -> Uuid {
+        self.remote.as_ref().map_or(Uuid::nil(), |r| r.loop_id)
+    }
+}

@@ -1,0 +1,154 @@
+//! Loop records in the shared database: what `meta.json` holds on files,
+//! one row per loop, announced on `loopd_loops` when it changes so every
+//! node's in-memory index follows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::StoreError;
+use super::loops::{LoopId, LoopRecord};
+use super::pg::{Pg, Watermark};
+
+const CHANNEL: &str = "loopd_loops";
+
+pub type Index = Arc<RwLock<HashMap<LoopId, LoopRecord>>>;
+
+/// Every loop record, and the highest version among them.
+pub async fn load_all(pg: &Pg) -> Result<(HashMap<LoopId, LoopRecord>, i64), StoreError> {
+    let rows: Vec<(Json<LoopRecord>, i64)> = sqlx::query_as("SELECT record, version FROM loops")
+        .fetch_all(pg.pool())
+        .await?;
+    let highest = rows.iter().map(|(_, v)| *v).max().unwrap_or(0);
+    Ok((
+        rows.into_iter().map(|(Json(r), _)| (r.id, r)).collect(),
+        highest,
+    ))
+}
+
+/// Writes a record (new or changed) and announces it.
+pub async fn upsert(pg: &Pg, record: &LoopRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "WITH up AS (INSERT INTO loops (id, created_by, record) VALUES ($1, $2, $3) \
+         ON CONFLICT (id) DO UPDATE SET record = $3, version = nextval('changes') RETURNING 1) \
+         SELECT pg_notify($4, $1::text) FROM up",
+    )
+    .bind(record.id.0)
+    .bind(&record.created_by)
+    .bind(Json(record))
+    .bind(CHANNEL)
+    .execute(pg.pool())
+    .await?;
+    Ok(())
+}
+
+/// Writes a new record unless its creator already has `max_active` loops
+/// that are not archived, counted across every node: creators are taken
+/// one at a time (a transaction-scoped advisory lock on the name).
+/// Returns how many they have when refused.
+pub async fn insert_within(
+    pg: &Pg,
+    record: &LoopRecord,
+    max_active: usize,
+) -> Result<Result<(), usize>, StoreError> {
+    let mut tx = pg.pool().begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('loops/' || $1))")
+        .bind(&record.created_by)
+        .execute(&mut *tx)
+        .await?;
+    let active: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM loops WHERE created_by = $1 AND NOT (record->>'archived')::boolean",
+    )
+    .bind(&record.created_by)
+    .fetch_one(&mut *tx)
+    .await?;
+    let active = usize::try_from(active).unwrap_or(usize::MAX);
+    if active >= max_active {
+        return Ok(Err(active));
+    }
+    sqlx::query("INSERT INTO loops (id, created_by, record) VALUES ($1, $2, $3)")
+        .bind(record.id.0)
+        .bind(&record.created_by)
+        .bind(Json(record))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT pg_notify($1, $2::text)")
+        .bind(CHANNEL)
+        .bind(record.id.0)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Ok(()))
+}
+
+/// Removes a record that was never used (its workspace could not be made).
+pub async fn delete(pg: &Pg, id: LoopId) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM loops WHERE id = $1")
+        .bind(id.0)
+        .execute(pg.pool())
+        .await?;
+    Ok(())
+}
+
+/// Keeps `index` following the database: a notified id is re-read at once,
+/// and every poll re-reads what changed lately.
+pub fn follow(pg: &Arc<Pg>, index: Index, highest: i64) {
+    let watermark = Arc::new(Mutex::new(Watermark::default()));
+    watermark.lock().expect("watermark").saw(highest);
+    // Weak: the database's list of watchers must not keep it alive.
+    let pg2 = Arc::downgrade(pg);
+    pg.watch(
+        CHANNEL,
+        Arc::new(move |payload: Option<String>| {
+            let (pg, index, watermark) = (pg2.clone(), index.clone(), watermark.clone());
+            Box::pin(async move {
+                let Some(pg) = pg.upgrade() else { return };
+                let read = match payload.as_deref().map(Uuid::parse_str) {
+                    Some(Ok(id)) => changed_one(&pg, id).await,
+                    Some(Err(_)) => return,
+                    None => {
+                        let floor = watermark.lock().expect("watermark").floor();
+                        changed_since(&pg, floor).await
+                    }
+                };
+                match read {
+                    Ok(rows) => {
+                        let highest = rows.iter().map(|(_, v)| *v).max();
+                        let mut index = index.write().expect("loop index poisoned");
+                        for (Json(mut record), _) in rows {
+                            // Activity this node noted but has not written yet stays.
+                            if let Some(known) = index.get(&record.id) {
+                                record.last_active_at =
+                                    record.last_active_at.max(known.last_active_at);
+                            }
+                            index.insert(record.id, record);
+                        }
+                        drop(index);
+                        if let Some(h) = highest {
+                            watermark.lock().expect("watermark").saw(h);
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "could not read changed loops"),
+                }
+            })
+        }),
+    );
+}
+
+type Row = (Json<LoopRecord>, i64);
+
+async fn changed_one(pg: &Pg, id: Uuid) -> Result<Vec<Row>, sqlx::Error> {
+    sqlx::query_as("SELECT record, version FROM loops WHERE id = $1")
+        .bind(id)
+        .fetch_all(pg.pool())
+        .await
+}
+
+async fn changed_since(pg: &Pg, floor: i64) -> Result<Vec<Row>, sqlx::Error> {
+    sqlx::query_as("SELECT record, version FROM loops WHERE version > $1")
+        .bind(floor)
+        .fetch_all(pg.pool())
+        .await
+}

@@ -1,0 +1,303 @@
+//! A throwaway Postgres server for the tests: Debian's `initdb` and
+//! `postgres` on a temporary directory, on a loopback port; one per test
+//! process (it dies with the process), a new database for each data
+//! directory a test uses.
+//!
+//! `LOOPD_TEST_BACKEND=postgres` runs the whole suite on it: every
+//! `TestApp` (and every account store a test opens) then lives in a
+//! database instead of the data directory's files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use loopd::store::{Accounts, Pg};
+
+/// Where a data directory's database is remembered (so a test that
+/// restarts a server on the same directory gets the same database).
+const DATABASE_FILE: &str = ".test-database-url";
+
+/// Whether this run puts every test server on Postgres.
+pub fn on_postgres() -> bool {
+    std::env::var("LOOPD_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+pub struct PgServer {
+    port: u16,
+    bin: PathBuf,
+}
+
+/// The one server of this test process, started on first use.
+pub fn server() -> &'static PgServer {
+    static SERVER: OnceLock<PgServer> = OnceLock::new();
+    SERVER.get_or_init(PgServer::start)
+}
+
+/// The database of the data directory `dir`: made on first use.
+pub fn database_for(dir: &Path) -> String {
+    let file = dir.join(DATABASE_FILE);
+    if let Ok(url) = std::fs::read_to_string(&file) {
+        return url;
+    }
+    let url = server().new_database();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&file, &url).unwrap();
+    url
+}
+
+/// The accounts in `url`'s database, as the CLI would open them.
+pub fn accounts(url: &str) -> Accounts {
+    let url = url.to_owned();
+    let pg = std::thread::scope(|s| {
+        s.spawn(|| runtime().block_on(Pg::connect(&url)).unwrap())
+            .join()
+            .unwrap()
+    });
+    Accounts::open_pg(&pg).unwrap()
+}
+
+/// A runtime for the tests' own database handles (the servers under test
+/// have their own).
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+impl PgServer {
+    /// `postgres://…` of a new, empty database.
+    pub fn new_database(&self) -> String {
+        let name = format!("t_{}", loopd::ids::random_hex(8));
+        let status = Command::new(self.bin.join("createdb"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                &name,
+            ])
+            .status()
+            .expect("createdb runs");
+        assert!(status.success(), "createdb {name} failed");
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    fn start() -> Self {
+        let bin = bin_dir();
+        let root = tempfile::Builder::new()
+            .prefix("loopd-test-pg-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let data = root.join("data");
+        let owner = owner();
+        if let Some((uid, gid)) = owner {
+            // initdb and postgres refuse to run as root.
+            std::os::unix::fs::chown(&root, Some(uid.as_raw()), Some(gid.as_raw())).unwrap();
+        }
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ])
+            .stdout(Stdio::null());
+        as_owner(&mut initdb, owner);
+        assert!(
+            initdb.status().expect("initdb runs").success(),
+            "initdb failed"
+        );
+        let port = free_port();
+        let (bin2, root2) = (bin.clone(), root.clone());
+        // The thread that starts postgres waits for it for good: postgres
+        // is told to quit when that thread (so this process) is gone.
+        std::thread::spawn(move || {
+            let mut postgres = Command::new(bin2.join("postgres"));
+            postgres
+                .args(["-D", root2.join("data").to_str().unwrap()])
+                .args(["-k", root2.to_str().unwrap(), "-p", &port.to_string()])
+                .args([
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "max_connections=1000",
+                ])
+                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+                .args(["-c", "full_page_writes=off", "-c", "shared_buffers=32MB"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(root2.join("postgres.log")).unwrap());
+            as_owner(&mut postgres, owner);
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                postgres.pre_exec(|| {
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)
+                        .map_err(std::io::Error::from)
+                });
+            }
+            let mut child = postgres.spawn().expect("postgres starts");
+            let _ = child.wait();
+        });
+        let server = Self { port, bin };
+        server.wait_ready(&root);
+        server
+    }
+
+    fn wait_ready(&self, root: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not come up; see {}",
+                root.join("postgres.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Debian's server binaries: `/usr/lib/postgresql/<version>/bin`, the
+/// newest there (or `$LOOPD_TEST_PG_BIN`).
+fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("LOOPD_TEST_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, bin)| bin)
+        .expect("no Postgres server found: install Debian's `postgresql` package (see .ci/run)")
+}
+
+/// The user the server runs as when the tests run as root: `postgres`.
+fn owner() -> Option<(nix::unistd::Uid, nix::unistd::Gid)> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let user = nix::unistd::User::from_name("postgres")
+        .unwrap()
+        .expect("running as root needs the `postgres` user (Debian's postgresql package makes it)");
+    Some((user.uid, user.gid))
+}
+
+fn as_owner(cmd: &mut Command, owner: Option<(nix::unistd::Uid, nix::unistd::Gid)>) {
+    use std::os::unix::process::CommandExt;
+    if let Some((uid, gid)) = owner {
+        cmd.uid(uid.as_raw()).gid(gid.as_raw());
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A document (`users`, `api-tokens`, `sessions`) and its version, as the
+/// database holds it.
+pub fn document(url: &str, name: &str) -> Option<(serde_json::Value, i64)> {
+    let sql = "SELECT body, version FROM documents WHERE name = $1";
+    let name = name.to_owned();
+    query(url, move |pool| {
+        Box::pin(async move {
+            sqlx::query_as(sql)
+                .bind(name)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        })
+    })
+}
+
+/// Replaces a document (a migration of the schema first, as a server would).
+pub fn set_document(url: &str, name: &str, body: serde_json::Value) {
+    let name = name.to_owned();
+    let url2 = url.to_owned();
+    query(url, move |pool| {
+        Box::pin(async move {
+            pool.close().await;
+            let pg = Pg::connect(&url2).await.unwrap();
+            sqlx::query(
+                "INSERT INTO documents (name, body) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET body = $2",
+            )
+            .bind(name)
+            .bind(sqlx::types::Json(body))
+            .execute(pg.pool())
+            .await
+            .unwrap();
+        })
+    })
+}
+
+/// A loop's record as the database holds it.
+pub fn loop_record(url: &str, uuid: uuid::Uuid) -> Option<serde_json::Value> {
+    query(url, move |pool| {
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT record FROM loops WHERE id = $1")
+                .bind(uuid)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        })
+    })
+}
+
+/// Runs one query on `url`'s database, from any test.
+fn query<T: Send>(
+    url: &str,
+    run: impl FnOnce(sqlx::PgPool) -> futures_util::future::BoxFuture<'static, T> + Send,
+) -> T {
+    let url = url.to_owned();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            runtime().block_on(async move {
+                let pool = sqlx::PgPool::connect(&url).await.unwrap();
+                let out = run(pool.clone()).await;
+                pool.close().await;
+                out
+            })
+        })
+        .join()
+        .unwrap()
+    })
+}
