@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use loopd::cli::{Cli, Command, LogFormat, run_token, run_user};
+use loopd::cli::{Cli, Command, LogFormat, run_migrate, run_token, run_user};
 use loopd::config::resolve_data_dir;
 use loopd::store::{Accounts, DataDir, Pg};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(serve(config))
+        }
+        Command::Migrate => {
+            let url = cli.database_url.context(
+                "migrate copies into the database of --database-url (LOOPD_DATABASE_URL)",
+            )?;
+            let dir = DataDir::create(data_dir)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let pg = Pg::connect(&url)
+                        .await
+                        .context("cannot open the database")?;
+                    run_migrate(&dir, &pg, &mut std::io::stdout()).await
+                })
         }
         Command::User(cmd) => with_accounts(data_dir, cli.database_url, |accounts| {
             run_user(accounts, cmd, &mut std::io::stdout())

@@ -2,6 +2,7 @@
 //! environment variable for every flag).
 
 mod manage;
+mod migrate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use crate::agent::{AgentKind, PermissionMode};
 use crate::config::{self, Config, ConnLimits, DEFAULT_MAX_AGENTS, Limits, Rate};
 
 pub use manage::{run_token, run_user};
+pub use migrate::run_migrate;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,6 +59,10 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
+    /// Copy the data directory (users, tokens, sessions, loops and their
+    /// logs) into the database of --database-url; what is there already is
+    /// kept, so an interrupted copy is finished by running it again.
+    Migrate,
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),

@@ -156,6 +156,9 @@ impl Actor {
             match self.wait().await {
                 Wake::Command(Some(Command::Stop { reason, reply })) => {
                     self.stop(reason).await;
+                    if let Some(cluster) = self.shared.cluster.clone() {
+                        cluster.release(self.id, &self.log).await;
+                    }
                     let _ = reply.send(());
                     return;
                 }

@@ -381,7 +381,9 @@ impl Runtime {
         match cluster.claim(id, &log).await? {
             Claim::Elsewhere(owner) => Err(RuntimeError::Elsewhere(owner)),
             Claim::Mine { previous } => {
-                let restarted = previous.as_deref() == Some(cluster.me.as_str());
+                // Nobody before it (a loop copied by `loopd migrate`), or
+                // this node itself: as after a restart on one node.
+                let restarted = previous.is_none_or(|p| p == cluster.me);
                 self.settle(id, &log, restarted).await
             }
         }

@@ -1,5 +1,10 @@
 //! Integration tests: the real server on a loopback port, spoken to over HTTP,
-//! and the real `loopd` binary for the command line.
+//! and the real `loopd` binary for the command line. `tests/postgres` runs
+//! these same files with every server on Postgres.
+
+/// Test servers keep their state in the data directory's files (unless
+/// `LOOPD_TEST_BACKEND=postgres`).
+pub const ON_POSTGRES: bool = false;
 
 mod auth;
 mod bot;
@@ -7,6 +12,7 @@ mod capture;
 mod claude;
 mod claude_cli;
 mod cli;
+mod cluster;
 mod contract;
 mod docs;
 mod echo;

@@ -3,9 +3,9 @@
 //! process (it dies with the process), a new database for each data
 //! directory a test uses.
 //!
-//! `LOOPD_TEST_BACKEND=postgres` runs the whole suite on it: every
-//! `TestApp` (and every account store a test opens) then lives in a
-//! database instead of the data directory's files.
+//! The `postgres` test target (`tests/postgres`) runs the whole suite on
+//! it: every `TestApp` (and every account store a test opens) then lives
+//! in a database instead of the data directory's files.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,9 +18,10 @@ use loopd::store::{Accounts, Pg};
 /// restarts a server on the same directory gets the same database).
 const DATABASE_FILE: &str = ".test-database-url";
 
-/// Whether this run puts every test server on Postgres.
+/// Whether this run puts every test server on Postgres: the `postgres`
+/// test target, or `LOOPD_TEST_BACKEND=postgres`.
 pub fn on_postgres() -> bool {
-    std::env::var("LOOPD_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+    crate::ON_POSTGRES || std::env::var("LOOPD_TEST_BACKEND").is_ok_and(|b| b == "postgres")
 }
 
 pub struct PgServer {
@@ -299,5 +300,34 @@ fn query<T: Send>(
         })
         .join()
         .unwrap()
+    })
+}
+
+/// Takes a loop's lease for a node that does not exist (a new generation).
+pub fn steal_lease(url: &str, uuid: uuid::Uuid) {
+    query(url, move |pool| {
+        Box::pin(async move {
+            sqlx::query(
+                "UPDATE leases SET owner = 'http://elsewhere.invalid', generation = generation + 1, \
+                 expires_at = now() + interval '1 hour' WHERE loop_id = $1",
+            )
+            .bind(uuid)
+            .execute(&pool)
+            .await
+            .unwrap();
+        })
+    })
+}
+
+/// A loop's event lines as the database has them.
+pub fn lines(url: &str, uuid: uuid::Uuid) -> Vec<String> {
+    query(url, move |pool| {
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT line FROM events WHERE loop_id = $1 ORDER BY seq")
+                .bind(uuid)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        })
     })
 }

@@ -59,11 +59,20 @@ impl TestApp {
 
     /// A server with this configuration (its data directory is not removed).
     /// With `LOOPD_TEST_BACKEND=postgres`, on the data directory's database.
-    pub async fn start_with(mut config: Config) -> Self {
+    pub async fn start_with(config: Config) -> Self {
+        Self::start_on(config, crate::pg::on_postgres()).await
+    }
+
+    /// A server on the data directory's files, whatever the suite runs on.
+    pub async fn start_on_files(config: Config) -> Self {
+        Self::start_on(config, false).await
+    }
+
+    async fn start_on(mut config: Config, postgres: bool) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        if crate::pg::on_postgres() && config.cluster.is_none() {
+        if postgres && config.cluster.is_none() {
             config.cluster = Some(loopd::config::Cluster {
                 database_url: crate::pg::database_for(&config.data_dir),
                 advertise_url: format!("http://{addr}"),
@@ -92,6 +101,21 @@ impl TestApp {
             _tmp: None,
             shutdown,
             server: Some(server),
+            http: reqwest::Client::new(),
+        };
+        app.wait_until_healthy().await;
+        app
+    }
+
+    /// A server that runs as its own process (a node of a cluster test):
+    /// the helpers work on it; stopping it is the caller's.
+    pub async fn external(addr: SocketAddr, dir: PathBuf) -> Self {
+        let app = Self {
+            addr,
+            dir,
+            _tmp: None,
+            shutdown: CancellationToken::new(),
+            server: None,
             http: reqwest::Client::new(),
         };
         app.wait_until_healthy().await;

@@ -1,0 +1,387 @@
+//! Several `loopd serve` processes on one Postgres database, on loopback
+//! ports: any node answers any request, one node runs each loop's agent,
+//! and a node killed with SIGKILL costs only the turn it was running.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::support::{Auth, PASSWORD, TestApp, assert_error, eventually, names};
+
+/// Lease time of the test nodes: a dead node's loops move after this.
+const LEASE_TTL: &str = "3";
+
+struct Node {
+    app: TestApp,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Node {
+    async fn start(database: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_loopd"))
+            .args([
+                "serve",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--agent",
+                "echo",
+            ])
+            .args(["--lease-ttl", LEASE_TTL])
+            .env("LOOPD_DATA_DIR", dir.path())
+            .env("LOOPD_DATABASE_URL", database)
+            .env("LOOPD_LOG", "info,sqlx=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let app = TestApp::external(addr, dir.path().to_owned()).await;
+        Self {
+            app,
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.app.addr)
+    }
+
+    /// kill -9: no goodbye, no lease given back.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.app.dir.join("node.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `n` nodes on a new database holding users alice and bob.
+async fn cluster(n: usize) -> (String, Vec<Node>) {
+    let database = crate::pg::server().new_database();
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(Node::start(&database).await);
+    }
+    let accounts = crate::pg::accounts(&database);
+    for name in ["alice", "bob"] {
+        accounts.users.add(name, false, PASSWORD).unwrap();
+    }
+    // Every node knows them (the change feed), before the test starts.
+    for node in &nodes {
+        eventually("the users on every node", async || {
+            let body = json!({"username": "alice", "password": PASSWORD});
+            node.app.post("/api/auth/login", &Auth::None, body).await.0 == StatusCode::OK
+        })
+        .await;
+    }
+    (database, nodes)
+}
+
+fn workspace_of(node: &Node, loop_id: &str) -> PathBuf {
+    let uuid = loop_id.strip_prefix("loop_").unwrap();
+    node.app.dir.join("loops").join(uuid).join("workspace")
+}
+
+/// Every event of the loop, as `node` serves them from the start.
+async fn all_events(node: &Node, auth: &Auth, loop_id: &str, until_seq: u64) -> Vec<(u64, String)> {
+    let mut stream = node.app.watch(auth, loop_id, Some(0)).await;
+    let mut out = Vec::new();
+    while out.last().is_none_or(|(seq, _)| *seq < until_seq) {
+        let e = stream.next().await.expect("the stream ended early");
+        out.push((e.id.unwrap(), e.name));
+    }
+    out
+}
+
+fn assert_contiguous(events: &[(u64, String)]) {
+    let seqs: Vec<u64> = events.iter().map(|(s, _)| *s).collect();
+    let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, want, "no gap, no duplicate: {events:?}");
+}
+
+#[tokio::test]
+async fn three_nodes_behave_as_one() {
+    let (_db, nodes) = cluster(3).await;
+    let (a, b, c) = (&nodes[0].app, &nodes[1].app, &nodes[2].app);
+    // A token made through A works on C.
+    let alice = a.bearer("alice").await;
+    eventually("A's token on C", async || {
+        c.get("/api/auth/me", &alice).await.1["user_id"] == "alice"
+    })
+    .await;
+
+    // Create on A; C sees it at once (it reads the database's record).
+    let id = a.create_loop(&alice, json!({"title": "shared"})).await;
+    eventually("the loop on C", async || {
+        c.get(&format!("/api/v1/loops/{id}"), &alice).await.0 == StatusCode::OK
+    })
+    .await;
+
+    // Send on B: B takes the loop and runs its agent. C watches from the
+    // user_message on, with Last-Event-ID.
+    let mut sent = b.send(&alice, &id, "/hold first").await;
+    let started = sent.until("started").await.pop().unwrap().id.unwrap();
+    // From just after the user_message on (its seq is the one before).
+    let mut watcher = c.watch(&alice, &id, Some(started - 1)).await;
+    assert_eq!(watcher.next().await.unwrap().id, Some(started));
+    let (_, detail) = c.get(&format!("/api/v1/loops/{id}"), &alice).await;
+    assert_eq!(detail["node"], json!(nodes[1].url()), "{detail}");
+    assert_eq!(detail["busy"], true);
+    std::fs::write(workspace_of(&nodes[1], &id).join("first"), "").unwrap();
+    let from_b = sent.until_end().await;
+    let from_c = watcher.until("done").await;
+    let ids = |events: &[crate::support::Sse]| -> Vec<(Option<u64>, String)> {
+        events.iter().map(|e| (e.id, e.name.clone())).collect()
+    };
+    assert_eq!(ids(&from_b), ids(&from_c), "the same events, the same seqs");
+
+    // A choice asked through A (forwarded to B), answered on C.
+    let mut asking = a.send(&alice, &id, "/permission ls").await;
+    let asked = asking.until("requires_choice").await;
+    let choice = asked.last().unwrap().data["choice_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = c.choose(&alice, &id, &choice, json!({"allow": true})).await;
+    assert!(status.is_success(), "{status} {body}");
+    let rest = asking.until_end().await;
+    assert!(names(&rest).contains(&"choice_resolved"), "{rest:?}");
+    assert_eq!(rest.last().unwrap().name, "done");
+
+    // Interrupt through A (not the owner): the held turn on B stops.
+    let mut held = c.send(&alice, &id, "/hold never").await;
+    held.until("assistant_delta").await;
+    let (status, body) = a
+        .post(&format!("/api/v1/loops/{id}/interrupt"), &alice, json!({}))
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    let interrupted = held.until_end().await.pop().unwrap();
+    assert_eq!(interrupted.name, "interrupted");
+    let last_seq = interrupted.id.unwrap();
+
+    // Bob sees none of it on any node.
+    let bob = b.bearer("bob").await;
+    for node in [a, b, c] {
+        // (Once his new token has reached the node.)
+        eventually("bob refused", async || {
+            let got = node.get(&format!("/api/v1/loops/{id}"), &bob).await;
+            got.0 != StatusCode::UNAUTHORIZED
+        })
+        .await;
+        let got = node.get(&format!("/api/v1/loops/{id}"), &bob).await;
+        assert_eq!(got.0, StatusCode::FORBIDDEN, "{}", got.1);
+    }
+
+    // Archive through C: B stops the agent; every node lists it archived.
+    let (status, _) = c.delete(&format!("/api/v1/loops/{id}"), &alice).await;
+    assert!(status.is_success(), "{status}");
+    for node in [a, b, c] {
+        eventually("archived everywhere", async || {
+            node.get(&format!("/api/v1/loops/{id}"), &alice).await.1["archived"] == true
+        })
+        .await;
+    }
+    eventually("B gives the loop back", async || {
+        c.get(&format!("/api/v1/loops/{id}"), &alice).await.1["node"] == Value::Null
+    })
+    .await;
+
+    // One log: every node serves the same events with the same seqs, 1 to
+    // the last, and the same turns.
+    let on_a = all_events(&nodes[0], &alice, &id, last_seq).await;
+    assert_contiguous(&on_a);
+    assert_eq!(on_a, all_events(&nodes[2], &alice, &id, last_seq).await);
+    assert_eq!(on_a, all_events(&nodes[1], &alice, &id, last_seq).await);
+    let (_, turns) = c.get(&format!("/api/v1/loops/{id}/turns"), &alice).await;
+    assert_eq!(turns["data"].as_array().unwrap().len(), 3, "{turns}");
+    assert_eq!(
+        turns,
+        a.get(&format!("/api/v1/loops/{id}/turns"), &alice).await.1
+    );
+
+    // A token revoked on A is refused by C.
+    let session = a.session("alice").await;
+    let (_, list) = a.get("/api/v1/me/tokens", &session).await;
+    for token in list["tokens"].as_array().unwrap() {
+        let token_id = token["tokenId"].as_str().unwrap();
+        let (status, _) = a
+            .delete(&format!("/api/v1/me/tokens/{token_id}"), &session)
+            .await;
+        assert!(status.is_success());
+    }
+    eventually("the revocation on C", async || {
+        c.get("/api/auth/me", &alice).await.0 == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert_error(
+        &c.get("/api/auth/me", &alice).await,
+        401,
+        "authentication_error",
+        "invalid_token",
+    );
+}
+
+#[tokio::test]
+async fn a_killed_node_costs_only_the_turn_it_was_running() {
+    let (_db, mut nodes) = cluster(2).await;
+    let alice = nodes[0].app.bearer("alice").await;
+    let id = nodes[0].app.create_loop(&alice, json!({})).await;
+    // B runs the loop: a held turn, and one queued behind it (sent through A).
+    let mut running = nodes[1].app.send(&alice, &id, "/hold never").await;
+    running.until("assistant_delta").await;
+    let mut queued = nodes[0].app.send(&alice, &id, "after the loss").await;
+    queued.until("queued").await;
+    let mut watcher = nodes[0].app.watch(&alice, &id, None).await;
+
+    nodes[1].kill();
+
+    // A takes the loop over once B's lease expires: the running turn ends
+    // node_lost, the queued one runs on A.
+    let lost = watcher.until("error").await;
+    let error = lost.last().unwrap();
+    assert_eq!(
+        error.data["code"],
+        "node_lost",
+        "{:?}\n{}",
+        lost,
+        nodes[0].log()
+    );
+    let next = watcher.until("done").await;
+    assert_eq!(names(&next)[0], "started", "{next:?}");
+    assert!(
+        crate::support::text(&next).contains("after the loss"),
+        "{next:?}"
+    );
+    let (_, detail) = nodes[0]
+        .app
+        .get(&format!("/api/v1/loops/{id}"), &alice)
+        .await;
+    assert_eq!(detail["node"], json!(nodes[0].url()), "{detail}");
+
+    // The next message works, and the log has no gap and no duplicate.
+    let more = nodes[0]
+        .app
+        .send(&alice, &id, "and more")
+        .await
+        .until_end()
+        .await;
+    assert_eq!(more.last().unwrap().name, "done");
+    let last = more.last().unwrap().id.unwrap();
+    let events = all_events(&nodes[0], &alice, &id, last).await;
+    assert_contiguous(&events);
+    let (_, turns) = nodes[0]
+        .app
+        .get(&format!("/api/v1/loops/{id}/turns"), &alice)
+        .await;
+    let statuses: Vec<&str> = turns["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["error", "done", "done"], "{turns}");
+}
+
+#[tokio::test]
+async fn a_data_directory_migrates_into_the_database_and_a_node_serves_it() {
+    // A single node on files, with a loop and a finished turn.
+    let tmp = tempfile::tempdir().unwrap();
+    let files = loopd::store::DataDir::create(tmp.path()).unwrap();
+    let accounts = loopd::store::Accounts::open(&files).unwrap();
+    accounts.users.add("alice", false, PASSWORD).unwrap();
+    // On files, whatever backend the suite runs on.
+    let app = TestApp::start_on_files(loopd::Config::for_data_dir(tmp.path())).await;
+    let alice = app.bearer("alice").await;
+    let id = app.create_loop(&alice, json!({"title": "old"})).await;
+    let said = app.send(&alice, &id, "from before").await.until_end().await;
+    let last = said.last().unwrap().id.unwrap();
+    let (dir, _) = app.stop().await;
+    let _keep = tmp;
+
+    let database = crate::pg::server().new_database();
+    let migrate = || {
+        Command::new(env!("CARGO_BIN_EXE_loopd"))
+            .args(["migrate"])
+            .env("LOOPD_DATA_DIR", &dir)
+            .env("LOOPD_DATABASE_URL", &database)
+            .output()
+            .unwrap()
+    };
+    let first = migrate();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let said = String::from_utf8_lossy(&first.stdout).to_string();
+    assert!(
+        said.contains(&format!("1 loops and {last} events")),
+        "{said}"
+    );
+    // Again: nothing more to copy, nothing overwritten.
+    let again = migrate();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 documents, 0 loops and 0 events"));
+
+    // A node on the database serves it: the user, the loop, its log.
+    let node = Node::start(&database).await;
+    let alice = node.app.bearer("alice").await;
+    let (_, detail) = node.app.get(&format!("/api/v1/loops/{id}"), &alice).await;
+    assert_eq!(
+        (detail["title"].as_str(), detail["turn_count"].as_u64()),
+        (Some("old"), Some(1))
+    );
+    let events = all_events(&node, &alice, &id, last).await;
+    assert_contiguous(&events);
+    let next = node.app.send(&alice, &id, "after").await.until_end().await;
+    assert_eq!(next.last().unwrap().name, "done");
+    // Its user_message took the next seq after the copied ones.
+    assert_eq!(next[0].id, Some(last + 2));
+}
+
+#[tokio::test]
+async fn a_node_that_lost_its_lease_writes_nothing_more() {
+    let (database, nodes) = cluster(1).await;
+    let alice = nodes[0].app.bearer("alice").await;
+    let id = nodes[0].app.create_loop(&alice, json!({})).await;
+    let mut held = nodes[0].app.send(&alice, &id, "/hold never").await;
+    held.until("assistant_delta").await;
+    // Someone else takes the lease (as a node that believed this one dead).
+    let uuid: uuid::Uuid = id.strip_prefix("loop_").unwrap().parse().unwrap();
+    crate::pg::steal_lease(&database, uuid);
+    // The agent's next words are refused by the database: the node stops
+    // the loop there and writes nothing more.
+    std::fs::write(workspace_of(&nodes[0], &id).join("never"), "").unwrap();
+    eventually("the node to let the loop go", async || {
+        nodes[0]
+            .log()
+            .contains("another node holds this loop's lease")
+            || nodes[0].log().contains("lost the loop's lease")
+    })
+    .await;
+    // The agent's "released." came after the loss: it is not in the log.
+    let lines = crate::pg::lines(&database, uuid);
+    assert!(!lines.iter().any(|l| l.contains("released.")), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("Holding")), "{lines:#?}");
+}
