@@ -43,6 +43,9 @@ pub struct Config {
     pub limits: Limits,
     /// With `--database-url`: the database and this node's place among others.
     pub cluster: Option<Cluster>,
+    /// `--workspace-root`: loops' workspaces and agent homes live here
+    /// (storage all nodes share) instead of in the data directory.
+    pub workspace_root: Option<PathBuf>,
 }
 
 /// A node sharing one Postgres database with others.
@@ -261,6 +264,7 @@ impl Config {
             connections: ConnLimits::default(),
             limits: Limits::default(),
             cluster: None,
+            workspace_root: None,
         }
     }
 

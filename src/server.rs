@@ -132,6 +132,7 @@ async fn flush_periodically(
                 flush_last_used(accounts.clone()).await;
                 runtime.flush_touches().await;
                 guards.prune();
+                guards.prune_shared().await;
             }
             () = shutdown.cancelled() => return,
         }

@@ -44,12 +44,18 @@ impl AppState {
                 (Backend::Postgres(pg), Some(Arc::new(cluster)), Some(secret))
             }
         };
+        let backend_pg = match &backend {
+            Backend::Postgres(pg) => Some(pg.clone()),
+            Backend::Files => None,
+        };
         let data_dir = dir.clone();
+        let workspace_root = config.workspace_root.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            let loops = Arc::new(match &backend {
+            let loops = match &backend {
                 Backend::Files => LoopStore::open(data_dir.loops())?,
                 Backend::Postgres(pg) => LoopStore::open_pg(data_dir.loops(), pg.clone())?,
-            });
+            };
+            let loops = Arc::new(loops.with_work_root(workspace_root));
             let accounts = Arc::new(Accounts::open_on(&backend, &data_dir)?);
             Ok::<_, StoreError>((loops, accounts))
         })
@@ -70,7 +76,11 @@ impl AppState {
             .build()
             .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))?;
         Ok(Self {
-            guards: Arc::new(crate::http::limits::Guards::new(&config.limits)),
+            guards: Arc::new(match (&backend_pg, &node_secret) {
+                (Some(pg), Some(secret)) => crate::http::limits::Guards::new(&config.limits)
+                    .shared_with(pg.clone(), secret.clone()),
+                _ => crate::http::limits::Guards::new(&config.limits),
+            }),
             accounts,
             loops,
             catalog,

@@ -7,6 +7,7 @@ mod migrate;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::agent::sandbox::{Sandbox, SandboxMode};
@@ -132,6 +133,11 @@ pub struct ServeArgs {
     /// once it passes.
     #[arg(long, env = "LOOPD_LEASE_TTL", default_value_t = 15)]
     pub lease_ttl: u64,
+    /// Keep loops' workspaces and agent homes here instead of in the data
+    /// directory: on storage every node mounts at this path, a loop taken
+    /// over by another node keeps its files and its conversation.
+    #[arg(long, env = "LOOPD_WORKSPACE_ROOT")]
+    pub workspace_root: Option<PathBuf>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -288,6 +294,14 @@ impl ServeArgs {
             agent_env: self.agent_env,
             agent_base_env: std::env::vars().collect(),
             cluster,
+            workspace_root: self
+                .workspace_root
+                .map(|root| {
+                    std::fs::create_dir_all(&root)
+                        .and_then(|()| std::fs::canonicalize(&root))
+                        .with_context(|| format!("--workspace-root {}", root.display()))
+                })
+                .transpose()?,
         })
     }
 }

@@ -46,6 +46,9 @@ pub struct Guards {
     /// it is kept, never the secret.
     per_caller: Throttle<str>,
     streams: Arc<Budget<String>>,
+    /// On a shared database: the login throttles every node counts in
+    /// (checked after this node's own), salted with the cluster's secret.
+    shared: Option<(Arc<crate::store::Pg>, String)>,
 }
 
 /// A keyed GCRA throttle over a bounded map: a key counts in one of
@@ -134,6 +137,22 @@ impl Guards {
             per_caller: Throttle::new(limits.requests_per_caller),
             streams: Budget::new(limits.streams_per_user),
             limits: limits.clone(),
+            shared: None,
+        }
+    }
+
+    /// Login attempts are also counted across every node of `pg`.
+    pub fn shared_with(mut self, pg: Arc<crate::store::Pg>, salt: String) -> Self {
+        self.shared = Some((pg, salt));
+        self
+    }
+
+    /// Drops shared throttle keys that aged out (every minute).
+    pub async fn prune_shared(&self) {
+        if let Some((pg, _)) = &self.shared
+            && let Err(err) = crate::store::throttles::prune(pg).await
+        {
+            tracing::warn!(error = %err, "could not prune the shared login throttles");
         }
     }
 
@@ -158,6 +177,20 @@ impl Guards {
         let client = client_key(client);
         self.login_per_client.check(&client).map_err(too_many)?;
         let user = shown_username(username).to_lowercase();
+        if let Some((pg, salt)) = &self.shared {
+            let limits = &self.limits;
+            let per_client = format!("login/client/{client}");
+            let per_user = format!("login/user/{user}/{client}");
+            for (key, rate) in [
+                (per_client, limits.login_per_client),
+                (per_user, limits.login_per_user),
+            ] {
+                crate::store::throttles::check(pg, salt, &key, rate.burst, rate.period)
+                    .await
+                    .map_err(|e| ApiError::internal(e))?
+                    .map_err(too_many)?;
+            }
+        }
         self.login_per_user
             .check(&(user, client))
             .map_err(too_many)?;

@@ -141,6 +141,9 @@ fn copy_tree(src: &Path, dest: &Path) -> std::io::Result<()> {
 /// One loop, as the runtime knows it (paths as configured).
 pub struct Loop<'a> {
     pub data_dir: &'a Path,
+    /// `--workspace-root`, where every loop's workspace and home are (when
+    /// not in the data directory): hidden like the data directory.
+    pub work_root: Option<&'a Path>,
     pub loop_dir: &'a Path,
     pub workspace: &'a Path,
     pub repo: Option<&'a Path>,
@@ -165,11 +168,13 @@ pub fn sandboxed(l: &Loop) -> Result<Given, String> {
     let (data_dir, loop_dir, workspace) =
         (real(l.data_dir)?, real(l.loop_dir)?, real(l.workspace)?);
     let repo = l.repo.map(real).transpose()?;
+    let work_root = l.work_root.map(real).transpose()?;
     let server_home = env_var(l.server_env, "HOME");
     let home = prepare(&loop_dir, server_home.as_deref(), l.session)?;
     let credentials = credentials(l.server_env);
     let mounts = mounts(&LoopPaths {
         data_dir: &data_dir,
+        work_root: work_root.as_deref(),
         workspace: &workspace,
         home: &home,
         credentials: credentials.as_deref(),
@@ -198,6 +203,7 @@ pub fn credentials(server_env: &[(String, String)]) -> Option<PathBuf> {
 /// Where the parts of one loop are, on the host.
 pub struct LoopPaths<'a> {
     pub data_dir: &'a Path,
+    pub work_root: Option<&'a Path>,
     pub workspace: &'a Path,
     pub home: &'a Path,
     pub credentials: Option<&'a Path>,
@@ -208,11 +214,13 @@ pub struct LoopPaths<'a> {
 /// The mounts of a sandboxed agent, in order: the data directory emptied,
 /// then the loop's own parts bound back in.
 pub fn mounts(paths: &LoopPaths) -> Result<Vec<Mount>, String> {
-    let mut out = vec![
-        Mount::Empty(paths.data_dir.to_owned()),
+    let mut out = vec![Mount::Empty(paths.data_dir.to_owned())];
+    // Every other loop's workspace and home are under the root too.
+    out.extend(paths.work_root.map(|root| Mount::Empty(root.to_owned())));
+    out.extend([
         Mount::ReadWrite(paths.workspace.to_owned()),
         Mount::ReadWrite(paths.home.to_owned()),
-    ];
+    ]);
     if let Some(src) = paths.credentials {
         out.push(Mount::ReadOnlyAt {
             src: src.to_owned(),
@@ -380,6 +388,7 @@ mod tests {
         let home = tmp.path().join("loops/1/home");
         let got = mounts(&LoopPaths {
             data_dir: tmp.path(),
+            work_root: None,
             workspace: &ws,
             home: &home,
             credentials: Some(Path::new("/root/.claude/.credentials.json")),
@@ -415,6 +424,7 @@ mod tests {
         .unwrap();
         let paths = LoopPaths {
             data_dir: tmp.path(),
+            work_root: None,
             workspace: &ws,
             home: &home,
             credentials: None,

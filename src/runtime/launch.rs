@@ -32,7 +32,7 @@ pub async fn start(
 
 fn spec(shared: &Shared, id: LoopId, fresh_session: bool) -> Result<AgentSpec, String> {
     let record = shared.loops.get(id).ok_or("the loop is gone")?;
-    let loop_dir = shared.loops.loop_dir(id);
+    let loop_dir = shared.loops.work_dir(id);
     let workspace = loop_dir.join("workspace");
     let cwd = if workspace.is_dir() {
         workspace
@@ -67,6 +67,7 @@ fn spec(shared: &Shared, id: LoopId, fresh_session: bool) -> Result<AgentSpec, S
             let repo = record.repo.as_ref().map(|r| shared.catalog.repo_path(r));
             let given = agent_home::sandboxed(&agent_home::Loop {
                 data_dir: &config.data_dir,
+                work_root: config.workspace_root.as_deref(),
                 loop_dir: &loop_dir,
                 workspace: &cwd,
                 repo: repo.as_deref(),

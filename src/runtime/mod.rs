@@ -264,7 +264,7 @@ impl Runtime {
         let max = self.shared.config.limits.loops_per_user;
         let record = tokio::task::spawn_blocking(move || {
             let record = loops.create_within(new, max)?;
-            if let Err(err) = workspace::prepare(&loops.loop_dir(record.id), &catalog, &record) {
+            if let Err(err) = workspace::prepare(&loops.work_dir(record.id), &catalog, &record) {
                 loops.discard(record.id);
                 return Err(RuntimeError::from(err));
             }

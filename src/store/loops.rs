@@ -116,6 +116,7 @@ pub struct LoopStore {
     /// Where records are kept: `meta.json` files, or the shared database
     /// (then `dir` holds only this node's workspaces and logs' copies).
     pg: Option<Arc<Pg>>,
+    work_root: Option<PathBuf>,
     index: super::loops_pg::Index,
     /// Serializes writers so `meta.json` always holds the newest version;
     /// also guards which loops' activity is not on disk yet.
@@ -177,6 +178,7 @@ impl LoopStore {
         Ok(Self {
             dir,
             pg: None,
+            work_root: None,
             index: Arc::new(RwLock::new(index)),
             writer: Mutex::new(Touched::default()),
         })
@@ -193,6 +195,7 @@ impl LoopStore {
         Ok(Self {
             dir,
             pg: Some(pg),
+            work_root: None,
             index,
             writer: Mutex::new(Touched::default()),
         })
@@ -208,6 +211,22 @@ impl LoopStore {
 
     pub fn loop_dir(&self, id: LoopId) -> PathBuf {
         self.dir.join(id.0.to_string())
+    }
+
+    /// Where the loop's workspace and agent home are: under
+    /// `--workspace-root` when given (storage several nodes may share),
+    /// else in [`Self::loop_dir`].
+    pub fn work_dir(&self, id: LoopId) -> PathBuf {
+        match &self.work_root {
+            Some(root) => root.join(id.0.to_string()),
+            None => self.loop_dir(id),
+        }
+    }
+
+    /// Keeps workspaces and agent homes under `root` instead.
+    pub fn with_work_root(mut self, root: Option<PathBuf>) -> Self {
+        self.work_root = root;
+        self
     }
 
     fn meta_path(&self, id: LoopId) -> PathBuf {

@@ -11,6 +11,7 @@ mod loops_pg;
 pub mod pg;
 mod sessions;
 pub mod shared_log;
+pub mod throttles;
 mod tokens;
 mod users;
 

@@ -371,6 +371,10 @@ fn every_flag_has_an_environment_variable() {
         "LOOPD_PERMISSION_MODES",
         "LOOPD_VAULT_ALLOW_ENV",
         "LOOPD_LOG",
+        "LOOPD_DATABASE_URL",
+        "LOOPD_ADVERTISE_URL",
+        "LOOPD_LEASE_TTL",
+        "LOOPD_WORKSPACE_ROOT",
     ] {
         assert!(help.contains(var), "{var} missing from `serve --help`");
     }

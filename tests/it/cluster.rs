@@ -22,6 +22,10 @@ struct Node {
 
 impl Node {
     async fn start(database: &str) -> Self {
+        Self::start_with(database, &[]).await
+    }
+
+    async fn start_with(database: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -38,6 +42,7 @@ impl Node {
                 "echo",
             ])
             .args(["--lease-ttl", LEASE_TTL])
+            .args(args)
             .env("LOOPD_DATA_DIR", dir.path())
             .env("LOOPD_DATABASE_URL", database)
             .env("LOOPD_LOG", "info,sqlx=warn")
@@ -384,4 +389,81 @@ async fn a_node_that_lost_its_lease_writes_nothing_more() {
     let lines = crate::pg::lines(&database, uuid);
     assert!(!lines.iter().any(|l| l.contains("released.")), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains("Holding")), "{lines:#?}");
+}
+
+#[tokio::test]
+async fn login_attempts_count_on_every_node() {
+    let database = crate::pg::server().new_database();
+    let throttled = ["--login-rate-per-user", "3/60m"];
+    let nodes = [
+        Node::start_with(&database, &throttled).await,
+        Node::start_with(&database, &throttled).await,
+    ];
+    crate::pg::accounts(&database)
+        .users
+        .add("alice", false, PASSWORD)
+        .unwrap();
+    // Three wrong guesses spread over two nodes use up alice's burst…
+    for i in 0..3 {
+        let node = &nodes[i % 2].app;
+        let wrong = json!({"username": "alice", "password": "a wrong guess"});
+        let got = node.post("/api/auth/login", &Auth::None, wrong).await;
+        assert_eq!(got.0, StatusCode::UNAUTHORIZED, "{}", got.1);
+    }
+    // …on both of them: even the right password waits now.
+    for node in &nodes {
+        let right = json!({"username": "alice", "password": PASSWORD});
+        let got = node.app.post("/api/auth/login", &Auth::None, right).await;
+        assert_error(&got, 429, "rate_limit_error", "too_many_login_attempts");
+    }
+}
+
+#[tokio::test]
+async fn with_a_shared_workspace_root_the_new_node_works_in_the_same_files() {
+    let database = crate::pg::server().new_database();
+    let shared = tempfile::tempdir().unwrap();
+    let root = shared.path().to_str().unwrap().to_owned();
+    let args = ["--workspace-root", root.as_str()];
+    let mut nodes = [
+        Node::start_with(&database, &args).await,
+        Node::start_with(&database, &args).await,
+    ];
+    crate::pg::accounts(&database)
+        .users
+        .add("alice", false, PASSWORD)
+        .unwrap();
+    let alice = nodes[0].app.bearer("alice").await;
+    let id = nodes[0].app.create_loop(&alice, json!({})).await;
+    let workspace = shared
+        .path()
+        .join(id.strip_prefix("loop_").unwrap())
+        .join("workspace");
+    let mut running = nodes[1].app.send(&alice, &id, "/hold never").await;
+    running.until("assistant_delta").await;
+    // A file the loop's work left in its workspace, on the shared storage.
+    std::fs::write(workspace.join("made-on-b"), "").unwrap();
+    let mut watcher = nodes[0].app.watch(&alice, &id, None).await;
+    nodes[1].kill();
+    assert_eq!(
+        watcher.until("error").await.pop().unwrap().data["code"],
+        "node_lost"
+    );
+    // On A the agent runs in the same workspace: what B's turn made is there.
+    let next = nodes[0]
+        .app
+        .send(&alice, &id, "/hold made-on-b")
+        .await
+        .until_end()
+        .await;
+    assert!(crate::support::text(&next).contains("released"), "{next:?}");
+    assert!(
+        !nodes[0]
+            .app
+            .dir
+            .join("loops")
+            .join(id.strip_prefix("loop_").unwrap())
+            .join("workspace")
+            .exists(),
+        "nothing of the loop's work is in A's data directory"
+    );
 }
