@@ -187,7 +187,7 @@ impl Guards {
             ] {
                 crate::store::throttles::check(pg, salt, &key, rate.burst, rate.period)
                     .await
-                    .map_err(|e| ApiError::internal(e))?
+                    .map_err(ApiError::internal)?
                     .map_err(too_many)?;
             }
         }
