@@ -47,6 +47,15 @@ pub async fn start(kind: Kind) -> Server {
 
 /// Starts a server; loopd with `--sandbox sandbox`.
 pub async fn start_with(kind: Kind, sandbox: &str) -> Server {
+    start_node(kind, sandbox, None, &[]).await
+}
+
+/// Starts loopd on the Postgres database `database` (with `args` more).
+pub async fn start_on(database: &str, args: &[&str]) -> Server {
+    start_node(Kind::Loopd, "auto", Some(database), args).await
+}
+
+async fn start_node(kind: Kind, sandbox: &str, database: Option<&str>, args: &[&str]) -> Server {
     // BENCH_LOOPD_EXTERNAL=ADDR,TOKEN,PID: measure a loopd started by hand
     // (e.g. under a heap profiler) instead of starting one.
     if let (Kind::Loopd, Ok(ext)) = (kind, std::env::var("BENCH_LOOPD_EXTERNAL")) {
@@ -74,14 +83,26 @@ pub async fn start_with(kind: Kind, sandbox: &str) -> Server {
         ),
         Kind::Loopd => {
             let dir = tempfile::tempdir().unwrap();
-            let accounts =
-                loopd::store::Accounts::open(&loopd::store::DataDir::create(dir.path()).unwrap())
-                    .unwrap();
-            accounts
-                .users
-                .add("bench", false, "bench password")
-                .unwrap();
-            let (token, _) = accounts.tokens.create("bench", None).unwrap();
+            let accounts = match database {
+                None => loopd::store::Accounts::open(
+                    &loopd::store::DataDir::create(dir.path()).unwrap(),
+                )
+                .unwrap(),
+                Some(url) => crate::pg::accounts(url),
+            };
+            let token = match accounts.users.get("bench") {
+                // Another node of the same database made it.
+                Some(_) => crate::cluster::token(),
+                None => {
+                    accounts
+                        .users
+                        .add("bench", false, "bench password")
+                        .unwrap();
+                    let (token, _) = accounts.tokens.create("bench", None).unwrap();
+                    crate::cluster::remember_token(&token);
+                    token
+                }
+            };
             // BENCH_LOOPD_WRAP="valgrind --tool=callgrind": loopd under a tool.
             let wrap = std::env::var("BENCH_LOOPD_WRAP").unwrap_or_default();
             let mut wrap = wrap.split_whitespace();
@@ -116,6 +137,8 @@ pub async fn start_with(kind: Kind, sandbox: &str) -> Server {
                 .arg(&exe)
                 .arg("--data-dir")
                 .arg(dir.path())
+                .args(args)
+                .envs(database.map(|url| ("LOOPD_DATABASE_URL", url)))
                 .env("LOOPD_LOG", "warn")
                 .stderr(Stdio::null())
                 .spawn()
@@ -152,6 +175,12 @@ pub async fn start_with(kind: Kind, sandbox: &str) -> Server {
 }
 
 impl Server {
+    /// kill -9: the node vanishes without a word.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn pid(&self) -> u32 {
         self.external_pid.unwrap_or_else(|| self.child.id())
     }

@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench loopd [-- --runs N] [-- --only SCENARIO]`
 //! (`--only sandbox`: loopd without and with its sandbox, cold starts and
-//! paced latency)
+//! paced latency; `--only cluster`: loopd on Postgres against loopd on
+//! files, a watcher on another node, and how long a takeover takes)
 //!
 //! One executable plays three parts, chosen by its first argument:
 //! - `-p …` (Claude Code's flags): the **fake agent**, [`fake_agent`];
@@ -13,12 +14,20 @@
 //!   against each, and prints the table.
 
 mod client;
+mod cluster;
 mod fake_agent;
+/// The tests' throwaway Postgres server (initdb, postgres), reused.
+#[allow(dead_code)]
+#[path = "../../tests/it/pg.rs"]
+mod pg;
 mod relay;
 mod report;
 mod scenarios;
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// For `pg`: every server the benches start on a database is on Postgres.
+pub const ON_POSTGRES: bool = true;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

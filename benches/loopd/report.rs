@@ -50,6 +50,9 @@ pub async fn run(runs: usize, only: Option<String>) {
     if only.as_deref() == Some("sandbox") {
         return sandbox_cost(runs).await;
     }
+    if only.as_deref() == Some("cluster") {
+        return crate::cluster::run(runs).await;
+    }
     let scenarios: &[(&str, &str)] = &[
         ("idle", "idle"),
         ("paced", "paced: 50 loops × 300 deltas at 100/s"),
@@ -152,7 +155,7 @@ fn kinds() -> Vec<Kind> {
     }
 }
 
-fn fmt(v: f64) -> String {
+pub fn fmt(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else {
