@@ -23,9 +23,10 @@ pub const FORWARDED_BY: HeaderName = HeaderName::from_static("x-loopd-forwarded"
 #[derive(Clone, Debug)]
 pub struct ForwardTo(pub String);
 
-/// Headers that describe one hop, not the request.
-const HOP: [HeaderName; 6] = [
-    header::HOST,
+/// Headers that describe one hop, not the request. `Host` is kept: the
+/// owner checks it (and a cookie request's `Origin` against it) as the
+/// first node did.
+const HOP: [HeaderName; 5] = [
     header::CONNECTION,
     header::CONTENT_LENGTH,
     header::TRANSFER_ENCODING,

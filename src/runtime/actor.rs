@@ -230,6 +230,7 @@ impl Actor {
                 return self.lost().await;
             }
             if self.out.is_empty()
+                && self.commands.is_empty()
                 && self.machine.quiet()
                 && let Some(cluster) = self.shared.cluster.clone()
             {
@@ -243,6 +244,9 @@ impl Actor {
     /// The lease is gone: the agent stops, and nothing more is written.
     async fn lost(&mut self) {
         self.log.let_go();
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.forget(self.id);
+        }
         self.out.clear();
         self.stop_agent(Stopping::Release).await;
         self.held = Held::Nothing;

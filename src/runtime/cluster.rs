@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::log::EventLog;
+use super::log::{EventLog, Recovered};
 use super::{Runtime, RuntimeError};
 use crate::store::pg::Watermark;
 use crate::store::{LoopId, Pg, StoreError, shared_log};
@@ -19,8 +19,12 @@ use crate::store::{LoopId, Pg, StoreError, shared_log};
 /// How a loop's lease stands for this node.
 pub enum Claim {
     /// This node holds it now; `previous` held it before (this node itself
-    /// after a restart, another node that died, or nobody).
-    Mine { previous: Option<String> },
+    /// after a restart, another node that died, or nobody). `found`: what
+    /// catching the copy up brought (its idempotency keys).
+    Mine {
+        previous: Option<String>,
+        found: Recovered,
+    },
     /// Another node holds it: send the request there.
     Elsewhere(String),
 }
@@ -54,6 +58,7 @@ impl Cluster {
         if log.held().is_some() {
             return Ok(Claim::Mine {
                 previous: Some(self.me.clone()),
+                found: Recovered::default(),
             });
         }
         let Some(claimed) = shared_log::claim(&self.pg, id.0, &self.me, self.ttl).await? else {
@@ -63,7 +68,7 @@ impl Cluster {
                 .ok_or_else(|| RuntimeError::Internal("a lease vanished while claimed".into()))?;
             return Ok(Claim::Elsewhere(owner));
         };
-        log.catch_up().await?;
+        let found = log.catch_up().await?;
         if log.last_seq() < claimed.head as u64 {
             // The copy could not be brought up to date: do not write.
             let _ = shared_log::release(&self.pg, id.0, claimed.generation).await;
@@ -85,6 +90,7 @@ impl Cluster {
         tracing::info!(loop_id = %id, generation = claimed.generation, previous = ?claimed.previous, "took the loop's lease");
         Ok(Claim::Mine {
             previous: claimed.previous,
+            found,
         })
     }
 
@@ -99,6 +105,12 @@ impl Cluster {
             // It expires on its own.
             tracing::warn!(loop_id = %id, error = %err, "could not give a lease back");
         }
+    }
+
+    /// Forgets a lease this node lost (another node holds it now).
+    pub fn forget(&self, id: LoopId) {
+        self.held.lock().expect("held poisoned").remove(&id);
+        self.owners.lock().expect("owners poisoned").remove(&id);
     }
 
     /// Gives back every lease this node holds (at shutdown, once its
@@ -250,7 +262,8 @@ impl Runtime {
                 continue;
             };
             let log = self.log(id)?;
-            log.catch_up().await?;
+            let found = log.catch_up().await?;
+            self.remember_keys(id, found.idem);
             let unfinished = log.view(|v| !v.unfinished().is_empty());
             if record.archived || !unfinished {
                 continue;
@@ -313,20 +326,18 @@ impl Runtime {
         }
     }
 
-    /// Brings this node's copy of a loop's log up to `head`, if it is behind.
-    async fn catch_up_to(&self, id: LoopId, head: u64) {
+    /// Brings this node's copy of a loop's log up to `head`, if it is
+    /// behind, in the background (the feed goes on at once).
+    async fn catch_up_to(self: &Arc<Self>, id: LoopId, head: u64) {
         if self.shared.loops.get(id).is_none() {
             return; // made by another node a moment ago: seen on the next poll
         }
         let Ok(log) = self.log(id) else { return };
-        if log.last_seq() >= head {
-            return;
-        }
-        match log.catch_up().await {
-            Ok(found) => self.remember_keys(id, found.idem),
-            Err(err) => {
-                tracing::warn!(loop_id = %id, error = %err, "could not bring a log's copy up to date")
+        let me = Arc::downgrade(self);
+        log.catch_up_soon(head, &self.shared.tasks, move |found| {
+            if let Some(runtime) = me.upgrade() {
+                runtime.remember_keys(id, found.idem);
             }
-        }
+        });
     }
 }

@@ -97,6 +97,8 @@ pub struct Runtime {
     in_flight: InFlight,
     /// Set once shutdown began: no new actor (and agent) starts after it.
     closing: std::sync::atomic::AtomicBool,
+    /// Held while this node claims a loop's lease (on a shared database).
+    claiming: tokio::sync::Mutex<()>,
 }
 
 /// A message accepted (or found again by its key): where its turn is.
@@ -141,6 +143,7 @@ impl Runtime {
             loops: Mutex::new(HashMap::new()),
             in_flight: InFlight::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            claiming: tokio::sync::Mutex::new(()),
         };
         let mut closed = 0;
         let mut handles = runtime.loops.lock().expect("loops poisoned");
@@ -378,9 +381,16 @@ impl Runtime {
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(RuntimeError::Stopping);
         }
+        // One claim at a time on this node: two requests for a loop nobody
+        // holds must not both take it (and both settle its turns).
+        let _one_at_a_time = self.claiming.lock().await;
+        if log.held().is_some() {
+            return Ok(());
+        }
         match cluster.claim(id, &log).await? {
             Claim::Elsewhere(owner) => Err(RuntimeError::Elsewhere(owner)),
-            Claim::Mine { previous } => {
+            Claim::Mine { previous, found } => {
+                self.remember_keys(id, found.idem);
                 // Nobody before it (a loop copied by `loopd migrate`), or
                 // this node itself: as after a restart on one node.
                 let restarted = previous.is_none_or(|p| p == cluster.me);
@@ -479,6 +489,9 @@ impl Runtime {
             return;
         };
         log.let_go();
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.forget(id);
+        }
         if let Some(tx) = tx {
             let _ = tx.send(Command::Lost).await;
         }

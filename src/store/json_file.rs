@@ -261,6 +261,10 @@ async fn refresh_row<T: DeserializeOwned + Send + Sync>(
     match load_row::<T>(pg, name).await {
         Ok(Some((value, version))) => {
             let mut cache = cache.lock().expect("store cache poisoned");
+            // Versions only grow: an update made here meanwhile is newer.
+            if matches!(cache.version, Version::Row(held) if held >= version) {
+                return;
+            }
             cache.value = Arc::new(value);
             cache.version = Version::Row(version);
         }

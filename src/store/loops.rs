@@ -118,6 +118,7 @@ pub struct LoopStore {
     pg: Option<Arc<Pg>>,
     work_root: Option<PathBuf>,
     index: super::loops_pg::Index,
+    versions: super::loops_pg::Versions,
     /// Serializes writers so `meta.json` always holds the newest version;
     /// also guards which loops' activity is not on disk yet.
     writer: Mutex<Touched>,
@@ -180,6 +181,7 @@ impl LoopStore {
             pg: None,
             work_root: None,
             index: Arc::new(RwLock::new(index)),
+            versions: Default::default(),
             writer: Mutex::new(Touched::default()),
         })
     }
@@ -191,21 +193,31 @@ impl LoopStore {
         fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
         let (index, highest) = pg.block(super::loops_pg::load_all(&pg))?;
         let index = Arc::new(RwLock::new(index));
-        super::loops_pg::follow(&pg, index.clone(), highest);
+        let versions = super::loops_pg::Versions::default();
+        super::loops_pg::follow(&pg, index.clone(), versions.clone(), highest);
         Ok(Self {
             dir,
             pg: Some(pg),
             work_root: None,
             index,
+            versions,
             writer: Mutex::new(Touched::default()),
         })
     }
 
-    /// Writes a record where records are kept.
+    /// Writes a record where records are kept (on Postgres, noting the
+    /// version it got, so the change feed does not put an older one back).
     fn persist(&self, record: &LoopRecord) -> Result<(), StoreError> {
         match &self.pg {
             None => write_meta(&self.meta_path(record.id), record),
-            Some(pg) => pg.block(super::loops_pg::upsert(pg, record)),
+            Some(pg) => {
+                let version = pg.block(super::loops_pg::upsert(pg, record))?;
+                let _index = self.index.write().expect("loop index poisoned");
+                let mut versions = self.versions.lock().expect("versions poisoned");
+                let known = versions.entry(record.id).or_insert(version);
+                *known = (*known).max(version);
+                Ok(())
+            }
         }
     }
 
@@ -267,9 +279,16 @@ impl LoopStore {
                     .count();
                 (active >= max_active).then_some(active)
             }
-            Some(pg) => pg
-                .block(super::loops_pg::insert_within(pg, &record, max_active))?
-                .err(),
+            Some(pg) => match pg.block(super::loops_pg::insert_within(pg, &record, max_active))? {
+                Ok(version) => {
+                    self.versions
+                        .lock()
+                        .expect("versions poisoned")
+                        .insert(record.id, version);
+                    None
+                }
+                Err(active) => Some(active),
+            },
         };
         if let Some(active) = refused {
             return Err(StoreError::Full(

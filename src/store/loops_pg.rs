@@ -16,6 +16,12 @@ const CHANNEL: &str = "loopd_loops";
 
 pub type Index = Arc<RwLock<HashMap<LoopId, LoopRecord>>>;
 
+/// The version of each record as this node last wrote or read it: the
+/// feed never puts back an older one (a poll that read a row just before
+/// this node's own update committed). Changed only under the index's
+/// write lock.
+pub type Versions = Arc<Mutex<HashMap<LoopId, i64>>>;
+
 /// Every loop record, and the highest version among them.
 pub async fn load_all(pg: &Pg) -> Result<(HashMap<LoopId, LoopRecord>, i64), StoreError> {
     let rows: Vec<(Json<LoopRecord>, i64)> = sqlx::query_as("SELECT record, version FROM loops")
@@ -28,20 +34,20 @@ pub async fn load_all(pg: &Pg) -> Result<(HashMap<LoopId, LoopRecord>, i64), Sto
     ))
 }
 
-/// Writes a record (new or changed) and announces it.
-pub async fn upsert(pg: &Pg, record: &LoopRecord) -> Result<(), StoreError> {
-    sqlx::query(
+/// Writes a record (new or changed) and announces it; returns its version.
+pub async fn upsert(pg: &Pg, record: &LoopRecord) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
         "WITH up AS (INSERT INTO loops (id, created_by, record) VALUES ($1, $2, $3) \
-         ON CONFLICT (id) DO UPDATE SET record = $3, version = nextval('changes') RETURNING 1) \
-         SELECT pg_notify($4, $1::text) FROM up",
+         ON CONFLICT (id) DO UPDATE SET record = $3, version = nextval('changes') RETURNING version), \
+         told AS (SELECT pg_notify($4, $1::text) FROM up) \
+         SELECT up.version FROM up, told",
     )
     .bind(record.id.0)
     .bind(&record.created_by)
     .bind(Json(record))
     .bind(CHANNEL)
-    .execute(pg.pool())
-    .await?;
-    Ok(())
+    .fetch_one(pg.pool())
+    .await?)
 }
 
 /// Writes a new record unless its creator already has `max_active` loops
@@ -52,7 +58,7 @@ pub async fn insert_within(
     pg: &Pg,
     record: &LoopRecord,
     max_active: usize,
-) -> Result<Result<(), usize>, StoreError> {
+) -> Result<Result<i64, usize>, StoreError> {
     let mut tx = pg.pool().begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('loops/' || $1))")
         .bind(&record.created_by)
@@ -68,19 +74,21 @@ pub async fn insert_within(
     if active >= max_active {
         return Ok(Err(active));
     }
-    sqlx::query("INSERT INTO loops (id, created_by, record) VALUES ($1, $2, $3)")
-        .bind(record.id.0)
-        .bind(&record.created_by)
-        .bind(Json(record))
-        .execute(&mut *tx)
-        .await?;
+    let version: i64 = sqlx::query_scalar(
+        "INSERT INTO loops (id, created_by, record) VALUES ($1, $2, $3) RETURNING version",
+    )
+    .bind(record.id.0)
+    .bind(&record.created_by)
+    .bind(Json(record))
+    .fetch_one(&mut *tx)
+    .await?;
     sqlx::query("SELECT pg_notify($1, $2::text)")
         .bind(CHANNEL)
         .bind(record.id.0)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(Ok(()))
+    Ok(Ok(version))
 }
 
 /// Removes a record that was never used (its workspace could not be made).
@@ -94,7 +102,7 @@ pub async fn delete(pg: &Pg, id: LoopId) -> Result<(), StoreError> {
 
 /// Keeps `index` following the database: a notified id is re-read at once,
 /// and every poll re-reads what changed lately.
-pub fn follow(pg: &Arc<Pg>, index: Index, highest: i64) {
+pub fn follow(pg: &Arc<Pg>, index: Index, versions: Versions, highest: i64) {
     let watermark = Arc::new(Mutex::new(Watermark::default()));
     watermark.lock().expect("watermark").saw(highest);
     // Weak: the database's list of watchers must not keep it alive.
@@ -103,6 +111,7 @@ pub fn follow(pg: &Arc<Pg>, index: Index, highest: i64) {
         CHANNEL,
         Arc::new(move |payload: Option<String>| {
             let (pg, index, watermark) = (pg2.clone(), index.clone(), watermark.clone());
+            let versions = versions.clone();
             Box::pin(async move {
                 let Some(pg) = pg.upgrade() else { return };
                 let read = match payload.as_deref().map(Uuid::parse_str) {
@@ -117,7 +126,15 @@ pub fn follow(pg: &Arc<Pg>, index: Index, highest: i64) {
                     Ok(rows) => {
                         let highest = rows.iter().map(|(_, v)| *v).max();
                         let mut index = index.write().expect("loop index poisoned");
-                        for (Json(mut record), _) in rows {
+                        let mut versions = versions.lock().expect("versions poisoned");
+                        for (Json(mut record), version) in rows {
+                            if versions
+                                .get(&record.id)
+                                .is_some_and(|known| *known >= version)
+                            {
+                                continue; // this node has it, or newer
+                            }
+                            versions.insert(record.id, version);
                             // Activity this node noted but has not written yet stays.
                             if let Some(known) = index.get(&record.id) {
                                 record.last_active_at =
@@ -125,6 +142,7 @@ pub fn follow(pg: &Arc<Pg>, index: Index, highest: i64) {
                             }
                             index.insert(record.id, record);
                         }
+                        drop(versions);
                         drop(index);
                         if let Some(h) = highest {
                             watermark.lock().expect("watermark").saw(h);

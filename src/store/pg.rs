@@ -89,8 +89,22 @@ impl Pg {
             .push((channel, on_change));
     }
 
-    /// Starts the change feed on `tasks`, until `stopping` fires.
+    /// Starts the change feed on `tasks`, until `stopping` fires: the
+    /// listener, and apart from it the poll (which goes on while the
+    /// listener cannot connect).
     pub fn start_feed(self: &Arc<Self>, tasks: &TaskTracker, stopping: &CancellationToken) {
+        let (pg, stop) = (self.clone(), stopping.clone());
+        tasks.spawn(async move {
+            let watchers = pg.watchers.lock().expect("watchers poisoned").clone();
+            let mut poll = tokio::time::interval(POLL_EVERY);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = poll.tick() => notify_all(&watchers, None).await,
+                }
+            }
+        });
         let (pg, stopping) = (self.clone(), stopping.clone());
         tasks.spawn(async move {
             loop {
@@ -119,23 +133,18 @@ impl Pg {
         listener.listen_all(channels).await?;
         // Whatever changed while nobody listened.
         notify_all(&watchers, None).await;
-        let mut poll = tokio::time::interval(POLL_EVERY);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                got = listener.try_recv() => match got? {
-                    Some(n) => {
-                        for (channel, on_change) in &watchers {
-                            if *channel == n.channel() {
-                                on_change(Some(n.payload().to_owned())).await;
-                            }
+            match listener.try_recv().await? {
+                Some(n) => {
+                    for (channel, on_change) in &watchers {
+                        if *channel == n.channel() {
+                            on_change(Some(n.payload().to_owned())).await;
                         }
                     }
-                    // The connection was lost (and is re-made by the listener):
-                    // notifications in between are gone, so look at everything.
-                    None => notify_all(&watchers, None).await,
-                },
-                _ = poll.tick() => notify_all(&watchers, None).await,
+                }
+                // The connection was lost (and is re-made by the listener):
+                // notifications in between are gone, so look at everything.
+                None => notify_all(&watchers, None).await,
             }
         }
     }

@@ -49,7 +49,7 @@ pub async fn append(
 ) -> Result<(), StoreError> {
     let seqs: Vec<i64> = (0..lines.len() as i64).map(|i| first as i64 + i).collect();
     let last = first as i64 + lines.len() as i64 - 1;
-    let written: i64 = sqlx::query_scalar(
+    let written: Result<i64, sqlx::Error> = sqlx::query_scalar(
         "WITH fence AS ( \
              UPDATE leases SET head = $4, version = nextval('changes') \
              WHERE loop_id = $1 AND generation = $2 RETURNING loop_id), \
@@ -66,11 +66,43 @@ pub async fn append(
     .bind(lines)
     .bind(CHANNEL)
     .fetch_one(pg.pool())
-    .await?;
+    .await;
+    let written = match written {
+        Ok(n) => n,
+        // Those seqs are taken. If by these very lines, an earlier try of
+        // this write committed although its answer was lost: it is done.
+        // Anything else there means another writer: stop writing.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            let there: Vec<String> = sqlx::query_scalar(
+                "SELECT line FROM events WHERE loop_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq",
+            )
+            .bind(loop_id)
+            .bind(first as i64)
+            .bind(last)
+            .fetch_all(pg.pool())
+            .await?;
+            return if there.iter().map(String::as_str).eq(lines.iter().copied()) {
+                Ok(())
+            } else {
+                Err(StoreError::Fenced(format!("loop_{loop_id}")))
+            };
+        }
+        Err(e) => return Err(e.into()),
+    };
     if written != lines.len() as i64 {
         return Err(StoreError::Fenced(format!("loop_{loop_id}")));
     }
     Ok(())
+}
+
+/// The loop's last seq in the database (0 before any event).
+pub async fn last_seq(pg: &Pg, loop_id: Uuid) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM events WHERE loop_id = $1")
+            .bind(loop_id)
+            .fetch_one(pg.pool())
+            .await?,
+    )
 }
 
 /// Up to `limit` events after `after`, in seq order.

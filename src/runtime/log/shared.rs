@@ -6,7 +6,7 @@
 //! date when the change feed says the loop's head moved.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
@@ -27,6 +27,10 @@ pub struct Remote {
     generation: AtomicI64,
     /// Held by whoever writes this node's copy (an append, a catch-up).
     writer: Mutex<()>,
+    /// The highest head the change feed announced, and whether a catch-up
+    /// task is on its way to it.
+    wanted: AtomicU64,
+    catching: AtomicBool,
 }
 
 impl Remote {
@@ -81,14 +85,16 @@ impl EventLog {
         loop_id: Uuid,
     ) -> Result<(Arc<Self>, Recovered), StoreError> {
         let (log, mut recovered) = Self::open_copy(path, pg.clone(), loop_id)?;
-        let head = pg
-            .block(shared_log::lease(&pg, loop_id))?
-            .map_or(0, |l| l.head);
+        let head = pg.block(shared_log::last_seq(&pg, loop_id))?;
         if log.last_seq() > head as u64 {
+            // Kept aside, never deleted: it may be the only whole copy (a
+            // `loopd migrate` that did not finish).
             let path = log.path.clone();
-            tracing::warn!(path = %path.display(), "this node's copy of the log is ahead of the database; making it again");
+            let aside = path.with_extension(format!("jsonl.ahead-{}", crate::ids::random_hex(4)));
+            tracing::warn!(path = %path.display(), aside = %aside.display(),
+                "this node's copy of the log is ahead of the database; kept aside and made again (run `loopd migrate` again if the copy was cut short)");
             drop(log);
-            std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            std::fs::rename(&path, &aside).map_err(|e| StoreError::io(&path, e))?;
             return Self::open_shared(path, pg, loop_id);
         }
         let caught = pg.block(log.catch_up())?;
@@ -109,6 +115,8 @@ impl EventLog {
             loop_id,
             generation: AtomicI64::new(0),
             writer: Mutex::new(()),
+            wanted: AtomicU64::new(0),
+            catching: AtomicBool::new(false),
         };
         Self::open_file(path, Some(remote()))
     }
@@ -172,6 +180,41 @@ impl EventLog {
                 return Ok(found);
             }
         }
+    }
+
+    /// Brings the copy up to `head` soon, on a task of `tasks`: the change
+    /// feed never waits for a catch-up, and the announcements that come
+    /// while one runs are served by it (one query for many appends).
+    /// `found` gets what each round brought.
+    pub fn catch_up_soon(
+        self: &Arc<Self>,
+        head: u64,
+        tasks: &tokio_util::task::TaskTracker,
+        found: impl Fn(Recovered) + Send + 'static,
+    ) {
+        let Some(remote) = &self.remote else { return };
+        remote.wanted.fetch_max(head, Ordering::SeqCst);
+        if self.last_seq() >= head || remote.catching.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let log = self.clone();
+        tasks.spawn(async move {
+            let remote = log.remote.as_ref().expect("a shared log");
+            loop {
+                match log.catch_up().await {
+                    Ok(got) => found(got),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not bring a log's copy up to date")
+                    }
+                }
+                remote.catching.store(false, Ordering::SeqCst);
+                // An announcement that came just before the flag went down.
+                let behind = log.last_seq() < remote.wanted.load(Ordering::SeqCst);
+                if !behind || log.held().is_some() || remote.catching.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+            }
+        });
     }
 
     /// Takes in events another node wrote, in seq order from the next one
