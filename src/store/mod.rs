@@ -5,6 +5,7 @@
 //! Loops are the server's own (`loops/<uuid>/meta.json`).
 
 mod catalog;
+pub mod group_commit;
 mod json_file;
 mod loops;
 mod loops_pg;

@@ -27,6 +27,8 @@ pub type OnChange = Arc<dyn Fn(Option<String>) -> BoxFuture<'static, ()> + Send 
 /// The database, shared by every store of one process.
 pub struct Pg {
     pool: PgPool,
+    /// Loops' appends, written together.
+    group: super::group_commit::GroupCommit,
     url: String,
     runtime: tokio::runtime::Handle,
     watchers: Mutex<Vec<(&'static str, OnChange)>>,
@@ -46,6 +48,7 @@ impl Pg {
             .await
             .map_err(|e| StoreError::Database(e.into()))?;
         Ok(Arc::new(Self {
+            group: super::group_commit::GroupCommit::start(pool.clone()),
             pool,
             url: url.to_owned(),
             runtime: tokio::runtime::Handle::current(),
@@ -55,6 +58,11 @@ impl Pg {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Where loops' appends go to be written together.
+    pub fn group(&self) -> &super::group_commit::GroupCommit {
+        &self.group
     }
 
     /// Runs `work` to completion from synchronous code: a blocking-pool

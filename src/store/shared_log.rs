@@ -47,6 +47,17 @@ pub async fn append(
     first: u64,
     lines: &[&str],
 ) -> Result<(), StoreError> {
+    append_with(pg.pool(), loop_id, generation, first, lines).await
+}
+
+/// [`append`] on a pool.
+pub async fn append_with(
+    pool: &sqlx::PgPool,
+    loop_id: Uuid,
+    generation: i64,
+    first: u64,
+    lines: &[&str],
+) -> Result<(), StoreError> {
     let seqs: Vec<i64> = (0..lines.len() as i64).map(|i| first as i64 + i).collect();
     let last = first as i64 + lines.len() as i64 - 1;
     let written: Result<i64, sqlx::Error> = sqlx::query_scalar(
@@ -65,7 +76,7 @@ pub async fn append(
     .bind(last)
     .bind(lines)
     .bind(CHANNEL)
-    .fetch_one(pg.pool())
+    .fetch_one(pool)
     .await;
     let written = match written {
         Ok(n) => n,
@@ -79,7 +90,7 @@ pub async fn append(
             .bind(loop_id)
             .bind(first as i64)
             .bind(last)
-            .fetch_all(pg.pool())
+            .fetch_all(pool)
             .await?;
             return if there.iter().map(String::as_str).eq(lines.iter().copied()) {
                 Ok(())
