@@ -219,24 +219,27 @@ impl Actor {
                 }
                 Wake::RetryWrite => {}
             }
-            self.flush();
+            self.flush().await;
             if self.unwritable {
                 self.unwritable = false;
                 self.feed(Input::LogUnwritable).await;
-                self.flush();
+                self.flush().await;
             }
             if self.fenced {
                 tracing::warn!(loop_id = %self.id, "another node holds this loop's lease now; stopping here");
                 return self.lost().await;
             }
             if self.out.is_empty()
-                && self.commands.is_empty()
                 && self.machine.quiet()
+                && self.log.held().is_some()
                 && let Some(cluster) = self.shared.cluster.clone()
             {
-                // Nothing runs here any more: the loop is free for any node.
-                cluster.release(self.id, &self.log).await;
-                return;
+                // Nothing runs here any more: the loop is free for any node
+                // (this task stays, lease-less, for the next command).
+                let _claimed = cluster.claiming.lock().await;
+                if self.commands.is_empty() {
+                    cluster.release(self.id, &self.log).await;
+                }
             }
         }
     }
@@ -288,7 +291,7 @@ impl Actor {
                 idem,
                 reserved,
                 reply,
-            } => match self.log_message(&content, idem) {
+            } => match self.log_message(&content, idem).await {
                 Err(err) => {
                     let _ = reply.send(Err(err));
                 }
@@ -355,12 +358,12 @@ impl Actor {
 
     /// Logs the message (and `queued` if it must wait) and records its
     /// idempotency key; the machine takes the message after that.
-    fn log_message(
+    async fn log_message(
         &mut self,
         content: &str,
         idem: Option<IdemRecord>,
     ) -> Result<Sent, RuntimeError> {
-        self.flush();
+        self.flush().await;
         if !self.out.is_empty() {
             return Err(RuntimeError::Internal(
                 "the loop's event log cannot be written".into(),
@@ -370,7 +373,7 @@ impl Actor {
         let mut batch: Vec<Append> = admission.events.into_iter().map(Append::from).collect();
         batch[0].idem = idem.clone();
         // Refused before the machine takes it: a message not logged was not sent.
-        let (seq, turn) = self.log.append(&batch).inspect_err(|err| {
+        let (seq, turn) = self.log.append_async(&batch).await.inspect_err(|err| {
             self.fenced = matches!(err, crate::store::StoreError::Fenced(_));
         })?;
         let turn_id = admission.turn_id;
@@ -457,7 +460,7 @@ impl Actor {
                     return None;
                 };
                 // Events so far go out before a start that may take a while.
-                self.flush();
+                self.flush().await;
                 self.follow_ups.push_back(
                     match super::launch::start(&self.shared, self.id, fresh).await {
                         Ok((process, resumed)) => {
@@ -523,11 +526,11 @@ impl Actor {
     /// a turn is synced to disk soon, in the background. Events the log
     /// refuses are kept and tried again (every [`WRITE_RETRY`]); past
     /// [`MAX_UNWRITTEN`] they are dropped, loudly, and the turn is ended.
-    fn flush(&mut self) {
+    async fn flush(&mut self) {
         if self.out.is_empty() {
             return;
         }
-        match self.log.append(&self.out) {
+        match self.log.append_async(&self.out).await {
             Ok(_) => {
                 let ends_turn = self.out.iter().any(|a| a.event.is_terminal());
                 self.out.clear();
@@ -568,7 +571,7 @@ impl Actor {
     async fn stop(&mut self, reason: StopReason) {
         self.feed(Input::Stop(reason)).await;
         self.held = Held::Nothing;
-        self.flush();
+        self.flush().await;
         if let Err(err) = self.log.sync() {
             tracing::warn!(error = %err, "could not sync the event log");
         }
@@ -617,7 +620,7 @@ mod tests {
             tx.downgrade(),
         );
         let reserved = runtime.shared.queued.take("alice".into(), 4).unwrap();
-        let sent = actor.log_message("/sleep 60", None).unwrap();
+        let sent = actor.log_message("/sleep 60", None).await.unwrap();
         let input = Input::Send {
             turn_id: sent.turn_id.as_str().into(),
             content: "/sleep 60".into(),
@@ -633,7 +636,7 @@ mod tests {
         full.try_send(crate::agent::AgentInput::Interrupt).unwrap();
         process.input = full;
         actor.feed(Input::Interrupt).await;
-        actor.flush();
+        actor.flush().await;
         let mut events: Vec<Event> = Vec::new();
         log.scan_from_offset(0, |stored| {
             if stored.event.turn_id() == Some(sent.turn_id.as_str()) {

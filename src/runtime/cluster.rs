@@ -38,6 +38,9 @@ pub struct Cluster {
     held: Mutex<HashMap<LoopId, i64>>,
     /// Who runs each loop's agent, as the change feed last said.
     owners: Mutex<HashMap<LoopId, String>>,
+    /// Held while this node takes a lease and queues a command for the
+    /// loop's task, and while a loop's task gives its lease back.
+    pub claiming: tokio::sync::Mutex<()>,
 }
 
 impl Cluster {
@@ -48,6 +51,7 @@ impl Cluster {
             ttl,
             held: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
+            claiming: tokio::sync::Mutex::new(()),
         }
     }
 

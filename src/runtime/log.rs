@@ -358,36 +358,60 @@ impl EventLog {
         scratch: &mut Vec<u8>,
         placed: &mut Vec<Placed>,
     ) -> Result<(u64, Option<usize>), StoreError> {
-        // A shared log's writers go one at a time, so the state's lock can
-        // be let go during the database's round trip (readers keep reading).
-        let _writing = self.remote.as_ref().map(|r| r.writing());
-        let mut guard = self.state.lock().expect("log poisoned");
-        let start_len = guard.len;
-        let first = guard.view.next_seq;
-        // Every line goes into one write, every frame into one buffer that
-        // the frames then share: no allocation per event.
-        lines.clear();
-        let mut frames = BytesMut::with_capacity(items.len() * 96);
-        placed.clear();
-        for (i, item) in items.iter().enumerate() {
-            let seq = first + i as u64;
-            let at = (!item.event.is_delta()).then(crate::ids::now);
-            let offset = start_len + lines.len() as u64;
-            let before = frames.len();
-            let idem = item.idem.as_ref();
-            encode_into(seq, at, idem, &item.event, scratch, lines, &mut frames);
-            placed.push((at, offset, frames.len() - before));
-        }
         if let Some(remote) = &self.remote {
-            // The record first: once the database has them they are the
-            // log's, whatever happens to this node's copy. Never wait for
-            // the database holding the state's lock: the threads that would
-            // drive the round trip may be waiting for that lock.
-            drop(guard);
-            remote.append(first, start_len, lines, placed)?;
-            guard = self.state.lock().expect("log poisoned");
-            debug_assert_eq!((guard.view.next_seq, guard.len), (first, start_len));
+            // From synchronous code: the same write, waited for.
+            return remote.pg().block(self.append_async(items));
         }
+        let guard = self.state.lock().expect("log poisoned");
+        let (first, start_len) = (guard.view.next_seq, guard.len);
+        let frames = encode_all(items, first, start_len, lines, scratch, placed);
+        self.commit(guard, items, first, start_len, lines, placed, frames)
+    }
+
+    /// Appends as [`Self::append`] does, waiting for a shared log's
+    /// database without holding a thread: the write joins every other
+    /// loop's waiting writes in one statement ([`crate::store::group_commit`]).
+    pub async fn append_async(&self, items: &[Append]) -> Result<(u64, Option<usize>), StoreError> {
+        let Some(remote) = &self.remote else {
+            return self.append(items);
+        };
+        // Writers one at a time; the state's lock is let go meanwhile
+        // (readers keep reading).
+        let _writing = remote.writing().await;
+        let (first, start_len) = {
+            let state = self.state.lock().expect("log poisoned");
+            (state.view.next_seq, state.len)
+        };
+        let (mut lines, mut scratch, mut placed) = (Vec::new(), Vec::new(), Vec::new());
+        let frames = encode_all(
+            items,
+            first,
+            start_len,
+            &mut lines,
+            &mut scratch,
+            &mut placed,
+        );
+        // The record first: once the database has them they are the log's,
+        // whatever happens to this node's copy.
+        remote.append(first, start_len, &lines, &placed).await?;
+        let guard = self.state.lock().expect("log poisoned");
+        debug_assert_eq!((guard.view.next_seq, guard.len), (first, start_len));
+        self.commit(guard, items, first, start_len, &lines, &placed, frames)
+    }
+
+    /// Writes encoded events to the file and takes them in (view, ring),
+    /// then announces them.
+    #[allow(clippy::too_many_arguments)]
+    fn commit(
+        &self,
+        mut guard: std::sync::MutexGuard<'_, State>,
+        items: &[Append],
+        first: u64,
+        start_len: u64,
+        lines: &[u8],
+        placed: &[Placed],
+        frames: BytesMut,
+    ) -> Result<(u64, Option<usize>), StoreError> {
         let state = &mut *guard;
         let written = if state.copy_ok {
             state.file.write_all(lines)
@@ -691,6 +715,33 @@ fn line_seq(line: &[u8]) -> Option<u64> {
     let rest = line.strip_prefix(b"{\"seq\":")?;
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// Encodes events `first..` (their lines from file offset `start_len`)
+/// into `lines`, and their frames into one block; `placed` says where each
+/// went. Every line goes into one write, every frame into one buffer that
+/// the frames then share: no allocation per event.
+fn encode_all(
+    items: &[Append],
+    first: u64,
+    start_len: u64,
+    lines: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    placed: &mut Vec<Placed>,
+) -> BytesMut {
+    lines.clear();
+    placed.clear();
+    let mut frames = BytesMut::with_capacity(items.len() * 96);
+    for (i, item) in items.iter().enumerate() {
+        let seq = first + i as u64;
+        let at = (!item.event.is_delta()).then(crate::ids::now);
+        let offset = start_len + lines.len() as u64;
+        let before = frames.len();
+        let idem = item.idem.as_ref();
+        encode_into(seq, at, idem, &item.event, scratch, lines, &mut frames);
+        placed.push((at, offset, frames.len() - before));
+    }
+    frames
 }
 
 /// The events that close `turns` with an error `code`.

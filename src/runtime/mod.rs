@@ -97,8 +97,6 @@ pub struct Runtime {
     in_flight: InFlight,
     /// Set once shutdown began: no new actor (and agent) starts after it.
     closing: std::sync::atomic::AtomicBool,
-    /// Held while this node claims a loop's lease (on a shared database).
-    claiming: tokio::sync::Mutex<()>,
 }
 
 /// A message accepted (or found again by its key): where its turn is.
@@ -143,7 +141,6 @@ impl Runtime {
             loops: Mutex::new(HashMap::new()),
             in_flight: InFlight::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
-            claiming: tokio::sync::Mutex::new(()),
         };
         let mut closed = 0;
         let mut handles = runtime.loops.lock().expect("loops poisoned");
@@ -349,43 +346,52 @@ impl Runtime {
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, RuntimeError> {
         let (reply, answer) = oneshot::channel();
-        let mut command = make(reply);
-        // A loop's task that just ended (its lease given back) is started
-        // again, once.
-        for _ in 0..2 {
-            self.claim(id).await?;
-            match self.actor(id)?.send(command).await {
-                Ok(()) => {
-                    return answer.await.map_err(|_| {
-                        RuntimeError::Internal("the loop's task dropped a reply".into())
-                    });
-                }
-                Err(mpsc::error::SendError(back)) => command = back,
+        let command = make(reply);
+        let Some(cluster) = &self.shared.cluster else {
+            self.actor(id)?
+                .send(command)
+                .await
+                .map_err(|_| RuntimeError::Internal("the loop's task is gone".into()))?;
+            return answer
+                .await
+                .map_err(|_| RuntimeError::Internal("the loop's task dropped a reply".into()));
+        };
+        // The lease is checked (or taken) and the command queued under the
+        // node's claim lock: a loop's task gives its lease back under the
+        // same lock, and only with no command waiting, so a command never
+        // reaches a task that just let the lease go.
+        let claimed = cluster.claiming.lock().await;
+        self.claim_locked(cluster, id).await?;
+        let tx = self.actor(id)?;
+        let queued = match tx.try_send(command) {
+            Ok(()) => Ok(()),
+            // A full queue is not given back: wait outside the lock.
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                drop(claimed);
+                tx.send(command).await.map_err(|_| ())
             }
-        }
-        Err(RuntimeError::Internal("the loop's task is gone".into()))
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        };
+        queued.map_err(|()| RuntimeError::Internal("the loop's task is gone".into()))?;
+        answer
+            .await
+            .map_err(|_| RuntimeError::Internal("the loop's task dropped a reply".into()))
     }
 
     /// On a shared database, makes sure this node holds the loop's lease
     /// before its task may write: taken if free (turns a previous holder
     /// left are settled first), or the request belongs to the node that
     /// holds it ([`RuntimeError::Elsewhere`]).
-    async fn claim(&self, id: LoopId) -> Result<(), RuntimeError> {
-        let Some(cluster) = &self.shared.cluster else {
-            return Ok(());
-        };
+    /// Call holding `cluster.claiming`: one claim at a time on this node,
+    /// so two requests for a loop nobody holds do not both take it (and
+    /// both settle its turns).
+    async fn claim_locked(&self, cluster: &Cluster, id: LoopId) -> Result<(), RuntimeError> {
         let log = self.log(id)?;
         if log.held().is_some() {
             return Ok(());
         }
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(RuntimeError::Stopping);
-        }
-        // One claim at a time on this node: two requests for a loop nobody
-        // holds must not both take it (and both settle its turns).
-        let _one_at_a_time = self.claiming.lock().await;
-        if log.held().is_some() {
-            return Ok(());
         }
         match cluster.claim(id, &log).await? {
             Claim::Elsewhere(owner) => Err(RuntimeError::Elsewhere(owner)),
@@ -424,12 +430,14 @@ impl Runtime {
                 .chain(waiting.into_iter().map(|(t, _)| t))
                 .collect();
             if !all.is_empty() {
-                log.append(&log::closing(all, "server_restarted"))?;
+                log.append_async(&log::closing(all, "server_restarted"))
+                    .await?;
             }
             return Ok(());
         }
         if let Some(turn) = running {
-            log.append(&log::closing(vec![turn], "node_lost"))?;
+            log.append_async(&log::closing(vec![turn], "node_lost"))
+                .await?;
         }
         if waiting.is_empty() {
             return Ok(());
@@ -464,18 +472,23 @@ impl Runtime {
                 .ok_or_else(|| RuntimeError::Internal("no room to requeue a turn".into()))?;
             queued.push((turn_id, content, reserved));
         }
+        // Not awaited: this runs under the claim lock, which a loop's task
+        // may be waiting for.
         self.actor(id)?
-            .send(Command::Requeue { turns: queued })
-            .await
-            .map_err(|_| RuntimeError::Internal("the loop's task is gone".into()))
+            .try_send(Command::Requeue { turns: queued })
+            .map_err(|_| RuntimeError::Internal("the loop's task cannot take its turns".into()))
     }
 
     /// Takes over a loop from a node that died: its lease, and its turns.
     async fn resume_here(&self, id: LoopId) -> Result<(), RuntimeError> {
-        self.claim(id).await?;
+        let Some(cluster) = &self.shared.cluster else {
+            return Ok(());
+        };
+        let _claimed = cluster.claiming.lock().await;
+        self.claim_locked(cluster, id).await?;
         let log = self.log(id)?;
         let live = self.handles(id, |h| h.actor.as_ref().is_some_and(|tx| !tx.is_closed()))?;
-        if !live && let Some(cluster) = &self.shared.cluster {
+        if !live {
             // Nothing was waiting: the loop is free again, for any node.
             cluster.release(id, &log).await;
         }

@@ -6,8 +6,8 @@
 //! date when the change feed says the loop's head moved.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
 use uuid::Uuid;
@@ -25,8 +25,9 @@ pub struct Remote {
     loop_id: Uuid,
     /// The lease generation this node writes under; 0 while it holds none.
     generation: AtomicI64,
-    /// Held by whoever writes this node's copy (an append, a catch-up).
-    writer: Mutex<()>,
+    /// Held by whoever writes this node's copy (an append, a catch-up),
+    /// also across the database's round trip.
+    writer: tokio::sync::Mutex<()>,
     /// The highest head the change feed announced, and whether a catch-up
     /// task is on its way to it.
     wanted: AtomicU64,
@@ -34,15 +35,18 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Waits for this log's writers to be done (keep it short of readers:
-    /// it guards writing, not reading).
-    pub(super) fn writing(&self) -> MutexGuard<'_, ()> {
-        self.writer.lock().expect("log writer poisoned")
+    /// Waits for this log's other writers (it guards writing, not reading).
+    pub(super) async fn writing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.writer.lock().await
+    }
+
+    pub(super) fn pg(&self) -> &Pg {
+        &self.pg
     }
 
     /// Writes the encoded `lines` (events `first..`, placed as `placed`
     /// says, from file offset `start`) to the database under the lease.
-    pub(super) fn append(
+    pub(super) async fn append(
         &self,
         first: u64,
         start: u64,
@@ -64,11 +68,10 @@ impl Remote {
             rows.push(String::from_utf8_lossy(line).into_owned());
         }
         // With every other loop's appends waiting now: one round trip.
-        self.pg.block(
-            self.pg
-                .group()
-                .append(self.loop_id, generation, first, rows),
-        )
+        self.pg
+            .group()
+            .append(self.loop_id, generation, first, rows)
+            .await
     }
 }
 
@@ -113,7 +116,7 @@ impl EventLog {
             pg: pg.clone(),
             loop_id,
             generation: AtomicI64::new(0),
-            writer: Mutex::new(()),
+            writer: tokio::sync::Mutex::new(()),
             wanted: AtomicU64::new(0),
             catching: AtomicBool::new(false),
         };
@@ -219,7 +222,8 @@ impl EventLog {
     /// Takes in events another node wrote, in seq order from the next one
     /// this copy lacks (rows it already has are skipped; a gap stops).
     fn apply_stored(&self, rows: &[(i64, String)]) -> Result<Recovered, StoreError> {
-        let _writing = self.remote.as_ref().map(Remote::writing);
+        // (On a blocking thread: catch-ups run there.)
+        let _writing = self.remote.as_ref().map(|r| r.writer.blocking_lock());
         let mut guard = self.state.lock().expect("log poisoned");
         let state = &mut *guard;
         let mut expected = state.view.next_seq;
