@@ -16,6 +16,9 @@ use super::{Runtime, RuntimeError};
 use crate::store::pg::Watermark;
 use crate::store::{LoopId, Pg, StoreError, shared_log};
 
+/// How often each node looks for leases that ran out.
+const TAKEOVER_SCAN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How a loop's lease stands for this node.
 pub enum Claim {
     /// This node holds it now; `previous` held it before (this node itself
@@ -215,11 +218,14 @@ impl Runtime {
         cluster
             .pg
             .start_feed(&self.shared.tasks, &self.shared.stopping);
-        let me = Arc::downgrade(self);
-        let stopping = self.shared.stopping.clone();
+        // Renewals on their own task: a slow takeover never delays them.
+        let (me, stopping, keeper) = (
+            Arc::downgrade(self),
+            self.shared.stopping.clone(),
+            cluster.clone(),
+        );
         self.shared.tasks.spawn(async move {
-            let every = cluster.ttl / 3;
-            let mut tick = tokio::time::interval(every);
+            let mut tick = tokio::time::interval(keeper.ttl / 3);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -227,13 +233,30 @@ impl Runtime {
                     _ = tick.tick() => {}
                 }
                 let Some(runtime) = me.upgrade() else { return };
-                runtime.keep_leases(&cluster).await;
+                runtime.keep_leases(&keeper).await;
+            }
+        });
+        // Dead nodes' leases are looked for every second: a takeover comes
+        // at most that long after the lease runs out.
+        let (me, stopping) = (Arc::downgrade(self), self.shared.stopping.clone());
+        self.shared.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(TAKEOVER_SCAN);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stopping.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(runtime) = me.upgrade() else { return };
+                if let Err(err) = runtime.take_over(&cluster).await {
+                    tracing::warn!(error = %err, "could not take over a dead node's loops");
+                }
             }
         });
     }
 
     /// One round of lease keeping: renew, give up what was lost, say we are
-    /// alive, take over from the dead.
+    /// alive.
     async fn keep_leases(self: &Arc<Self>, cluster: &Cluster) {
         match cluster.renew().await {
             Ok(lost) => {
@@ -246,9 +269,6 @@ impl Runtime {
         }
         if let Err(err) = cluster.heartbeat(self.shared.config.max_agents).await {
             tracing::warn!(error = %err, "could not report this node");
-        }
-        if let Err(err) = self.take_over(cluster).await {
-            tracing::warn!(error = %err, "could not take over a dead node's loops");
         }
     }
 
@@ -266,10 +286,20 @@ impl Runtime {
                 continue;
             };
             let log = self.log(id)?;
-            let found = log.catch_up().await?;
+            let found = match log.catch_up().await {
+                Ok(found) => found,
+                Err(err) => {
+                    tracing::warn!(loop_id = %id, error = %err, "could not read a dead node's loop");
+                    continue;
+                }
+            };
             self.remember_keys(id, found.idem);
             let unfinished = log.view(|v| !v.unfinished().is_empty());
             if record.archived || !unfinished {
+                // Nothing to carry on: the lease is cleared (and its
+                // generation moved on, so its holder, if only paused, can
+                // write nothing when it wakes) rather than scanned forever.
+                shared_log::release(&cluster.pg, lease.loop_id, lease.generation).await?;
                 continue;
             }
             let overdue = lease.expires_at.is_some_and(|at| {

@@ -197,11 +197,12 @@ pub async fn renew(
     .await?)
 }
 
-/// Lets a lease go (the loop has nothing running here any more).
+/// Lets a lease go (the loop has nothing running here any more). The
+/// generation moves on, so nothing more is written under the old one.
 pub async fn release(pg: &Pg, loop_id: Uuid, generation: i64) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE leases SET owner = NULL, expires_at = NULL, version = nextval('changes') \
-         WHERE loop_id = $1 AND generation = $2",
+        "UPDATE leases SET owner = NULL, expires_at = NULL, generation = generation + 1, \
+         version = nextval('changes') WHERE loop_id = $1 AND generation = $2",
     )
     .bind(loop_id)
     .bind(generation)
