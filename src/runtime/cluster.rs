@@ -17,7 +17,7 @@ use crate::store::pg::Watermark;
 use crate::store::{LoopId, Pg, StoreError, shared_log};
 
 /// How often each node looks for leases that ran out.
-const TAKEOVER_SCAN: std::time::Duration = std::time::Duration::from_secs(1);
+const TAKEOVER_SCAN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How a loop's lease stands for this node.
 pub enum Claim {
@@ -177,6 +177,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Another live node with room for an agent, the least loaded first
+    /// (for a loop nobody runs, when this node has none left).
+    pub async fn roomier_node(&self) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT url FROM nodes WHERE url <> $1 AND seen_at > now() - make_interval(secs => $2) \
+             AND owned < max_agents ORDER BY owned::float / greatest(max_agents, 1), url LIMIT 1",
+        )
+        .bind(&self.me)
+        .bind(self.ttl.as_secs_f64())
+        .fetch_optional(self.pg.pool())
+        .await?)
+    }
+
     /// Whether this node should take over a dead node's loops now: it is
     /// the least loaded live node, or the lease has been dead so long that
     /// the preferred node must be gone too.
@@ -236,8 +249,8 @@ impl Runtime {
                 runtime.keep_leases(&keeper).await;
             }
         });
-        // Dead nodes' leases are looked for every second: a takeover comes
-        // at most that long after the lease runs out.
+        // Dead nodes' leases are looked for twice a second: a takeover
+        // comes at most that long after the lease runs out.
         let (me, stopping) = (Arc::downgrade(self), self.shared.stopping.clone());
         self.shared.tasks.spawn(async move {
             let mut tick = tokio::time::interval(TAKEOVER_SCAN);

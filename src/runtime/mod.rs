@@ -393,6 +393,13 @@ impl Runtime {
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(RuntimeError::Stopping);
         }
+        // Every agent slot here is taken: a node with room runs it (else it
+        // waits for a slot here, as on one node).
+        if self.shared.slots.live() >= self.shared.config.max_agents
+            && let Some(node) = cluster.roomier_node().await?
+        {
+            return Err(RuntimeError::Elsewhere(node));
+        }
         match cluster.claim(id, &log).await? {
             Claim::Elsewhere(owner) => Err(RuntimeError::Elsewhere(owner)),
             Claim::Mine { previous, found } => {

@@ -13,6 +13,9 @@ use super::shared_log::{self, CHANNEL};
 
 /// Batches waiting for the writer, at most.
 const WAITING: usize = 4096;
+/// Statements in flight at once. A loop has at most one batch on its way
+/// (its task waits for each), so statements never reorder a loop's events.
+const IN_FLIGHT: usize = 4;
 /// Rows per statement, at most (a batch is never split).
 const ROWS: usize = 8192;
 
@@ -63,10 +66,12 @@ impl GroupCommit {
 }
 
 async fn write_all(pool: sqlx::PgPool, mut rx: mpsc::Receiver<Batch>) {
-    let mut batches = Vec::new();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     while let Some(batch) = rx.recv().await {
+        // Whatever else is waiting once a statement may start goes with it.
+        let slot = slots.clone().acquire_owned().await.expect("never closed");
         let mut rows = batch.lines.len();
-        batches.push(batch);
+        let mut batches = vec![batch];
         while rows < ROWS {
             match rx.try_recv() {
                 Ok(more) => {
@@ -76,7 +81,11 @@ async fn write_all(pool: sqlx::PgPool, mut rx: mpsc::Receiver<Batch>) {
                 Err(_) => break,
             }
         }
-        write(&pool, &mut batches).await;
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            write(&pool, &mut batches).await;
+            drop(slot);
+        });
     }
 }
 

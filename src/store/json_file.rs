@@ -66,7 +66,13 @@ pub enum Place {
 pub struct JsonStore<T> {
     place: Place,
     cache: Arc<Mutex<Cached<T>>>,
+    /// On Postgres: when a reader last went to the database itself.
+    fetched: Mutex<Option<std::time::Instant>>,
 }
+
+/// A reader that misses something goes to the database at most this often
+/// (a flood of unknown tokens costs a few queries a second, not one each).
+const FETCH_AT_MOST_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl<T> JsonStore<T>
 where
@@ -116,7 +122,35 @@ where
                 }),
             );
         }
-        Ok(Self { place, cache })
+        Ok(Self {
+            place,
+            cache,
+            fetched: Mutex::new(None),
+        })
+    }
+
+    /// [`Self::read`], but on Postgres, when `lacks` says the copy lacks
+    /// what the caller looks for (a token made on another node a moment
+    /// ago), the document is fetched first: what any node wrote is there
+    /// at once, not only when the change feed brings it.
+    pub fn read_having(&self, lacks: impl Fn(&T) -> bool) -> Arc<T> {
+        let value = self.read();
+        let Place::Pg { pg, name } = &self.place else {
+            return value;
+        };
+        if !lacks(&value) {
+            return value;
+        }
+        {
+            let mut fetched = self.fetched.lock().expect("fetched poisoned");
+            let now = std::time::Instant::now();
+            if fetched.is_some_and(|at| now.duration_since(at) < FETCH_AT_MOST_EVERY) {
+                return value;
+            }
+            *fetched = Some(now);
+        }
+        pg.block(refresh_row(pg, name, &self.cache));
+        self.read()
     }
 
     /// Where it lives, for messages.

@@ -67,8 +67,9 @@ impl SessionStore {
         if secret.len() != 64 {
             return None;
         }
-        let file = self.file.read();
-        let record = file.sessions.get(&ids::sha256_hex(secret))?;
+        let key = ids::sha256_hex(secret);
+        let file = self.file.read_having(|f| !f.sessions.contains_key(&key));
+        let record = file.sessions.get(&key)?;
         (record.expires_at > Utc::now()).then(|| record.clone())
     }
 

@@ -60,7 +60,8 @@ impl UserStore {
     }
 
     pub fn get(&self, name: &str) -> Option<User> {
-        self.file.read().users.get(name).map(|r| User {
+        let file = self.file.read_having(|f| !f.users.contains_key(name));
+        file.users.get(name).map(|r| User {
             name: name.to_owned(),
             admin: r.admin,
         })

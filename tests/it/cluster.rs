@@ -129,12 +129,12 @@ fn assert_contiguous(events: &[(u64, String)]) {
 async fn three_nodes_behave_as_one() {
     let (_db, nodes) = cluster(3).await;
     let (a, b, c) = (&nodes[0].app, &nodes[1].app, &nodes[2].app);
-    // A token made through A works on C.
+    // A token made through A works on C at once (C fetches what it lacks).
     let alice = a.bearer("alice").await;
-    eventually("A's token on C", async || {
-        c.get("/api/auth/me", &alice).await.1["user_id"] == "alice"
-    })
-    .await;
+    assert_eq!(c.get("/api/auth/me", &alice).await.1["user_id"], "alice");
+    // So does a web session.
+    let session = a.session("alice").await;
+    assert_eq!(c.get("/api/auth/me", &session).await.1["user_id"], "alice");
 
     // Create on A; C sees it at once (it reads the database's record).
     let id = a.create_loop(&alice, json!({"title": "shared"})).await;
@@ -466,4 +466,34 @@ async fn with_a_shared_workspace_root_the_new_node_works_in_the_same_files() {
             .exists(),
         "nothing of the loop's work is in A's data directory"
     );
+}
+
+#[tokio::test]
+async fn a_node_with_no_agent_left_sends_a_new_loop_to_one_with_room() {
+    let database = crate::pg::server().new_database();
+    let nodes = [
+        Node::start_with(&database, &["--max-agents", "1"]).await,
+        Node::start(&database).await,
+    ];
+    crate::pg::accounts(&database)
+        .users
+        .add("alice", false, PASSWORD)
+        .unwrap();
+    let (a, b) = (&nodes[0].app, &nodes[1].app);
+    let alice = a.bearer("alice").await;
+    // A's one agent is busy with a held turn.
+    let first = a.create_loop(&alice, json!({})).await;
+    let mut held = a.send(&alice, &first, "/hold never").await;
+    held.until("assistant_delta").await;
+    // Both nodes have reported themselves (every lease-keeping round).
+    eventually("both nodes known", async || {
+        crate::pg::node_count(&database) == 2
+    })
+    .await;
+    // A new loop's message to A runs on B, which has room.
+    let second = a.create_loop(&alice, json!({})).await;
+    let done = a.send(&alice, &second, "hello").await.until_end().await;
+    assert_eq!(done.last().unwrap().name, "done");
+    let (_, detail) = b.get(&format!("/api/v1/loops/{second}"), &alice).await;
+    assert_eq!(detail["node"], json!(nodes[1].url()), "{detail}");
 }

@@ -331,3 +331,15 @@ pub fn lines(url: &str, uuid: uuid::Uuid) -> Vec<String> {
         })
     })
 }
+
+/// How many nodes have reported themselves in `url`'s database.
+pub fn node_count(url: &str) -> i64 {
+    query(url, move |pool| {
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT count(*) FROM nodes")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        })
+    })
+}
