@@ -341,13 +341,32 @@ impl Runtime {
             return;
         };
         if let Some(payload) = payload {
-            let Some((id, head)) = payload.split_once(' ') else {
+            // "<uuid> <head>", then (for a small append) "<seq> <line>" a line.
+            let mut lines = payload.split('\n');
+            let Some((id, head)) = lines.next().and_then(|l| l.split_once(' ')) else {
                 return;
             };
             let (Ok(id), Ok(head)) = (Uuid::parse_str(id), head.parse::<u64>()) else {
                 return;
             };
-            self.catch_up_to(LoopId(id), head).await;
+            let id = LoopId(id);
+            let rows: Vec<(i64, String)> = lines
+                .filter_map(|l| {
+                    let (seq, line) = l.split_once(' ')?;
+                    Some((seq.parse().ok()?, line.to_owned()))
+                })
+                .collect();
+            if !rows.is_empty()
+                && self.shared.loops.get(id).is_some()
+                && let Ok(log) = self.log(id)
+                && let Some(found) = log.apply_announced(&rows)
+            {
+                self.remember_keys(id, found.idem);
+                if log.last_seq() >= head {
+                    return;
+                }
+            }
+            self.catch_up_to(id, head).await;
             return;
         }
         let floor = watermark.lock().expect("watermark").floor();

@@ -15,7 +15,10 @@ use super::shared_log::{self, CHANNEL};
 const WAITING: usize = 4096;
 /// Statements in flight at once. A loop has at most one batch on its way
 /// (its task waits for each), so statements never reorder a loop's events.
-const IN_FLIGHT: usize = 4;
+const IN_FLIGHT: usize = 2;
+/// An append this small (bytes of lines) goes out inside its notification,
+/// so other nodes take it in without a query (Postgres allows 8000).
+const NOTIFY_ROWS_BYTES: i64 = 7000;
 /// Rows per statement, at most (a batch is never split).
 const ROWS: usize = 8192;
 
@@ -123,7 +126,14 @@ async fn write(pool: &sqlx::PgPool, batches: &mut Vec<Batch>) {
              INSERT INTO events (loop_id, seq, line) \
              SELECT i.loop_id, i.seq, i.line FROM input i JOIN fence f ON f.loop_id = i.loop_id \
              RETURNING 1), \
-         told AS (SELECT pg_notify($5, f.loop_id::text || ' ' || f.head::text) FROM fence f) \
+         sizes AS ( \
+             SELECT loop_id, sum(octet_length(line) + 22) AS bytes, \
+                 string_agg(seq::text || ' ' || line, E'\\n' ORDER BY seq) AS rows \
+             FROM input GROUP BY loop_id), \
+         told AS ( \
+             SELECT pg_notify($5, f.loop_id::text || ' ' || f.head::text || \
+                 CASE WHEN s.bytes <= $6 THEN E'\\n' || s.rows ELSE '' END) \
+             FROM fence f JOIN sizes s ON s.loop_id = f.loop_id) \
          SELECT f.loop_id FROM fence f WHERE (SELECT count(*) FROM ins) >= 0 \
              AND (SELECT count(*) FROM told) >= 0",
     )
@@ -132,6 +142,7 @@ async fn write(pool: &sqlx::PgPool, batches: &mut Vec<Batch>) {
     .bind(&seqs)
     .bind(&lines)
     .bind(CHANNEL)
+    .bind(NOTIFY_ROWS_BYTES)
     .fetch_all(pool)
     .await;
     match written {

@@ -224,6 +224,25 @@ impl EventLog {
     fn apply_stored(&self, rows: &[(i64, String)]) -> Result<Recovered, StoreError> {
         // (On a blocking thread: catch-ups run there.)
         let _writing = self.remote.as_ref().map(|r| r.writer.blocking_lock());
+        self.apply_stored_locked(rows)
+    }
+
+    /// Takes in events that came with their announcement (small appends
+    /// carry their lines in the notification): no query when they follow
+    /// on from this copy. Returns false when they could not be used here
+    /// and now (the caller catches up by query instead).
+    pub fn apply_announced(&self, rows: &[(i64, String)]) -> Option<Recovered> {
+        let remote = self.remote.as_ref()?;
+        if self.held().is_some() || rows.first()?.0 as u64 != self.last_seq() + 1 {
+            return None;
+        }
+        // Another writer of this copy (a catch-up) is busy: leave it to it.
+        let _writing = remote.writer.try_lock().ok()?;
+        self.apply_stored_locked(rows).ok()
+    }
+
+    /// [`Self::apply_stored`], the copy's writer lock already held.
+    fn apply_stored_locked(&self, rows: &[(i64, String)]) -> Result<Recovered, StoreError> {
         let mut guard = self.state.lock().expect("log poisoned");
         let state = &mut *guard;
         let mut expected = state.view.next_seq;
