@@ -176,19 +176,72 @@ pub struct Watermark {
 impl Watermark {
     const LAG: Duration = Duration::from_secs(5);
 
-    /// Versions above this may be new.
+    /// Versions above this may be new: the highest seen at least
+    /// [`Self::LAG`] ago (0 until something is that old, so a transaction
+    /// in flight when the node started is not missed either).
     pub fn floor(&self) -> i64 {
-        self.seen.first().map_or(0, |(_, v)| *v)
+        self.floor_at(std::time::Instant::now())
+    }
+
+    fn floor_at(&self, now: std::time::Instant) -> i64 {
+        self.seen
+            .iter()
+            .rev()
+            .find(|(at, _)| now.duration_since(*at) >= Self::LAG)
+            .map_or(0, |(_, v)| *v)
     }
 
     /// Records the highest version just seen.
     pub fn saw(&mut self, highest: i64) {
-        let now = std::time::Instant::now();
-        self.seen
-            .push((now, highest.max(self.seen.last().map_or(0, |(_, v)| *v))));
-        // Keep the newest entry older than LAG as the floor.
+        self.saw_at(highest, std::time::Instant::now());
+    }
+
+    fn saw_at(&mut self, highest: i64, now: std::time::Instant) {
+        let highest = highest.max(self.seen.last().map_or(0, |(_, v)| *v));
+        self.seen.push((now, highest));
+        // Only the newest entry older than LAG is needed, and what came after.
         while self.seen.len() > 1 && now.duration_since(self.seen[1].0) >= Self::LAG {
             self.seen.remove(0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Watermark;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_floor_lags_what_was_seen_by_five_seconds() {
+        let t0 = Instant::now();
+        let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        let mut w = Watermark::default();
+        assert_eq!(w.floor_at(t0), 0, "nothing seen");
+        w.saw_at(10, at(0.0));
+        assert_eq!(
+            w.floor_at(at(0.0)),
+            0,
+            "seen just now: everything may still be new"
+        );
+        assert_eq!(w.floor_at(at(4.9)), 0);
+        assert_eq!(w.floor_at(at(5.0)), 10);
+        w.saw_at(20, at(3.0));
+        assert_eq!(w.floor_at(at(6.0)), 10, "20 is only 3 s old");
+        assert_eq!(w.floor_at(at(8.0)), 20);
+        // A poll that found less never lowers it.
+        w.saw_at(5, at(9.0));
+        assert_eq!(w.floor_at(at(14.0)), 20);
+    }
+
+    #[test]
+    fn it_keeps_a_few_entries_however_often_it_is_fed() {
+        let t0 = Instant::now();
+        let mut w = Watermark::default();
+        for i in 0..1200 {
+            w.saw_at(i, t0 + Duration::from_millis(500 * i as u64));
+        }
+        assert!(w.seen.len() <= 12, "{}", w.seen.len());
+        let end = t0 + Duration::from_millis(500 * 1199);
+        assert_eq!(w.floor_at(end), 1189);
     }
 }
