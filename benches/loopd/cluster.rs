@@ -28,9 +28,9 @@ pub fn remember_token(token: &str) {
     *TOKEN.lock().unwrap() = Some(token.to_owned());
 }
 
+/// A percentile in µs (the samples are ns).
 fn pct(sorted: &[u64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64 / 1e3
+    crate::scenarios::pct(sorted, p) / 1e3
 }
 
 /// 50 loops driven on `a` at 100 deltas/s, 300 each: the added latency of

@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 
 use crate::client::{Server, cpu_between, cpu_mark, find, read, usage};
 
-fn pct(sorted: &[u64], p: f64) -> f64 {
+pub fn pct(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

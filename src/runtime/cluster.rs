@@ -232,28 +232,33 @@ impl Runtime {
             .pg
             .start_feed(&self.shared.tasks, &self.shared.stopping);
         // Renewals on their own task: a slow takeover never delays them.
-        let (me, stopping, keeper) = (
-            Arc::downgrade(self),
-            self.shared.stopping.clone(),
-            cluster.clone(),
-        );
-        self.shared.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(keeper.ttl / 3);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = stopping.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let Some(runtime) = me.upgrade() else { return };
-                runtime.keep_leases(&keeper).await;
-            }
+        let keeper = cluster.clone();
+        self.every(keeper.ttl / 3, move |runtime| {
+            let keeper = keeper.clone();
+            async move { runtime.keep_leases(&keeper).await }
         });
         // Dead nodes' leases are looked for twice a second: a takeover
         // comes at most that long after the lease runs out.
+        self.every(TAKEOVER_SCAN, move |runtime| {
+            let cluster = cluster.clone();
+            async move {
+                if let Err(err) = runtime.take_over(&cluster).await {
+                    tracing::warn!(error = %err, "could not take over a dead node's loops");
+                }
+            }
+        });
+    }
+
+    /// Runs `work` every `period` on a tracked task, until shutdown (or the
+    /// runtime is gone); a late round delays the next, never doubles up.
+    fn every<F, Fut>(self: &Arc<Self>, period: std::time::Duration, work: F)
+    where
+        F: Fn(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let (me, stopping) = (Arc::downgrade(self), self.shared.stopping.clone());
         self.shared.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(TAKEOVER_SCAN);
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -261,9 +266,7 @@ impl Runtime {
                     _ = tick.tick() => {}
                 }
                 let Some(runtime) = me.upgrade() else { return };
-                if let Err(err) = runtime.take_over(&cluster).await {
-                    tracing::warn!(error = %err, "could not take over a dead node's loops");
-                }
+                work(runtime).await;
             }
         });
     }
