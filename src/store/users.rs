@@ -151,7 +151,7 @@ impl UserStore {
     /// server checks passwords in a few such blocks, never allocating 19 MiB
     /// per login (freed blocks pile up in the allocator's per-thread arenas).
     pub fn verify_in(&self, name: &str, password: &str, memory: &mut CheckMemory) -> Option<User> {
-        let users = self.file.read();
+        let users = self.file.read_having(|f| !f.users.contains_key(name));
         let record = users.users.get(name);
         let hash = record.map_or_else(|| self.dummy_hash(), |r| r.password_hash.as_str());
         let ok = check(hash, password.as_bytes(), memory);

@@ -26,6 +26,11 @@ impl Node {
     }
 
     async fn start_with(database: &str, args: &[&str]) -> Self {
+        Self::start_full(database, args, None).await
+    }
+
+    /// With `env` only (instead of this process's environment), when given.
+    async fn start_full(database: &str, args: &[&str], env: Option<&[(String, String)]>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -33,14 +38,15 @@ impl Node {
             .unwrap()
             .port();
         let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_loopd"))
-            .args([
-                "serve",
-                "--bind",
-                &format!("127.0.0.1:{port}"),
-                "--agent",
-                "echo",
-            ])
+        let mut command = Command::new(env!("CARGO_BIN_EXE_loopd"));
+        if let Some(env) = env {
+            command.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+        }
+        command.args(["serve", "--bind", &format!("127.0.0.1:{port}")]);
+        if !args.contains(&"--agent") {
+            command.args(["--agent", "echo"]);
+        }
+        let child = command
             .args(["--lease-ttl", LEASE_TTL])
             .args(args)
             .env("LOOPD_DATA_DIR", dir.path())
@@ -496,4 +502,106 @@ async fn a_node_with_no_agent_left_sends_a_new_loop_to_one_with_room() {
     assert_eq!(done.last().unwrap().name, "done");
     let (_, detail) = b.get(&format!("/api/v1/loops/{second}"), &alice).await;
     assert_eq!(detail["node"], json!(nodes[1].url()), "{detail}");
+}
+
+/// Claude Code on node B, B killed, the next turn on node A: what A's
+/// agent says when asked for the whole conversation.
+async fn claude_taken_over(shared_root: bool) -> Vec<crate::support::Sse> {
+    let database = crate::pg::server().new_database();
+    let mock = crate::mock_anthropic::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let env = crate::claude_cli::agent_env(&mock, home.path());
+    let bin = crate::claude_cli::claude_bin();
+    let root_arg = root.path().to_str().unwrap().to_owned();
+    let mut args = vec!["--agent", "claude", "--claude-bin", bin.to_str().unwrap()];
+    if shared_root {
+        args.extend(["--workspace-root", root_arg.as_str()]);
+    }
+    let mut nodes = [
+        Node::start_full(&database, &args, Some(&env)).await,
+        Node::start_full(&database, &args, Some(&env)).await,
+    ];
+    crate::pg::accounts(&database)
+        .users
+        .add("alice", false, PASSWORD)
+        .unwrap();
+    let alice = nodes[0].app.bearer("alice").await;
+    let id = nodes[0].app.create_loop(&alice, json!({})).await;
+    let first = nodes[1]
+        .app
+        .send(&alice, &id, "remember the apples")
+        .await
+        .until_end()
+        .await;
+    assert_eq!(
+        first.last().unwrap().name,
+        "done",
+        "{first:?}\n{}",
+        nodes[1].log()
+    );
+    // Claude Code writes its transcript a moment after the turn: a node
+    // killed before that loses the turn's history on any storage.
+    eventually("the CLI's transcript on the workspace root", async || {
+        !shared_root || has_transcript(root.path())
+    })
+    .await;
+    nodes[1].kill();
+    // B's lease runs out; with nothing running, A clears it.
+    eventually("the loop free again", async || {
+        nodes[0]
+            .app
+            .get(&format!("/api/v1/loops/{id}"), &alice)
+            .await
+            .1["node"]
+            == Value::Null
+    })
+    .await;
+    nodes[0]
+        .app
+        .send(&alice, &id, "[[history]]")
+        .await
+        .until_end()
+        .await
+}
+
+/// Whether a Claude Code transcript (`projects/<slug>/<sid>.jsonl`) is
+/// anywhere under `dir`.
+fn has_transcript(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let path = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => has_transcript(&path),
+                Ok(t) if t.is_file() => {
+                    path.extension().is_some_and(|x| x == "jsonl")
+                        && path
+                            .parent()
+                            .and_then(|p| p.parent())
+                            .is_some_and(|p| p.ends_with("projects"))
+                }
+                _ => false,
+            }
+        })
+}
+
+#[tokio::test]
+async fn with_a_shared_workspace_root_the_conversation_resumes_on_the_new_node() {
+    let events = claude_taken_over(true).await;
+    assert_eq!(events[0].name, "started");
+    assert_ne!(events[0].data["history_lost"], true, "{:?}", events[0]);
+    let said = crate::support::text(&events);
+    assert!(said.contains("remember the apples"), "{said}");
+}
+
+#[tokio::test]
+async fn without_one_the_new_node_starts_over_and_says_so() {
+    let events = claude_taken_over(false).await;
+    assert_eq!(events[0].name, "started");
+    assert_eq!(events[0].data["history_lost"], true, "{:?}", events[0]);
+    let said = crate::support::text(&events);
+    assert!(!said.contains("remember the apples"), "{said}");
 }
