@@ -33,14 +33,6 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub async fn start(kind: Kind) -> Server {
     start_with(kind, "auto").await
 }
@@ -72,7 +64,7 @@ async fn start_node(kind: Kind, sandbox: &str, database: Option<&str>, args: &[&
             external_pid: parts[2].parse().ok(),
         };
     }
-    let port = free_port();
+    let port = crate::pg::free_port();
     let addr = format!("127.0.0.1:{port}");
     let exe = std::env::current_exe().unwrap();
     let (child, token, dir) = match kind {

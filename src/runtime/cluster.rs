@@ -39,8 +39,6 @@ pub struct Cluster {
     pub ttl: Duration,
     /// Loops whose lease this node holds, with the generation.
     held: Mutex<HashMap<LoopId, i64>>,
-    /// Who runs each loop's agent, as the change feed last said.
-    owners: Mutex<HashMap<LoopId, String>>,
     /// Held while this node takes a lease and queues a command for the
     /// loop's task, and while a loop's task gives its lease back.
     pub claiming: tokio::sync::Mutex<()>,
@@ -53,7 +51,6 @@ impl Cluster {
             me,
             ttl,
             held: Mutex::new(HashMap::new()),
-            owners: Mutex::new(HashMap::new()),
             claiming: tokio::sync::Mutex::new(()),
         }
     }
@@ -90,10 +87,6 @@ impl Cluster {
             .lock()
             .expect("held poisoned")
             .insert(id, claimed.generation);
-        self.owners
-            .lock()
-            .expect("owners poisoned")
-            .insert(id, self.me.clone());
         tracing::info!(loop_id = %id, generation = claimed.generation, previous = ?claimed.previous, "took the loop's lease");
         Ok(Claim::Mine {
             previous: claimed.previous,
@@ -107,7 +100,6 @@ impl Cluster {
             return;
         };
         self.held.lock().expect("held poisoned").remove(&id);
-        self.owners.lock().expect("owners poisoned").remove(&id);
         if let Err(err) = shared_log::release(&self.pg, id.0, generation).await {
             // It expires on its own.
             tracing::warn!(loop_id = %id, error = %err, "could not give a lease back");
@@ -117,7 +109,6 @@ impl Cluster {
     /// Forgets a lease this node lost (another node holds it now).
     pub fn forget(&self, id: LoopId) {
         self.held.lock().expect("held poisoned").remove(&id);
-        self.owners.lock().expect("owners poisoned").remove(&id);
     }
 
     /// Gives back every lease this node holds (at shutdown, once its
@@ -125,7 +116,6 @@ impl Cluster {
     pub async fn release_all(&self) {
         let held: Vec<(LoopId, i64)> = self.held.lock().expect("held poisoned").drain().collect();
         for (id, generation) in held {
-            self.owners.lock().expect("owners poisoned").remove(&id);
             if let Err(err) = shared_log::release(&self.pg, id.0, generation).await {
                 tracing::warn!(loop_id = %id, error = %err, "could not give a lease back");
             }
@@ -137,13 +127,9 @@ impl Cluster {
         self.held.lock().expect("held poisoned").len()
     }
 
-    /// The node running the loop's agent, if any.
-    pub fn owner(&self, id: LoopId) -> Option<String> {
-        self.owners
-            .lock()
-            .expect("owners poisoned")
-            .get(&id)
-            .cloned()
+    /// Whether this node holds the loop's lease.
+    fn holds(&self, id: LoopId) -> bool {
+        self.held.lock().expect("held poisoned").contains_key(&id)
     }
 
     /// Renews every lease held; returns the loops whose lease was lost.
@@ -210,7 +196,7 @@ impl Cluster {
 
 impl Runtime {
     /// Starts what makes this node one of many: the change feed that keeps
-    /// logs and owners current, lease renewal, the heartbeat, and taking
+    /// logs current, lease renewal, the heartbeat, and taking
     /// over the loops of nodes that died.
     pub fn start_cluster(self: &Arc<Self>) {
         let Some(cluster) = self.shared.cluster.clone() else {
@@ -295,7 +281,7 @@ impl Runtime {
         let expired = shared_log::expired(&cluster.pg).await?;
         for lease in expired {
             let id = LoopId(lease.loop_id);
-            if lease.owner.as_deref() == Some(cluster.me.as_str()) && cluster.owner(id).is_some() {
+            if cluster.holds(id) {
                 continue; // ours, renewed on the next round
             }
             let Some(record) = self.shared.loops.get(id) else {
@@ -334,7 +320,7 @@ impl Runtime {
     }
 
     /// What the change feed says: a loop's head moved (catch its copy up),
-    /// or, on a poll, every lease that changed lately (heads and owners).
+    /// or, on a poll, every lease that changed lately (their heads).
     async fn follow_change(
         self: &Arc<Self>,
         payload: Option<String>,
@@ -383,14 +369,6 @@ impl Runtime {
         watermark.lock().expect("watermark").saw(highest);
         for lease in leases {
             let id = LoopId(lease.loop_id);
-            {
-                let mut owners = cluster.owners.lock().expect("owners poisoned");
-                let live = lease.expires_at.is_some_and(|at| at > chrono::Utc::now());
-                match lease.owner.filter(|_| live) {
-                    Some(owner) => owners.insert(id, owner),
-                    None => owners.remove(&id),
-                };
-            }
             self.catch_up_to(id, lease.head as u64).await;
         }
     }

@@ -162,7 +162,7 @@ async fn write(pool: &sqlx::PgPool, batches: &mut Vec<Batch>) {
             for b in now {
                 let lines: Vec<&str> = b.lines.iter().map(String::as_str).collect();
                 let outcome =
-                    shared_log::append_with(pool, b.loop_id, b.generation, b.first, &lines).await;
+                    shared_log::append(pool, b.loop_id, b.generation, b.first, &lines).await;
                 let _ = b.done.send(outcome);
             }
         }

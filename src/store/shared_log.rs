@@ -39,19 +39,9 @@ pub struct Claimed {
 }
 
 /// Writes events `first..` (their lines) under `generation`; refused with
-/// [`StoreError::Fenced`] once the lease has moved on. One round trip.
+/// [`StoreError::Fenced`] once the lease has moved on. One round trip (the
+/// group commit's way for a batch on its own).
 pub async fn append(
-    pg: &Pg,
-    loop_id: Uuid,
-    generation: i64,
-    first: u64,
-    lines: &[&str],
-) -> Result<(), StoreError> {
-    append_with(pg.pool(), loop_id, generation, first, lines).await
-}
-
-/// [`append`] on a pool.
-pub async fn append_with(
     pool: &sqlx::PgPool,
     loop_id: Uuid,
     generation: i64,

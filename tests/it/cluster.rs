@@ -32,11 +32,7 @@ impl Node {
     /// With `env` only (instead of this process's environment), when given.
     async fn start_full(database: &str, args: &[&str], env: Option<&[(String, String)]>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::pg::free_port();
         let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_loopd"));
         if let Some(env) = env {
@@ -107,6 +103,14 @@ async fn cluster(n: usize) -> (String, Vec<Node>) {
         .await;
     }
     (database, nodes)
+}
+
+/// User alice (password [`PASSWORD`]) in `database`.
+fn add_alice(database: &str) {
+    crate::pg::accounts(database)
+        .users
+        .add("alice", false, PASSWORD)
+        .unwrap();
 }
 
 fn workspace_of(node: &Node, loop_id: &str) -> PathBuf {
@@ -405,10 +409,7 @@ async fn login_attempts_count_on_every_node() {
         Node::start_with(&database, &throttled).await,
         Node::start_with(&database, &throttled).await,
     ];
-    crate::pg::accounts(&database)
-        .users
-        .add("alice", false, PASSWORD)
-        .unwrap();
+    add_alice(&database);
     // Three wrong guesses spread over two nodes use up alice's burst…
     for i in 0..3 {
         let node = &nodes[i % 2].app;
@@ -434,10 +435,7 @@ async fn with_a_shared_workspace_root_the_new_node_works_in_the_same_files() {
         Node::start_with(&database, &args).await,
         Node::start_with(&database, &args).await,
     ];
-    crate::pg::accounts(&database)
-        .users
-        .add("alice", false, PASSWORD)
-        .unwrap();
+    add_alice(&database);
     let alice = nodes[0].app.bearer("alice").await;
     let id = nodes[0].app.create_loop(&alice, json!({})).await;
     let workspace = shared
@@ -481,10 +479,7 @@ async fn a_node_with_no_agent_left_sends_a_new_loop_to_one_with_room() {
         Node::start_with(&database, &["--max-agents", "1"]).await,
         Node::start(&database).await,
     ];
-    crate::pg::accounts(&database)
-        .users
-        .add("alice", false, PASSWORD)
-        .unwrap();
+    add_alice(&database);
     let (a, b) = (&nodes[0].app, &nodes[1].app);
     let alice = a.bearer("alice").await;
     // A's one agent is busy with a held turn.
@@ -522,10 +517,7 @@ async fn claude_taken_over(shared_root: bool) -> Vec<crate::support::Sse> {
         Node::start_full(&database, &args, Some(&env)).await,
         Node::start_full(&database, &args, Some(&env)).await,
     ];
-    crate::pg::accounts(&database)
-        .users
-        .add("alice", false, PASSWORD)
-        .unwrap();
+    add_alice(&database);
     let alice = nodes[0].app.bearer("alice").await;
     let id = nodes[0].app.create_loop(&alice, json!({})).await;
     let first = nodes[1]

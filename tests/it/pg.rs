@@ -75,16 +75,9 @@ impl PgServer {
     /// `postgres://…` of a new, empty database.
     pub fn new_database(&self) -> String {
         let name = format!("t_{}", loopd::ids::random_hex(8));
-        let status = Command::new(self.bin.join("createdb"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                &name,
-            ])
+        let status = self
+            .client("createdb")
+            .arg(&name)
             .status()
             .expect("createdb runs");
         assert!(status.success(), "createdb {name} failed");
@@ -156,18 +149,25 @@ impl PgServer {
         server
     }
 
+    /// One of the server's client programs, pointed at it as `postgres`.
+    fn client(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        cmd
+    }
+
     fn wait_ready(&self, root: &Path) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let ready = Command::new(self.bin.join("pg_isready"))
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    "postgres",
-                ])
+            let ready = self
+                .client("pg_isready")
                 .stdout(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
@@ -225,7 +225,8 @@ fn as_owner(cmd: &mut Command, owner: Option<(nix::unistd::Uid, nix::unistd::Gid
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listens on now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
