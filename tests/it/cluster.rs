@@ -184,12 +184,24 @@ async fn three_nodes_behave_as_one() {
     assert!(names(&rest).contains(&"choice_resolved"), "{rest:?}");
     assert_eq!(rest.last().unwrap().name, "done");
 
-    // Interrupt through A (not the owner): the held turn on B stops.
+    // Interrupt through A (not the owner), as the web chat on A's page
+    // would (cookie and Origin: B checks them as A would): the held turn
+    // on B stops.
     let mut held = c.send(&alice, &id, "/hold never").await;
     held.until("assistant_delta").await;
-    let (status, body) = a
-        .post(&format!("/api/v1/loops/{id}/interrupt"), &alice, json!({}))
-        .await;
+    let page = a.session("alice").await;
+    let resp = a
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/v1/loops/{id}/interrupt"),
+            &page,
+        )
+        .header("origin", format!("http://{}", a.addr))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = crate::support::read(resp).await;
     assert!(status.is_success(), "{status} {body}");
     let interrupted = held.until_end().await.pop().unwrap();
     assert_eq!(interrupted.name, "interrupted");
