@@ -62,9 +62,9 @@ async fn paced_across(a: &Server, watch_on: &Server) -> Figures {
 }
 
 /// Seconds from kill -9 of the node running a turn to the `node_lost`
-/// error on a watcher of another node, and on to the next turn's first
-/// delta there.
-async fn takeover(database: &str, ttl: &str) -> (f64, f64) {
+/// error on a watcher of another node, how much of that came after the
+/// lease ran out, and from the kill on to the next turn's end there.
+async fn takeover(database: &str, ttl: &str) -> (f64, f64, f64) {
     let mut a = start_on(database, &["--lease-ttl", ttl]).await;
     let b = start_on(database, &["--lease-ttl", ttl]).await;
     let id = loops(&a, 1).await.pop().unwrap();
@@ -75,7 +75,9 @@ async fn takeover(database: &str, ttl: &str) -> (f64, f64) {
     while find(&seen, b"assistant_delta").is_none() {
         seen.extend_from_slice(&watcher.next().await.unwrap().unwrap());
     }
+    let uuid: uuid::Uuid = id.strip_prefix("loop_").unwrap().parse().unwrap();
     let killed = Instant::now();
+    let left = crate::pg::lease_left(database, uuid);
     a.kill9();
     drop(slow);
     let mut buf = Vec::new();
@@ -85,10 +87,12 @@ async fn takeover(database: &str, ttl: &str) -> (f64, f64) {
     let lost = killed.elapsed().as_secs_f64();
     let next = b.send_turn(&id, 1, 0).await;
     read(next, true).await;
-    (lost, killed.elapsed().as_secs_f64())
+    (lost, lost - left, killed.elapsed().as_secs_f64())
 }
 
-pub async fn run(runs: usize) {
+/// The cluster figures; `takeover_only` skips the throughput and latency
+/// runs (`--only takeover`).
+pub async fn run(runs: usize, takeover_only: bool) {
     let pg = crate::pg::server();
     println!("loopd on Postgres, {runs} run(s) each, median (min–max)");
     println!("| figure | value |");
@@ -102,51 +106,21 @@ pub async fn run(runs: usize) {
         None => rows.push((name, vec![v])),
     };
     for _ in 0..runs {
-        // Full speed, one node: files, then Postgres, the same load.
-        let files = start(Kind::Loopd).await;
-        let on_files = multi(&files).await;
-        drop(files);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let database = pg.new_database();
-        let node = start_on(&database, &[]).await;
-        let on_pg = multi(&node).await;
-        drop(node);
-        for ((name, f), (_, p)) in on_files.iter().zip(&on_pg) {
-            add(&mut rows, format!("multi, files: {name}"), *f);
-            add(&mut rows, format!("multi, Postgres: {name}"), *p);
+        if !takeover_only {
+            throughput_and_latency(pg, &mut rows, add).await;
         }
-        add(
-            &mut rows,
-            "multi: Postgres / files events/s".into(),
-            on_pg[0].1 / on_files[0].1,
-        );
 
-        // Paced, a watcher on the agent's node and on another node.
-        let database = pg.new_database();
-        let a = start_on(&database, &[]).await;
-        let b = start_on(&database, &[]).await;
-        for (name, v) in paced_across(&a, &a).await {
-            add(
-                &mut rows,
-                format!("paced, watcher on the agent's node: {name}"),
-                v,
-            );
-        }
-        for (name, v) in paced_across(&a, &b).await {
-            add(
-                &mut rows,
-                format!("paced, watcher on another node: {name}"),
-                v,
-            );
-        }
-        drop((a, b));
-
-        for ttl in ["15", "3"] {
-            let (lost, next) = takeover(&pg.new_database(), ttl).await;
+        for ttl in ["12", "3"] {
+            let (lost, late, next) = takeover(&pg.new_database(), ttl).await;
             add(
                 &mut rows,
                 format!("takeover, lease {ttl} s: kill -9 to node_lost (s)"),
                 lost,
+            );
+            add(
+                &mut rows,
+                format!("takeover, lease {ttl} s: lease's end to node_lost (s)"),
+                late,
             );
             add(
                 &mut rows,
@@ -164,4 +138,46 @@ pub async fn run(runs: usize) {
             fmt(vs[vs.len() - 1])
         );
     }
+}
+
+/// One run of full speed on files and on Postgres, and paced latency with a
+/// watcher on the agent's node and on another.
+async fn throughput_and_latency(
+    pg: &crate::pg::PgServer,
+    rows: &mut Vec<(String, Vec<f64>)>,
+    add: impl Fn(&mut Vec<(String, Vec<f64>)>, String, f64),
+) {
+    let files = start(Kind::Loopd).await;
+    let on_files = multi(&files).await;
+    drop(files);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let database = pg.new_database();
+    let node = start_on(&database, &[]).await;
+    let on_pg = multi(&node).await;
+    drop(node);
+    for ((name, f), (_, p)) in on_files.iter().zip(&on_pg) {
+        add(rows, format!("multi, files: {name}"), *f);
+        add(rows, format!("multi, Postgres: {name}"), *p);
+    }
+    add(
+        rows,
+        "multi: Postgres / files events/s".into(),
+        on_pg[0].1 / on_files[0].1,
+    );
+
+    // Paced, a watcher on the agent's node and on another node.
+    let database = pg.new_database();
+    let a = start_on(&database, &[]).await;
+    let b = start_on(&database, &[]).await;
+    for (name, v) in paced_across(&a, &a).await {
+        add(
+            rows,
+            format!("paced, watcher on the agent's node: {name}"),
+            v,
+        );
+    }
+    for (name, v) in paced_across(&a, &b).await {
+        add(rows, format!("paced, watcher on another node: {name}"), v);
+    }
+    drop((a, b));
 }

@@ -3,7 +3,8 @@
 //! `cargo bench --bench loopd [-- --runs N] [-- --only SCENARIO]`
 //! (`--only sandbox`: loopd without and with its sandbox, cold starts and
 //! paced latency; `--only cluster`: loopd on Postgres against loopd on
-//! files, a watcher on another node, and how long a takeover takes)
+//! files, a watcher on another node, and how long a takeover takes;
+//! `--only takeover`: only the last)
 //!
 //! One executable plays three parts, chosen by its first argument:
 //! - `-p …` (Claude Code's flags): the **fake agent**, [`fake_agent`];

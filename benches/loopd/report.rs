@@ -51,7 +51,10 @@ pub async fn run(runs: usize, only: Option<String>) {
         return sandbox_cost(runs).await;
     }
     if only.as_deref() == Some("cluster") {
-        return crate::cluster::run(runs).await;
+        return crate::cluster::run(runs, false).await;
+    }
+    if only.as_deref() == Some("takeover") {
+        return crate::cluster::run(runs, true).await;
     }
     let scenarios: &[(&str, &str)] = &[
         ("idle", "idle"),

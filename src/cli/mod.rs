@@ -130,8 +130,8 @@ pub struct ServeArgs {
     pub advertise_url: Option<String>,
     /// With --database-url: how long a loop stays this node's after its last
     /// renewal (renewed every third of it); a dead node's loops are taken over
-    /// once it passes.
-    #[arg(long, env = "LOOPD_LEASE_TTL", default_value_t = 15)]
+    /// within milliseconds of its end.
+    #[arg(long, env = "LOOPD_LEASE_TTL", default_value_t = 12)]
     pub lease_ttl: u64,
     /// Keep loops' workspaces and agent homes here instead of in the data
     /// directory: on storage every node mounts at this path, a loop taken

@@ -16,8 +16,13 @@ use super::{Runtime, RuntimeError};
 use crate::store::pg::Watermark;
 use crate::store::{LoopId, Pg, StoreError, shared_log};
 
-/// How often each node looks for leases that ran out.
-const TAKEOVER_SCAN: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often each node looks for leases that ran out, at the least; it
+/// also wakes just after the next lease of another node is due to run out.
+const TAKEOVER_SCAN: Duration = Duration::from_millis(500);
+
+/// How long after a lease's expiry (by the database's clock) the scan that
+/// takes it over wakes.
+const TAKEOVER_MARGIN: Duration = Duration::from_millis(5);
 
 /// How a loop's lease stands for this node.
 pub enum Claim {
@@ -223,13 +228,19 @@ impl Runtime {
             let keeper = keeper.clone();
             async move { runtime.keep_leases(&keeper).await }
         });
-        // Dead nodes' leases are looked for twice a second: a takeover
-        // comes at most that long after the lease runs out.
-        self.every(TAKEOVER_SCAN, move |runtime| {
+        // Dead nodes' leases are looked for just after the next one runs
+        // out, and twice a second in any case: a takeover comes within a few
+        // milliseconds of the lease's end.
+        self.repeat(move |runtime| {
             let cluster = cluster.clone();
             async move {
-                if let Err(err) = runtime.take_over(&cluster).await {
-                    tracing::warn!(error = %err, "could not take over a dead node's loops");
+                match runtime.take_over(&cluster).await {
+                    Ok(Some(next)) => (next + TAKEOVER_MARGIN).min(TAKEOVER_SCAN),
+                    Ok(None) => TAKEOVER_SCAN,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not take over a dead node's loops");
+                        TAKEOVER_SCAN
+                    }
                 }
             }
         });
@@ -237,22 +248,37 @@ impl Runtime {
 
     /// Runs `work` every `period` on a tracked task, until shutdown (or the
     /// runtime is gone); a late round delays the next, never doubles up.
-    fn every<F, Fut>(self: &Arc<Self>, period: std::time::Duration, work: F)
+    fn every<F, Fut>(self: &Arc<Self>, period: Duration, work: F)
     where
         F: Fn(Arc<Self>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
     {
+        self.repeat(move |runtime| {
+            let (started, round) = (tokio::time::Instant::now(), work(runtime));
+            async move {
+                round.await;
+                period.saturating_sub(started.elapsed())
+            }
+        });
+    }
+
+    /// Runs `work` on a tracked task, then again after the wait it returns,
+    /// until shutdown (or the runtime is gone).
+    fn repeat<F, Fut>(self: &Arc<Self>, work: F)
+    where
+        F: Fn(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Duration> + Send,
+    {
         let (me, stopping) = (Arc::downgrade(self), self.shared.stopping.clone());
         self.shared.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut wait = Duration::ZERO;
             loop {
                 tokio::select! {
                     () = stopping.cancelled() => return,
-                    _ = tick.tick() => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
                 let Some(runtime) = me.upgrade() else { return };
-                work(runtime).await;
+                wait = work(runtime).await;
             }
         });
     }
@@ -276,9 +302,13 @@ impl Runtime {
 
     /// Claims loops whose node stopped renewing their lease and that have
     /// work left (a turn running or waiting): the running turn ends with
-    /// `node_lost`, the waiting ones run here.
-    async fn take_over(self: &Arc<Self>, cluster: &Cluster) -> Result<(), RuntimeError> {
-        let expired = shared_log::expired(&cluster.pg).await?;
+    /// `node_lost`, the waiting ones run here. Returns how long until
+    /// another node's lease runs out next, if any is held.
+    async fn take_over(
+        self: &Arc<Self>,
+        cluster: &Cluster,
+    ) -> Result<Option<Duration>, RuntimeError> {
+        let (expired, next) = shared_log::expired(&cluster.pg, &cluster.me).await?;
         for lease in expired {
             let id = LoopId(lease.loop_id);
             if cluster.holds(id) {
@@ -316,7 +346,7 @@ impl Runtime {
                 tracing::warn!(loop_id = %id, error = %err, "could not take the loop over");
             }
         }
-        Ok(())
+        Ok(next)
     }
 
     /// What the change feed says: a loop's head moved (catch its copy up),

@@ -231,12 +231,25 @@ pub async fn changed_since(pg: &Pg, floor: i64) -> Result<(Vec<Lease>, i64), Sto
     Ok((rows.into_iter().map(|r| r.lease).collect(), highest))
 }
 
-/// Leases whose holder stopped renewing them.
-pub async fn expired(pg: &Pg) -> Result<Vec<Lease>, StoreError> {
-    Ok(sqlx::query_as(
+/// Leases whose holder stopped renewing them, and how long until the next
+/// lease held by another node than `me` runs out (by the database's clock,
+/// so the nodes' clocks need not agree).
+pub async fn expired(pg: &Pg, me: &str) -> Result<(Vec<Lease>, Option<Duration>), StoreError> {
+    let expired = sqlx::query_as(
         "SELECT loop_id, owner, generation, expires_at, head FROM leases \
          WHERE owner IS NOT NULL AND expires_at < now()",
     )
     .fetch_all(pg.pool())
-    .await?)
+    .await?;
+    let next: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(expires_at) - now())::float8 FROM leases \
+         WHERE owner IS NOT NULL AND owner <> $1 AND expires_at >= now()",
+    )
+    .bind(me)
+    .fetch_one(pg.pool())
+    .await?;
+    Ok((
+        expired,
+        next.map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+    ))
 }

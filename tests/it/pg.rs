@@ -320,6 +320,22 @@ pub fn steal_lease(url: &str, uuid: uuid::Uuid) {
     })
 }
 
+/// Seconds until a loop's lease runs out, by the database's clock.
+#[allow(dead_code)] // used by the bench
+pub fn lease_left(url: &str, uuid: uuid::Uuid) -> f64 {
+    query(url, move |pool| {
+        Box::pin(async move {
+            sqlx::query_scalar(
+                "SELECT extract(epoch FROM expires_at - now())::float8 FROM leases WHERE loop_id = $1",
+            )
+            .bind(uuid)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        })
+    })
+}
+
 /// A loop's event lines as the database has them.
 pub fn lines(url: &str, uuid: uuid::Uuid) -> Vec<String> {
     query(url, move |pool| {

@@ -76,7 +76,7 @@ impl TestApp {
             config.cluster = Some(loopd::config::Cluster {
                 database_url: crate::pg::database_for(&config.data_dir),
                 advertise_url: format!("http://{addr}"),
-                lease_ttl: Duration::from_secs(15),
+                lease_ttl: Duration::from_secs(12),
             });
         }
         let dir = config.data_dir.clone();
