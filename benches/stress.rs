@@ -68,8 +68,14 @@ async fn run(duration: Duration) {
         .users
         .add("mallory", false, "mallory password")
         .unwrap();
-    let (bot_token, _) = accounts.tokens.create("bot", None).unwrap();
-    let (evil_token, _) = accounts.tokens.create("mallory", None).unwrap();
+    let (bot_token, _) = accounts
+        .tokens
+        .create("bot", None, Default::default())
+        .unwrap();
+    let (evil_token, _) = accounts
+        .tokens
+        .create("mallory", None, Default::default())
+        .unwrap();
     drop(accounts);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

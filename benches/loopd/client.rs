@@ -90,7 +90,10 @@ async fn start_node(kind: Kind, sandbox: &str, database: Option<&str>, args: &[&
                         .users
                         .add("bench", false, "bench password")
                         .unwrap();
-                    let (token, _) = accounts.tokens.create("bench", None).unwrap();
+                    let (token, _) = accounts
+                        .tokens
+                        .create("bench", None, Default::default())
+                        .unwrap();
                     crate::cluster::remember_token(&token);
                     token
                 }

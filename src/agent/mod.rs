@@ -65,6 +65,20 @@ impl PermissionMode {
         }
     }
 
+    /// How much the agent may do without asking, for comparing modes
+    /// (a token's `max_permission_mode`): plan, then dontAsk (denies what
+    /// it would ask), default, acceptEdits, auto, bypassPermissions.
+    pub fn authority(self) -> u8 {
+        match self {
+            Self::Plan => 0,
+            Self::DontAsk => 1,
+            Self::Default => 2,
+            Self::AcceptEdits => 3,
+            Self::Auto => 4,
+            Self::BypassPermissions => 5,
+        }
+    }
+
     /// How loopd answers permission requests in this mode when the agent
     /// cannot run it itself: allow or deny at once, with no prompt.
     pub fn held_answer(self, native: NativeModes) -> Option<bool> {

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{TokenCommand, UserCommand};
 use crate::ids;
-use crate::store::{Accounts, TokenRecord, no_such_user};
+use crate::store::{Accounts, Grants, MAX_ROTATION_GRACE, TokenRecord, no_such_user};
 
 pub fn run_user(accounts: &Accounts, cmd: UserCommand, out: &mut impl Write) -> anyhow::Result<()> {
     match cmd {
@@ -72,9 +72,38 @@ pub fn run_token(
             .ok_or_else(|| no_such_user(user))
     };
     match cmd {
-        TokenCommand::Create { user, label } => {
+        TokenCommand::Create {
+            user,
+            label,
+            scopes,
+            expires_at,
+            max_permission_mode,
+        } => {
             known(&user)?;
-            let (plaintext, _) = accounts.tokens.create(&user, label)?;
+            let grants = Grants {
+                scopes: (!scopes.is_empty()).then(|| scopes.into_iter().collect()),
+                expires_at,
+                max_permission_mode,
+            };
+            let (plaintext, _) = accounts.tokens.create(&user, label, grants)?;
+            writeln!(out, "{plaintext}")?;
+        }
+        TokenCommand::Rotate {
+            user,
+            token_id,
+            grace,
+        } => {
+            known(&user)?;
+            anyhow::ensure!(
+                grace <= MAX_ROTATION_GRACE.num_seconds() as u64,
+                "--grace is at most {} seconds",
+                MAX_ROTATION_GRACE.num_seconds()
+            );
+            let (plaintext, _) = accounts.tokens.rotate(
+                &user,
+                &token_id,
+                chrono::Duration::seconds(grace as i64),
+            )?;
             writeln!(out, "{plaintext}")?;
         }
         TokenCommand::List { user, json } => {
@@ -112,6 +141,9 @@ fn token_json(t: &TokenRecord) -> serde_json::Value {
         "label": t.label,
         "createdAt": t.created_at,
         "lastUsedAt": t.last_used_at,
+        "scopes": t.grants.scopes,
+        "expiresAt": t.grants.expires_at,
+        "maxPermissionMode": t.grants.max_permission_mode,
     })
 }
 

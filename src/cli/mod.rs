@@ -342,6 +342,26 @@ pub enum TokenCommand {
         user: String,
         #[arg(long)]
         label: Option<String>,
+        /// Limit the token to this scope (repeat for more): loops:read,
+        /// loops:write, messages:write, choices:write, webhooks:write.
+        /// Without, it may do everything its user may.
+        #[arg(long = "scope", value_parser = parse_scope)]
+        scopes: Vec<crate::store::Scope>,
+        /// When the token stops working (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// The most authority a turn it sends may run with.
+        #[arg(long, value_enum)]
+        max_permission_mode: Option<crate::agent::PermissionMode>,
+    },
+    /// Replace a token with a new one (same label and limits), printed alone
+    /// on stdout; the old one keeps working for --grace seconds.
+    Rotate {
+        #[arg(long)]
+        user: String,
+        token_id: String,
+        #[arg(long, default_value_t = 0)]
+        grace: u64,
     },
     /// List a user's tokens: tokenId, label, createdAt, lastUsedAt (or `-`), tab-separated.
     List {
@@ -356,4 +376,8 @@ pub enum TokenCommand {
         user: String,
         token_id: String,
     },
+}
+
+fn parse_scope(s: &str) -> Result<crate::store::Scope, String> {
+    s.parse()
 }

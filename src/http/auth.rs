@@ -1,15 +1,19 @@
 //! Who is calling: a Bearer token or a session cookie resolve to one
 //! [`Caller`]; cookie requests that change state must come from our origin;
-//! [`OwnedLoop`] is the caller's own loop named in the path.
+//! [`Scoped`] is a caller whose token has a scope; [`OwnedLoop`] is the
+//! caller's own loop named in the path.
+
+use std::marker::PhantomData;
 
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, header};
 use cookie::Cookie;
 
+use crate::agent::PermissionMode;
 use crate::http::error::ApiError;
 use crate::state::AppState;
-use crate::store::{LoopId, LoopRecord, SESSION_TTL};
+use crate::store::{Grants, LoopId, LoopRecord, Refused, SESSION_TTL, Scope};
 
 pub const SESSION_COOKIE: &str = "loopd_session";
 
@@ -19,12 +23,84 @@ pub struct Caller {
     pub user_id: String,
     pub admin: bool,
     pub via: Via,
+    /// The token's id (`None` for a session).
+    pub token_id: Option<String>,
+    /// What the token may do; a session may do everything.
+    pub grants: Grants,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
     Token,
     Session,
+}
+
+impl Caller {
+    /// 403 `insufficient_scope` unless the caller may act with `scope`.
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.grants.allows(scope) {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(
+            "insufficient_scope",
+            format!("this API token lacks the scope `{}`", scope.as_str()),
+        ))
+    }
+
+    /// 403 `permission_mode_above_token` if the caller's token may not run
+    /// a turn in `mode`.
+    pub fn require_mode(&self, mode: PermissionMode) -> Result<(), ApiError> {
+        if self.grants.allows_mode(mode) {
+            return Ok(());
+        }
+        let max = self
+            .grants
+            .max_permission_mode
+            .map_or("", PermissionMode::as_str);
+        Err(ApiError::forbidden(
+            "permission_mode_above_token",
+            format!(
+                "this API token may run turns in modes up to `{max}`, not `{}`",
+                mode.as_str()
+            ),
+        ))
+    }
+}
+
+/// A scope, as a type, for [`Scoped`] and [`OwnedLoop`].
+pub trait NeedScope: Send + Sync + 'static {
+    const SCOPE: Scope;
+}
+
+macro_rules! scopes {
+    ($($name:ident),*) => {$(
+        #[doc = concat!("Needs `", stringify!($name), "`.")]
+        pub struct $name;
+        impl NeedScope for $name {
+            const SCOPE: Scope = Scope::$name;
+        }
+    )*};
+}
+scopes!(
+    LoopsRead,
+    LoopsWrite,
+    MessagesWrite,
+    ChoicesWrite,
+    WebhooksWrite
+);
+
+/// A caller whose credentials carry the scope `S` (403
+/// `insufficient_scope` if not).
+pub struct Scoped<S: NeedScope>(pub Caller, pub PhantomData<S>);
+
+impl<S: NeedScope> FromRequestParts<AppState> for Scoped<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require(S::SCOPE)?;
+        Ok(Self(caller, PhantomData))
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -39,17 +115,26 @@ impl FromRequestParts<AppState> for Caller {
                     "the Authorization header must be `Bearer la_<48 hex>`",
                 )
             })?;
-            let record = accounts.tokens.authenticate(token);
-            let user = record
-                .and_then(|r| accounts.users.get(&r.user))
-                .ok_or_else(|| {
-                    ApiError::unauthorized("invalid_token", "unknown or revoked API token")
+            let unknown =
+                || ApiError::unauthorized("invalid_token", "unknown or revoked API token");
+            let record = accounts
+                .tokens
+                .authenticate(token)
+                .map_err(|why| match why {
+                    Refused::Unknown => unknown(),
+                    Refused::Expired => ApiError::unauthorized(
+                        "token_expired",
+                        "this API token has expired (or was rotated and its grace is over)",
+                    ),
                 })?;
+            let user = accounts.users.get(&record.user).ok_or_else(unknown)?;
             state.guards.request(token)?;
             return Ok(Self {
                 user_id: user.name,
                 admin: user.admin,
                 via: Via::Token,
+                token_id: Some(record.token_id),
+                grants: record.grants,
             });
         }
         if let Some(secret) = session_cookie(&parts.headers) {
@@ -71,6 +156,8 @@ impl FromRequestParts<AppState> for Caller {
                 user_id: user.name,
                 admin: user.admin,
                 via: Via::Session,
+                token_id: None,
+                grants: Grants::default(),
             });
         }
         Err(ApiError::unauthorized(
@@ -103,17 +190,19 @@ impl FromRequestParts<AppState> for SessionCaller {
 
 /// The caller and the loop named by the path's `{id}`: 404
 /// `loop_not_found` if there is no such loop, 403 `not_loop_owner` if it is
-/// someone else's (after authentication: a stranger learns nothing).
-pub struct OwnedLoop {
+/// someone else's (after authentication: a stranger learns nothing), 403
+/// `insufficient_scope` if the caller's token lacks `S`.
+pub struct OwnedLoop<S: NeedScope = LoopsRead> {
     pub caller: Caller,
     pub record: LoopRecord,
+    pub scope: PhantomData<S>,
 }
 
-impl FromRequestParts<AppState> for OwnedLoop {
+impl<S: NeedScope> FromRequestParts<AppState> for OwnedLoop<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let caller = Caller::from_request_parts(parts, state).await?;
+        let Scoped(caller, _) = Scoped::<S>::from_request_parts(parts, state).await?;
         let params = RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::internal(anyhow::anyhow!("no path parameters: {e}")))?;
@@ -131,7 +220,11 @@ impl FromRequestParts<AppState> for OwnedLoop {
                 format!("loop `{id}` belongs to another user"),
             ));
         }
-        Ok(Self { caller, record })
+        Ok(Self {
+            caller,
+            record,
+            scope: PhantomData,
+        })
     }
 }
 

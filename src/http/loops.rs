@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::Json;
 use super::extract::Query;
-use crate::http::auth::{Caller, OwnedLoop};
+use crate::http::auth::{Caller, LoopsRead, LoopsWrite, OwnedLoop, Scoped};
 use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
 use crate::store::{LoopId, LoopRecord, NewLoop, PageRequest};
@@ -194,7 +194,7 @@ const VALIDATION: &str = "`title_too_long`, `metadata_invalid`, `metadata_too_la
 )]
 pub async fn create_loop(
     State(state): State<AppState>,
-    caller: Caller,
+    Scoped(caller, _): Scoped<LoopsWrite>,
     Json(body): Json<CreateLoopRequest>,
 ) -> Result<(StatusCode, axum::Json<Loop>), ApiError> {
     let new = validate(&state, &caller, body)?;
@@ -214,7 +214,7 @@ pub async fn create_loop(
 )]
 pub async fn list_loops(
     State(state): State<AppState>,
-    caller: Caller,
+    Scoped(caller, _): Scoped<LoopsRead>,
     Query(query): Query<ListLoopsQuery>,
 ) -> Result<axum::Json<LoopList>, ApiError> {
     let cursor = |value: Option<String>| {
@@ -297,7 +297,7 @@ pub async fn get_loop(
 )]
 pub async fn archive_loop(
     State(state): State<AppState>,
-    OwnedLoop { record, .. }: OwnedLoop,
+    OwnedLoop { record, .. }: OwnedLoop<LoopsWrite>,
 ) -> Result<StatusCode, ApiError> {
     state.runtime.archive(&record).await?;
     Ok(StatusCode::NO_CONTENT)

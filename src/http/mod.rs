@@ -91,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(session::me))
         .routes(routes!(tokens::create_token, tokens::list_tokens))
         .routes(routes!(tokens::revoke_token))
+        .routes(routes!(tokens::rotate_token))
         .routes(routes!(loops::create_loop, loops::list_loops))
         .routes(routes!(loops::get_loop, loops::archive_loop))
         .routes(routes!(turns::send_message))

@@ -12,7 +12,7 @@ use super::Json;
 use super::extract::Query;
 use super::sse::{self, Scope};
 use crate::agent::PermissionMode;
-use crate::http::auth::{OwnedLoop, Via};
+use crate::http::auth::{ChoicesWrite, MessagesWrite, OwnedLoop, Via};
 use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::ids;
 use crate::runtime::IdemKey;
@@ -59,7 +59,7 @@ const STREAM_DOC: &str = "`event: <name>\\nid: <seq>\\ndata: <json>` frames: `qu
         (status = 200, content_type = "text/event-stream", body = String, description = STREAM_DOC),
         (status = 400, body = ErrorEnvelope, description = "`missing_content`, `content_too_large`, `invalid_permission_mode`, `idempotency_key_too_long`, `loop_archived`"),
         (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope, description = "`not_loop_owner`, `permission_mode_forbidden`"),
+        (status = 403, body = ErrorEnvelope, description = "`not_loop_owner`, `permission_mode_forbidden`, `insufficient_scope`, `permission_mode_above_token`"),
         (status = 404, body = ErrorEnvelope, description = "`loop_not_found`"),
         (status = 409, body = ErrorEnvelope, description = "`idempotency_key_reused`"),
         (status = 429, body = ErrorEnvelope, description = "`queue_full`, `too_many_streams`, `too_many_requests`; `Retry-After` says when to try again"),
@@ -67,7 +67,7 @@ const STREAM_DOC: &str = "`event: <name>\\nid: <seq>\\ndata: <json>` frames: `qu
 )]
 pub async fn send_message(
     State(state): State<AppState>,
-    OwnedLoop { caller, record }: OwnedLoop,
+    OwnedLoop { caller, record, .. }: OwnedLoop<MessagesWrite>,
     headers: HeaderMap,
     Json(body): Json<SendMessageRequest>,
 ) -> Result<Response, ApiError> {
@@ -107,6 +107,9 @@ pub async fn send_message(
             ),
         ));
     }
+    // A token limited to some modes may not drive a turn above them, its
+    // own mode or the loop's default alike.
+    caller.require_mode(mode.unwrap_or(state.config.permission_mode))?;
     if record.archived {
         return Err(ApiError::bad_request(
             "loop_archived",
@@ -184,7 +187,7 @@ pub struct EventsQuery {
 )]
 pub async fn watch_events(
     State(state): State<AppState>,
-    OwnedLoop { caller, record }: OwnedLoop,
+    OwnedLoop { caller, record, .. }: OwnedLoop,
     headers: HeaderMap,
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
@@ -248,7 +251,7 @@ pub async fn watch_events(
 )]
 pub async fn answer_choice(
     State(state): State<AppState>,
-    OwnedLoop { caller, record }: OwnedLoop,
+    OwnedLoop { caller, record, .. }: OwnedLoop<ChoicesWrite>,
     Path((_id, choice_id)): Path<(String, String)>,
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
@@ -280,7 +283,7 @@ pub async fn answer_choice(
 )]
 pub async fn interrupt(
     State(state): State<AppState>,
-    OwnedLoop { record, .. }: OwnedLoop,
+    OwnedLoop { record, .. }: OwnedLoop<MessagesWrite>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
     let turn_id = state.runtime.interrupt(record.id).await?;
     Ok((

@@ -21,7 +21,7 @@ pub use json_file::{JsonStore, Place, write_atomic};
 pub use loops::{LoopId, LoopPage, LoopRecord, LoopStore, NewLoop, PageRequest};
 pub use pg::Pg;
 pub use sessions::{SESSION_TTL, SessionRecord, SessionStore};
-pub use tokens::{TokenRecord, TokenStore};
+pub use tokens::{Grants, MAX_ROTATION_GRACE, Refused, Scope, TokenRecord, TokenStore};
 pub use users::{CheckMemory, User, UserStore, no_such_user};
 
 use std::fs::{self, File};

@@ -1,7 +1,9 @@
 //! `api-tokens.json`: Bearer tokens, keyed by SHA-256 of the plaintext, which
 //! is never stored. `lastUsedAt` is kept in memory and written in batches.
+//! A token may be limited ([`Grants`]): to some scopes, until a time, and to
+//! permission modes up to one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -10,10 +12,119 @@ use serde::{Deserialize, Serialize};
 
 use super::json_file::Place;
 use super::{JsonStore, StoreError};
+use crate::agent::PermissionMode;
 use crate::ids;
 
 pub const TOKEN_PREFIX: &str = "la_";
 pub const MAX_LABEL_CHARS: usize = 100;
+/// The longest grace a rotated token may keep working for.
+pub const MAX_ROTATION_GRACE: chrono::Duration = chrono::Duration::days(7);
+/// How long an expired token stays listed before it is forgotten.
+const EXPIRED_KEPT: chrono::Duration = chrono::Duration::days(30);
+
+/// What a token may be used for. A token without scopes may do everything
+/// its user may (as every token before scopes existed).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+pub enum Scope {
+    /// List and read loops, their turns, events, choices and rules.
+    #[serde(rename = "loops:read")]
+    LoopsRead,
+    /// Create and archive loops.
+    #[serde(rename = "loops:write")]
+    LoopsWrite,
+    /// Send messages and interrupt turns.
+    #[serde(rename = "messages:write")]
+    MessagesWrite,
+    /// Answer choices and permission prompts, and remove standing rules.
+    #[serde(rename = "choices:write")]
+    ChoicesWrite,
+    /// Create, list and delete webhooks.
+    #[serde(rename = "webhooks:write")]
+    WebhooksWrite,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 5] = [
+        Self::LoopsRead,
+        Self::LoopsWrite,
+        Self::MessagesWrite,
+        Self::ChoicesWrite,
+        Self::WebhooksWrite,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LoopsRead => "loops:read",
+            Self::LoopsWrite => "loops:write",
+            Self::MessagesWrite => "messages:write",
+            Self::ChoicesWrite => "choices:write",
+            Self::WebhooksWrite => "webhooks:write",
+        }
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|x| x.as_str()).collect();
+                format!("`{s}` is not a scope ({})", names.join(", "))
+            })
+    }
+}
+
+/// The limits of one token; the default is none (full rights, no expiry).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Grants {
+    /// `None`: every scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<BTreeSet<Scope>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The most authority a turn driven with this token may run with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_permission_mode: Option<PermissionMode>,
+}
+
+impl Grants {
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scopes.as_ref().is_none_or(|s| s.contains(&scope))
+    }
+
+    /// Whether a turn in `mode` stays within the token's limit.
+    pub fn allows_mode(&self, mode: PermissionMode) -> bool {
+        self.max_permission_mode
+            .is_none_or(|max| mode.authority() <= max.authority())
+    }
+
+    fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// Why a Bearer token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Malformed, never issued, or revoked.
+    Unknown,
+    /// Its `expires_at` (or a rotation's grace) has passed.
+    Expired,
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TokensFile {
@@ -29,6 +140,8 @@ pub struct TokenRecord {
     pub label: Option<String>,
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
+    #[serde(default, flatten)]
+    pub grants: Grants,
 }
 
 pub struct TokenStore {
@@ -55,31 +168,45 @@ impl TokenStore {
         &self,
         user: &str,
         label: Option<String>,
+        grants: Grants,
     ) -> Result<(String, TokenRecord), StoreError> {
-        self.create_within(user, label, usize::MAX)
+        self.create_within(user, label, grants, usize::MAX)
     }
 
-    /// Creates a token unless `user` already has `max` of them.
+    /// Creates a token unless `user` already has `max` live ones.
     pub fn create_within(
         &self,
         user: &str,
         label: Option<String>,
+        grants: Grants,
         max: usize,
     ) -> Result<(String, TokenRecord), StoreError> {
         if let Some(label) = &label {
             check_label(label)?;
         }
-        let plaintext = format!("{TOKEN_PREFIX}{}", ids::random_hex(24));
+        let now = ids::now();
+        if grants.expired(now) {
+            return Err(StoreError::Invalid(
+                "expires_at_in_past",
+                "`expires_at` must be in the future".into(),
+            ));
+        }
+        let (plaintext, hash) = new_plaintext();
         let record = TokenRecord {
-            token_id: format!("tok_{}", ids::random_hex(6)),
+            token_id: new_token_id(),
             user: user.to_owned(),
             label,
-            created_at: ids::now(),
+            created_at: now,
             last_used_at: None,
+            grants,
         };
-        let hash = ids::sha256_hex(&plaintext);
         self.file.update(|f| {
-            let held = f.tokens.values().filter(|t| t.user == user).count();
+            forget_long_expired(f, now);
+            let held = f
+                .tokens
+                .values()
+                .filter(|t| t.user == user && !t.grants.expired(now))
+                .count();
             if held >= max {
                 return Err(StoreError::Full(
                     "too_many_tokens",
@@ -95,20 +222,55 @@ impl TokenStore {
         Ok((plaintext, record))
     }
 
+    /// Replaces a token with a new one of the same label and grants; the
+    /// old one keeps working for `grace` (at most [`MAX_ROTATION_GRACE`]),
+    /// never past its own expiry. Returns the new plaintext and record.
+    pub fn rotate(
+        &self,
+        user: &str,
+        token_id: &str,
+        grace: chrono::Duration,
+    ) -> Result<(String, TokenRecord), StoreError> {
+        let now = ids::now();
+        let (plaintext, hash) = new_plaintext();
+        let grace = grace.clamp(chrono::Duration::zero(), MAX_ROTATION_GRACE);
+        self.file.update(|f| {
+            let old = f
+                .tokens
+                .values_mut()
+                .find(|r| r.user == user && r.token_id == token_id && !r.grants.expired(now))
+                .ok_or_else(|| no_token(token_id))?;
+            let record = TokenRecord {
+                token_id: new_token_id(),
+                created_at: now,
+                last_used_at: None,
+                ..old.clone()
+            };
+            let retire = now + grace;
+            old.grants.expires_at = Some(old.grants.expires_at.map_or(retire, |at| at.min(retire)));
+            f.tokens.insert(hash, record.clone());
+            Ok((plaintext, record))
+        })
+    }
+
     /// The token's record if `plaintext` is a live token, and notes the use.
     /// Malformed strings are rejected before hashing.
-    pub fn authenticate(&self, plaintext: &str) -> Option<TokenRecord> {
+    pub fn authenticate(&self, plaintext: &str) -> Result<TokenRecord, Refused> {
         if !well_formed(plaintext) {
-            return None;
+            return Err(Refused::Unknown);
         }
         let hash = ids::sha256_hex(plaintext);
         let file = self.file.read_having(|f| !f.tokens.contains_key(&hash));
-        let record = file.tokens.get(&hash).cloned()?;
+        let record = file.tokens.get(&hash).cloned().ok_or(Refused::Unknown)?;
+        let now = ids::now();
+        if record.grants.expired(now) {
+            return Err(Refused::Expired);
+        }
         self.pending_use
             .lock()
             .expect("pending_use poisoned")
-            .insert(hash, ids::now());
-        Some(record)
+            .insert(hash, now);
+        Ok(record)
     }
 
     /// The user's tokens, newest first, with uses not yet written merged in.
@@ -138,12 +300,7 @@ impl TokenStore {
                 .iter()
                 .find(|(_, r)| r.user == user && r.token_id == token_id)
                 .map(|(h, _)| h.clone())
-                .ok_or_else(|| {
-                    StoreError::NotFound(
-                        "token_not_found",
-                        format!("no token `{token_id}` for this user"),
-                    )
-                })?;
+                .ok_or_else(|| no_token(token_id))?;
             f.tokens.remove(&hash);
             Ok(())
         })
@@ -186,6 +343,30 @@ impl TokenStore {
     }
 }
 
+fn no_token(token_id: &str) -> StoreError {
+    StoreError::NotFound(
+        "token_not_found",
+        format!("no token `{token_id}` for this user (or it has expired)"),
+    )
+}
+
+/// A new plaintext token and its hash.
+fn new_plaintext() -> (String, String) {
+    let plaintext = format!("{TOKEN_PREFIX}{}", ids::random_hex(24));
+    let hash = ids::sha256_hex(&plaintext);
+    (plaintext, hash)
+}
+
+fn new_token_id() -> String {
+    format!("tok_{}", ids::random_hex(6))
+}
+
+/// Drops tokens that expired more than [`EXPIRED_KEPT`] ago.
+fn forget_long_expired(f: &mut TokensFile, now: DateTime<Utc>) {
+    f.tokens
+        .retain(|_, r| r.grants.expires_at.is_none_or(|at| at + EXPIRED_KEPT > now));
+}
+
 fn well_formed(token: &str) -> bool {
     token.strip_prefix(TOKEN_PREFIX).is_some_and(|hex| {
         hex.len() == 48 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -220,7 +401,9 @@ mod tests {
     fn create_authenticate_revoke() {
         let dir = tempfile::tempdir().unwrap();
         let tokens = open(dir.path());
-        let (plain, rec) = tokens.create("alice", Some("ci".into())).unwrap();
+        let (plain, rec) = tokens
+            .create("alice", Some("ci".into()), Grants::default())
+            .unwrap();
         assert!(plain.starts_with("la_") && plain.len() == 51, "{plain}");
         assert!(rec.token_id.starts_with("tok_") && rec.token_id.len() == 16);
         assert_eq!(tokens.authenticate(&plain).unwrap().user, "alice");
@@ -229,21 +412,24 @@ mod tests {
         let raw = std::fs::read_to_string(dir.path().join("api-tokens.json")).unwrap();
         assert!(!raw.contains(&plain) && raw.contains(&ids::sha256_hex(&plain)));
 
-        assert!(tokens.authenticate("la_nothex").is_none());
-        assert!(tokens.authenticate(&plain.to_uppercase()).is_none());
+        assert_eq!(tokens.authenticate("la_nothex"), Err(Refused::Unknown));
+        assert_eq!(
+            tokens.authenticate(&plain.to_uppercase()),
+            Err(Refused::Unknown)
+        );
         assert!(matches!(
             tokens.revoke("bob", &rec.token_id),
             Err(StoreError::NotFound("token_not_found", _))
         ));
         tokens.revoke("alice", &rec.token_id).unwrap();
-        assert!(tokens.authenticate(&plain).is_none());
+        assert_eq!(tokens.authenticate(&plain), Err(Refused::Unknown));
     }
 
     #[test]
     fn last_used_is_shown_at_once_and_written_on_flush() {
         let dir = tempfile::tempdir().unwrap();
         let tokens = open(dir.path());
-        let (plain, _) = tokens.create("alice", None).unwrap();
+        let (plain, _) = tokens.create("alice", None, Grants::default()).unwrap();
         let written = std::fs::read(dir.path().join("api-tokens.json")).unwrap();
         tokens.authenticate(&plain).unwrap();
         // Using a token does not rewrite the file…
@@ -264,21 +450,110 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let server = open(dir.path());
         let cli = open(dir.path());
-        let (plain, rec) = server.create("alice", None).unwrap();
+        let (plain, rec) = server.create("alice", None, Grants::default()).unwrap();
         server.authenticate(&plain).unwrap();
         cli.revoke("alice", &rec.token_id).unwrap();
         assert_eq!(server.flush_last_used().unwrap(), 0);
-        assert!(server.authenticate(&plain).is_none());
+        assert_eq!(server.authenticate(&plain), Err(Refused::Unknown));
+    }
+
+    #[test]
+    fn grants_survive_a_reopen_and_limit_what_a_token_may_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = open(dir.path());
+        let grants = Grants {
+            scopes: Some([Scope::LoopsRead].into()),
+            expires_at: Some(ids::now() + chrono::Duration::hours(1)),
+            max_permission_mode: Some(PermissionMode::Default),
+        };
+        let (plain, _) = tokens.create("alice", None, grants.clone()).unwrap();
+        let got = open(dir.path()).authenticate(&plain).unwrap();
+        assert_eq!(got.grants, grants);
+        assert!(got.grants.allows(Scope::LoopsRead));
+        assert!(!got.grants.allows(Scope::MessagesWrite));
+        assert!(got.grants.allows_mode(PermissionMode::Plan));
+        assert!(!got.grants.allows_mode(PermissionMode::AcceptEdits));
+        assert!(!got.grants.allows_mode(PermissionMode::BypassPermissions));
+        // A token from before grants existed has them all.
+        let full = Grants::default();
+        assert!(Scope::ALL.iter().all(|s| full.allows(*s)));
+        assert!(full.allows_mode(PermissionMode::BypassPermissions));
+    }
+
+    #[test]
+    fn an_expired_token_is_refused_as_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = open(dir.path());
+        let past = Grants {
+            expires_at: Some(ids::now() - chrono::Duration::seconds(1)),
+            ..Grants::default()
+        };
+        assert!(matches!(
+            tokens.create("alice", None, past),
+            Err(StoreError::Invalid("expires_at_in_past", _))
+        ));
+        let soon = Grants {
+            expires_at: Some(ids::now() + chrono::Duration::milliseconds(30)),
+            ..Grants::default()
+        };
+        let (plain, _) = tokens.create("alice", None, soon).unwrap();
+        assert!(tokens.authenticate(&plain).is_ok());
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        assert_eq!(tokens.authenticate(&plain), Err(Refused::Expired));
+        // An expired token no longer counts against the limit.
+        tokens
+            .create_within("alice", None, Grants::default(), 1)
+            .unwrap();
+    }
+
+    #[test]
+    fn rotation_keeps_the_grants_and_retires_the_old_token_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = open(dir.path());
+        let grants = Grants {
+            scopes: Some([Scope::ChoicesWrite].into()),
+            ..Grants::default()
+        };
+        let (old_plain, old) = tokens
+            .create("alice", Some("bot".into()), grants.clone())
+            .unwrap();
+        assert!(matches!(
+            tokens.rotate("bob", &old.token_id, chrono::Duration::zero()),
+            Err(StoreError::NotFound("token_not_found", _))
+        ));
+        let (new_plain, new) = tokens
+            .rotate("alice", &old.token_id, chrono::Duration::hours(1))
+            .unwrap();
+        assert_ne!(new.token_id, old.token_id);
+        assert_eq!((new.label.as_deref(), &new.grants), (Some("bot"), &grants));
+        assert!(tokens.authenticate(&old_plain).is_ok(), "within its grace");
+        assert!(tokens.authenticate(&new_plain).is_ok());
+        // Rotating the new one with no grace retires it at once.
+        let (newest, _) = tokens
+            .rotate("alice", &new.token_id, chrono::Duration::zero())
+            .unwrap();
+        assert_eq!(tokens.authenticate(&new_plain), Err(Refused::Expired));
+        assert!(tokens.authenticate(&newest).is_ok());
+        // A retired token cannot be rotated again.
+        assert!(
+            tokens
+                .rotate("alice", &new.token_id, chrono::Duration::zero())
+                .is_err()
+        );
     }
 
     #[test]
     fn list_is_newest_first_and_per_user() {
         let dir = tempfile::tempdir().unwrap();
         let tokens = open(dir.path());
-        let (_, a) = tokens.create("alice", Some("a".into())).unwrap();
+        let (_, a) = tokens
+            .create("alice", Some("a".into()), Grants::default())
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2));
-        let (_, b) = tokens.create("alice", Some("b".into())).unwrap();
-        tokens.create("bob", None).unwrap();
+        let (_, b) = tokens
+            .create("alice", Some("b".into()), Grants::default())
+            .unwrap();
+        tokens.create("bob", None, Grants::default()).unwrap();
         let ids: Vec<_> = tokens
             .list("alice")
             .into_iter()
@@ -286,7 +561,7 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![b.token_id, a.token_id]);
         assert!(matches!(
-            tokens.create("alice", Some("tab\there".into())),
+            tokens.create("alice", Some("tab\there".into()), Grants::default()),
             Err(StoreError::Invalid("label_invalid", _))
         ));
         assert_eq!(tokens.revoke_all("alice").unwrap(), 2);

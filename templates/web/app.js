@@ -469,38 +469,80 @@ class TurnView {
 
 // ---------- settings ----------
 
+const SCOPES = [
+  ["loops:read", "read loops, turns, events and choices"],
+  ["loops:write", "create and archive loops"],
+  ["messages:write", "send messages and interrupt"],
+  ["choices:write", "answer prompts"],
+  ["webhooks:write", "manage webhooks"],
+];
+const MODES = ["plan", "dontAsk", "default", "acceptEdits", "auto", "bypassPermissions"];
+
 async function renderSettings() {
   const { tokens } = await api("GET", "/api/v1/me/tokens");
   const label = h("input", { type: "text", id: "label", name: "label", placeholder: "e.g. slack bot" });
+  const scopeBoxes = SCOPES.map(([name, what]) => h("label", { class: "check" },
+    h("input", { type: "checkbox", name: "scope", value: name }), ` ${name} `, h("span", { class: "muted small" }, what)));
+  const days = h("input", { type: "number", id: "expires-days", name: "expires-days", min: "1", max: "3650", placeholder: "never" });
+  const mode = h("select", { id: "max-mode", name: "max-mode" },
+    h("option", { value: "" }, "any the server allows"), ...MODES.map((m) => h("option", { value: m }, m)));
   const shown = h("div");
+  const showToken = (t, what) => {
+    const copy = h("button", { type: "button", onclick: async () => {
+      await navigator.clipboard.writeText(t.token).catch(() => {});
+      copy.textContent = "Copied";
+    } }, "Copy");
+    shown.replaceChildren(h("p", {}, `${what} — it is shown only this once:`),
+      h("div", { class: "row" }, h("code", { class: "token", id: "new-token" }, t.token), copy));
+  };
   const form = h("form", { class: "card", "aria-label": "New API token" },
     h("div", { class: "row" }, h("div", { class: "field" }, h("label", { for: "label" }, "Label"), label),
-      h("button", { type: "submit", class: "primary" }, "Create token")), shown);
+      h("button", { type: "submit", class: "primary" }, "Create token")),
+    h("fieldset", { class: "scopes" }, h("legend", {}, "Scopes (none ticked: everything you can do)"), ...scopeBoxes),
+    h("div", { class: "row" },
+      h("div", { class: "field" }, h("label", { for: "expires-days" }, "Expires after (days)"), days),
+      h("div", { class: "field" }, h("label", { for: "max-mode" }, "Most permissive mode"), mode)),
+    shown);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
+    const body = {};
+    if (label.value) body.label = label.value;
+    const scopes = scopeBoxes.map((l) => l.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
+    if (scopes.length) body.scopes = scopes;
+    if (days.value) body.expires_at = new Date(Date.now() + Number(days.value) * 86400e3).toISOString();
+    if (mode.value) body.max_permission_mode = mode.value;
     try {
-      const t = await api("POST", "/api/v1/me/tokens", label.value ? { label: label.value } : {});
-      const copy = h("button", { type: "button", onclick: async () => {
-        await navigator.clipboard.writeText(t.token).catch(() => {});
-        copy.textContent = "Copied";
-      } }, "Copy");
-      shown.replaceChildren(h("p", {}, "Your new token — it is shown only this once:"),
-        h("div", { class: "row" }, h("code", { class: "token", id: "new-token" }, t.token), copy));
-      label.value = "";
-      list.replaceChildren(...(await api("GET", "/api/v1/me/tokens")).tokens.map(row));
+      showToken(await api("POST", "/api/v1/me/tokens", body), "Your new token");
+      form.reset();
+      await refresh();
     } catch (e) {
       showError(e.message);
     }
   });
+  const limits = (t) => [
+    t.scopes ? t.scopes.join(", ") : "all scopes",
+    t.expiresAt ? `expires ${when(t.expiresAt)}` : null,
+    t.maxPermissionMode ? `modes up to ${t.maxPermissionMode}` : null,
+  ].filter(Boolean).join(" · ");
+  const name = (t) => t.label || t.tokenId;
   const row = (t) => h("li", {},
     h("span", { class: "title" }, t.label || "(no label)"),
     h("span", { class: "muted small" }, `${t.tokenId} · created ${when(t.createdAt)} · ${t.lastUsedAt ? `used ${when(t.lastUsedAt)}` : "never used"}`),
-    h("button", { type: "button", class: "danger", "aria-label": `Revoke ${t.label || t.tokenId}`, onclick: async () => {
+    h("span", { class: "muted small" }, limits(t)),
+    h("button", { type: "button", "aria-label": `Rotate ${name(t)}`, onclick: async () => {
+      try {
+        showToken(await api("POST", `/api/v1/me/tokens/${t.tokenId}/rotate`, { grace_seconds: 3600 }),
+          `The new token for ${name(t)}; the old one works for one more hour`);
+        await refresh();
+      } catch (e) { showError(e.message); }
+    } }, "Rotate"),
+    h("button", { type: "button", class: "danger", "aria-label": `Revoke ${name(t)}`, onclick: async () => {
       try { await api("DELETE", `/api/v1/me/tokens/${t.tokenId}`); renderSettings(); } catch (e) { showError(e.message); }
     } }, "Revoke"));
   const list = h("ul", { class: "plain loops", "aria-label": "API tokens" }, tokens.map(row));
+  const refresh = async () => list.replaceChildren(...(await api("GET", "/api/v1/me/tokens")).tokens.map(row));
   view.replaceChildren(h("h1", {}, "Settings"), h("h2", {}, "API tokens"),
-    h("p", { class: "muted" }, "Bots use these with Authorization: Bearer …. They can do everything you can, except manage tokens."),
+    h("p", { class: "muted" }, "Bots use these with Authorization: Bearer …. Without scopes they can do everything you can, except manage other tokens."),
     form, list);
 }
 

@@ -292,6 +292,53 @@ fn token_commands_and_their_output() {
     assert!(err.contains("no token"), "{err}");
     let err = failed(&loopd(dir, &["token", "create", "--user", "ghost"]));
     assert!(err.contains("no user `ghost`"), "{err}");
+
+    // Limits, and rotation with a grace.
+    let scoped = stdout(&loopd(
+        dir,
+        &[
+            "token",
+            "create",
+            "--user",
+            "ci",
+            "--label",
+            "reader",
+            "--scope",
+            "loops:read",
+            "--scope",
+            "choices:write",
+            "--expires-at",
+            "2999-01-01T00:00:00Z",
+            "--max-permission-mode",
+            "plan",
+        ],
+    ));
+    let err = failed(&loopd(
+        dir,
+        &["token", "create", "--user", "ci", "--scope", "loops:admin"],
+    ));
+    assert!(err.contains("`loops:admin` is not a scope"), "{err}");
+    let json: Value = serde_json::from_str(&stdout(&loopd(
+        dir,
+        &["token", "list", "--user", "ci", "--json"],
+    )))
+    .unwrap();
+    let reader = &json[0];
+    assert_eq!(reader["label"], "reader");
+    assert_eq!(reader["scopes"], json!(["loops:read", "choices:write"]));
+    assert_eq!(reader["maxPermissionMode"], "plan");
+    assert_eq!(reader["expiresAt"], "2999-01-01T00:00:00Z");
+    let id = reader["tokenId"].as_str().unwrap().to_owned();
+    let rotated = stdout(&loopd(
+        dir,
+        &["token", "rotate", "--user", "ci", &id, "--grace", "60"],
+    ));
+    assert!(rotated.trim().starts_with("la_") && rotated != scoped);
+    let accounts = crate::support::accounts(dir);
+    let new = accounts.tokens.authenticate(rotated.trim()).unwrap();
+    assert_eq!(new.grants.scopes.unwrap().len(), 2);
+    let old = accounts.tokens.authenticate(scoped.trim()).unwrap();
+    assert!(old.grants.expires_at.unwrap() < chrono::Utc::now() + chrono::Duration::seconds(61));
 }
 
 #[tokio::test]

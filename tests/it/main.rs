@@ -22,6 +22,7 @@ mod loops;
 mod mock_anthropic;
 mod pg;
 mod sandbox;
+mod scopes;
 mod support;
 mod tokens;
 mod web;

@@ -160,7 +160,10 @@ async fn tokens_changed_by_another_process_take_effect_at_once() {
     let app = TestApp::start().await;
     // The CLI opens the same files from another process; here, another handle.
     let cli = app.accounts();
-    let (plaintext, record) = cli.tokens.create("alice", Some("cli".into())).unwrap();
+    let (plaintext, record) = cli
+        .tokens
+        .create("alice", Some("cli".into()), Default::default())
+        .unwrap();
     let bearer = Auth::Bearer(plaintext);
     seen_by_server("the new token", async || {
         let (status, me) = app.get("/api/auth/me", &bearer).await;

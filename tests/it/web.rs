@@ -34,7 +34,7 @@ async fn the_web_chat_works_in_a_real_browser() {
     let (bot_token, _) = app
         .accounts()
         .tokens
-        .create("alice", Some("bot".into()))
+        .create("alice", Some("bot".into()), Default::default())
         .unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let shots = root.join("target/web-screenshots");

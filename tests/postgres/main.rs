@@ -37,6 +37,8 @@ mod mock_anthropic;
 mod pg;
 #[path = "../it/sandbox.rs"]
 mod sandbox;
+#[path = "../it/scopes.rs"]
+mod scopes;
 #[path = "../it/support.rs"]
 mod support;
 #[path = "../it/tokens.rs"]

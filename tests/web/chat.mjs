@@ -143,6 +143,30 @@ try {
     const token = await page.locator("#new-token").textContent(WAIT);
     if (!/^la_[0-9a-f]{48}$/.test(token)) throw new Error(`not a token: ${token}`);
     await page.getByRole("list", { name: "API tokens" }).getByText("from the browser").waitFor(WAIT);
+
+    // A read-only token that expires: the list says so, and the API holds it to it.
+    await page.getByLabel("Label").fill("reader");
+    await page.getByRole("checkbox", { name: /loops:read/ }).check();
+    await page.getByLabel("Expires after (days)").fill("7");
+    await page.getByLabel("Most permissive mode").selectOption("plan");
+    await page.getByRole("button", { name: "Create token" }).click();
+    await page.getByRole("list", { name: "API tokens" }).getByText(/^loops:read · expires .* · modes up to plan$/).waitFor(WAIT);
+    const reader = await page.locator("#new-token").textContent(WAIT);
+    // From the test itself, as a bot would (not the page: a refusal there is a console error).
+    const asReader = async (method, path) => (await fetch(`${url}${path}`, {
+      method, headers: { Authorization: `Bearer ${reader}`, "Content-Type": "application/json" },
+      body: method === "GET" ? undefined : "{}",
+    })).status;
+    if (await asReader("GET", "/api/v1/loops") !== 200) throw new Error("a loops:read token cannot list loops");
+    if (await asReader("POST", "/api/v1/loops") !== 403) throw new Error("a loops:read token could create a loop");
+    await page.screenshot({ path: join(shots, "settings-scoped-token.png") });
+
+    // Rotating shows the new token; the old one still works for its grace.
+    await page.getByRole("button", { name: "Rotate reader" }).click();
+    await page.getByText(/the old one works for one more hour/).waitFor(WAIT);
+    const rotated = await page.locator("#new-token").textContent(WAIT);
+    if (rotated === reader || !/^la_[0-9a-f]{48}$/.test(rotated)) throw new Error(`not a new token: ${rotated}`);
+    if (await asReader("GET", "/api/v1/loops") !== 200) throw new Error("the old token stopped before its grace");
     await page.getByRole("button", { name: "Revoke from the browser" }).click();
     await page.getByRole("list", { name: "API tokens" }).getByText("from the browser").waitFor({ state: "detached", ...WAIT });
   });
