@@ -2,6 +2,7 @@
 //! module per resource.
 
 pub mod auth;
+mod choices;
 mod docs;
 pub mod error;
 mod extract;
@@ -97,6 +98,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(turns::send_message))
         .routes(routes!(turns::watch_events))
         .routes(routes!(turns::answer_choice))
+        .routes(routes!(choices::loop_choices))
+        .routes(routes!(choices::my_choices))
         .routes(routes!(turns::interrupt))
         .routes(routes!(turns::list_turns))
         .routes(routes!(docs::openapi_json))

@@ -1,12 +1,53 @@
 //! Permission and question choices: the `requires_choice` payload made from
 //! an agent's request, and the agent's decision made from an HTTP answer.
 
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
+use super::Runtime;
 use super::error::RuntimeError;
 use super::events::ChoiceKind;
 use crate::agent::Decision;
 use crate::agent::mapping::input_summary;
+use crate::store::{LoopId, StoreError};
+
+/// A choice a loop waits on, for a bot that was not watching.
+#[derive(Debug, Clone)]
+pub struct OpenChoice {
+    pub loop_id: LoopId,
+    pub turn_id: String,
+    pub choice_id: String,
+    pub kind: ChoiceKind,
+    pub payload: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Runtime {
+    /// The choices these loops wait on now, oldest first. On a shared
+    /// database each loop is read from this node's copy of its log (kept
+    /// current by the change feed, within milliseconds), not one round
+    /// trip per loop.
+    pub fn open_choices(&self, loops: &[LoopId]) -> Result<Vec<OpenChoice>, StoreError> {
+        let mut open = Vec::new();
+        for &loop_id in loops {
+            let found = self.log(loop_id)?.view(|v| {
+                let cur = v.current.as_ref()?;
+                let p = cur.pending.as_ref()?;
+                Some(OpenChoice {
+                    loop_id,
+                    turn_id: v.turns[cur.turn].turn_id.clone(),
+                    choice_id: p.choice_id.clone(),
+                    kind: p.kind,
+                    payload: p.payload.clone(),
+                    created_at: p.created_at,
+                })
+            });
+            open.extend(found);
+        }
+        open.sort_by(|a, b| (a.created_at, &a.choice_id).cmp(&(b.created_at, &b.choice_id)));
+        Ok(open)
+    }
+}
 
 /// The tool whose permission request is really a question to the user.
 pub const QUESTION_TOOL: &str = "AskUserQuestion";

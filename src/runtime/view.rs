@@ -25,6 +25,8 @@ pub struct PendingChoice {
     pub choice_id: String,
     pub kind: ChoiceKind,
     pub payload: Value,
+    /// When it was asked.
+    pub created_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +136,7 @@ impl LogView {
                         choice_id: choice_id.clone(),
                         kind: *kind,
                         payload: payload.clone(),
+                        created_at: at,
                     });
                 }
                 t

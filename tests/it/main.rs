@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod loops;
 mod mock_anthropic;
+mod open_choices;
 mod pg;
 mod sandbox;
 mod scopes;

@@ -33,6 +33,8 @@ mod limits;
 mod loops;
 #[path = "../it/mock_anthropic.rs"]
 mod mock_anthropic;
+#[path = "../it/open_choices.rs"]
+mod open_choices;
 #[path = "../it/pg.rs"]
 mod pg;
 #[path = "../it/sandbox.rs"]
