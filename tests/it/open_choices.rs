@@ -37,6 +37,7 @@ async fn pending_choices_are_listed_across_loops_and_gone_once_answered() {
     assert!(data[0]["created_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(data[1]["loop_id"], b.as_str());
     assert_eq!(data[1]["kind"], "question");
+    assert_eq!(data[1]["choice_id"], asked_b.data["choice_id"]);
     // Without `status`, the same; per loop, only its own.
     assert_eq!(app.get("/api/v1/choices", &bearer).await.1, all);
     let (_, only_a) = app
