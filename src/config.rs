@@ -46,6 +46,9 @@ pub struct Config {
     /// `--workspace-root`: loops' workspaces and agent homes live here
     /// (storage all nodes share) instead of in the data directory.
     pub workspace_root: Option<PathBuf>,
+    /// `--webhook-allow-private`: webhooks may target loopback, private
+    /// and link-local addresses.
+    pub webhook_allow_private: bool,
 }
 
 /// A node sharing one Postgres database with others.
@@ -265,6 +268,7 @@ impl Config {
             limits: Limits::default(),
             cluster: None,
             workspace_root: None,
+            webhook_allow_private: false,
         }
     }
 

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::runtime::Runtime;
 use crate::runtime::cluster::Cluster;
+use crate::store::webhooks::WebhookStore;
 use crate::store::{Accounts, Backend, Catalog, DataDir, LoopStore, Pg, StoreError};
 
 #[derive(Clone)]
@@ -17,6 +18,7 @@ pub struct AppState {
     pub loops: Arc<LoopStore>,
     pub catalog: Arc<Catalog>,
     pub runtime: Arc<Runtime>,
+    pub webhooks: Arc<WebhookStore>,
     /// Throttles, pools and caps on what callers may pile up.
     pub guards: Arc<crate::http::limits::Guards>,
     /// Cancelled once agents have stopped; SSE streams end on it.
@@ -57,19 +59,24 @@ impl AppState {
             };
             let loops = Arc::new(loops.with_work_root(workspace_root));
             let accounts = Arc::new(Accounts::open_on(&backend, &data_dir)?);
-            Ok::<_, StoreError>((loops, accounts))
+            let webhooks = Arc::new(WebhookStore::open_on(&backend, &data_dir)?);
+            Ok::<_, StoreError>((loops, accounts, webhooks))
         })
         .await
         .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))??;
-        let (loops, accounts) = opened;
+        let (loops, accounts, webhooks) = opened;
         let runtime = {
             let (config, loops, catalog) = (config.clone(), loops.clone(), catalog.clone());
-            tokio::task::spawn_blocking(move || Runtime::open(config, loops, catalog, cluster))
-                .await
-                .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))??
+            let webhooks = webhooks.clone();
+            tokio::task::spawn_blocking(move || {
+                Runtime::open(config, loops, catalog, cluster, webhooks)
+            })
+            .await
+            .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))??
         };
         let runtime = Arc::new(runtime);
         runtime.start_cluster();
+        runtime.start_webhooks();
         let forwarder = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(5))
             .redirect(reqwest::redirect::Policy::none())
@@ -85,6 +92,7 @@ impl AppState {
             loops,
             catalog,
             runtime,
+            webhooks,
             config,
             streams: CancellationToken::new(),
             started_at: Instant::now(),

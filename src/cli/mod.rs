@@ -124,6 +124,11 @@ pub struct ServeArgs {
     /// from the last `X-Forwarded-For` entry, which the proxy appends.
     #[arg(long, env = "LOOPD_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
+    /// Let webhooks target loopback, private and link-local addresses
+    /// (refused by default: a user could otherwise make this server reach
+    /// into its own network).
+    #[arg(long, env = "LOOPD_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
     /// With --database-url: the URL other nodes reach this one at
     /// (`http://10.0.0.5:8787`); defaults to `http://` and the bind address.
     #[arg(long, env = "LOOPD_ADVERTISE_URL")]
@@ -273,6 +278,7 @@ impl ServeArgs {
         Ok(Config {
             allowed_hosts: self.allowed_hosts,
             trust_forwarded_for: self.trust_forwarded_for,
+            webhook_allow_private: self.webhook_allow_private,
             connections,
             limits,
             bind: self.bind,

@@ -16,6 +16,7 @@ mod sse;
 mod tokens;
 mod turns;
 mod web;
+mod webhooks;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -50,6 +51,7 @@ pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
         (name = "loops", description = "Create, list, read and archive loops"),
         (name = "turns", description = "Send messages and follow the event stream"),
         (name = "tokens", description = "API tokens (web session only)"),
+        (name = "webhooks", description = "Signed webhooks: be told of prompts and ended turns instead of watching"),
         (name = "auth", description = "Web login with a session cookie"),
         (name = "meta", description = "Health and documentation"),
     )
@@ -93,6 +95,9 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(tokens::create_token, tokens::list_tokens))
         .routes(routes!(tokens::revoke_token))
         .routes(routes!(tokens::rotate_token))
+        .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
+        .routes(routes!(webhooks::delete_webhook))
+        .routes(routes!(webhooks::list_deliveries))
         .routes(routes!(loops::create_loop, loops::list_loops))
         .routes(routes!(loops::get_loop, loops::archive_loop))
         .routes(routes!(turns::send_message))

@@ -140,6 +140,7 @@ mod tests {
             .enumerate()
             .map(|(i, &(turn, terminal))| Entry {
                 seq: i as u64 + 1,
+                at: None,
                 turn: Some(turn),
                 terminal,
                 frame: block.slice(i * width..(i + 1) * width),

@@ -96,6 +96,8 @@ fn batch_of<'a, T: 'a>(
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub seq: u64,
+    /// When it was written (every event but deltas has it).
+    pub at: Option<DateTime<Utc>>,
     /// Index of its turn in the log's view.
     pub turn: Option<usize>,
     pub terminal: bool,
@@ -163,6 +165,7 @@ impl State {
         self.ring_bytes += frame.len();
         self.ring.push_back(Entry {
             seq,
+            at,
             turn,
             terminal: event.is_terminal(),
             frame,
@@ -204,6 +207,9 @@ pub struct EventLog {
     unsynced: AtomicBool,
     /// A sync is running or waiting out [`SYNC_EVERY`].
     syncing: AtomicBool,
+    /// Told after this node writes events other than deltas (what webhooks
+    /// look for).
+    on_write: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl EventLog {
@@ -316,6 +322,7 @@ impl EventLog {
             announce: watch::Sender::new(last),
             unsynced: AtomicBool::new(false),
             syncing: AtomicBool::new(false),
+            on_write: std::sync::OnceLock::new(),
         });
         Ok((log, recovered))
     }
@@ -451,7 +458,18 @@ impl EventLog {
         let last = state.view.next_seq - 1;
         drop(guard);
         self.announce.send_replace(last);
+        if let Some(told) = self.on_write.get()
+            && items.iter().any(|i| !i.event.is_delta())
+        {
+            told();
+        }
         Ok((first, first_turn))
+    }
+
+    /// Sets what to tell after this node writes events other than deltas
+    /// (once; later calls are ignored).
+    pub fn on_write(&self, told: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_write.set(Box::new(told));
     }
 
     /// Makes the turns that ended durable soon: at once if the log was not
@@ -621,6 +639,7 @@ impl EventLog {
             .map(|(s, len, past)| {
                 let entry = Entry {
                     seq: s.seq,
+                    at: s.at,
                     turn: s.event.turn_id().and_then(|t| state.view.turn(t)),
                     terminal: s.event.is_terminal(),
                     frame: block.slice(at_byte..at_byte + len),

@@ -15,6 +15,7 @@ pub mod machine;
 pub mod slots;
 pub mod turns;
 pub mod view;
+pub mod webhooks;
 pub mod wire;
 pub mod workspace;
 
@@ -67,6 +68,8 @@ pub struct Shared {
     pub stopping: CancellationToken,
     /// With a shared database: this node's leases among the others'.
     pub cluster: Option<Arc<Cluster>>,
+    /// Webhooks: what is still to be found in the logs and sent.
+    pub hooks: Arc<webhooks::Webhooks>,
 }
 
 impl Shared {
@@ -123,9 +126,19 @@ impl Runtime {
         loops: Arc<LoopStore>,
         catalog: Arc<Catalog>,
         cluster: Option<Arc<Cluster>>,
+        hooks: Arc<crate::store::webhooks::WebhookStore>,
     ) -> Result<Self, StoreError> {
         let keys_per_user = config.limits.idempotency_keys_per_user;
+        let node = cluster
+            .as_ref()
+            .map_or_else(|| "local".to_owned(), |c| c.me.clone());
+        let hooks = Arc::new(webhooks::Webhooks::new(
+            hooks,
+            node,
+            config.webhook_allow_private,
+        ));
         let shared = Shared {
+            hooks,
             idem: Mutex::new(IdemIndex::new(keys_per_user)),
             queued: Budget::new(config.limits.queued_bytes_per_user),
             slots: Arc::new(Slots::new(config.max_agents)),
@@ -198,6 +211,12 @@ impl Runtime {
             }
         };
         self.remember_keys(id, recovered.idem);
+        let hooks = Arc::downgrade(&self.shared.hooks);
+        log.on_write(move || {
+            if let Some(hooks) = hooks.upgrade() {
+                hooks.poke(id);
+            }
+        });
         Ok((log, recovered.closed))
     }
 

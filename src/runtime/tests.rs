@@ -13,7 +13,16 @@ pub(crate) fn runtime(dir: &std::path::Path) -> Runtime {
     let config = Arc::new(Config::for_data_dir(dir));
     let loops = Arc::new(LoopStore::open(data.loops()).unwrap());
     let catalog = Arc::new(Catalog::new(data.root()));
-    Runtime::open(config, loops, catalog, None).unwrap()
+    let place = |name: &str| crate::store::Place::File {
+        path: data.root().join(name),
+        lock: data.write_lock(),
+    };
+    let hooks = crate::store::webhooks::WebhookStore::open(
+        place("webhooks.json"),
+        place("webhook-outbox.json"),
+    )
+    .unwrap();
+    Runtime::open(config, loops, catalog, None, Arc::new(hooks)).unwrap()
 }
 
 pub(crate) fn new_loop(runtime: &Runtime) -> LoopRecord {

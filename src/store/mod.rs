@@ -15,6 +15,7 @@ pub mod shared_log;
 pub mod throttles;
 mod tokens;
 mod users;
+pub mod webhooks;
 
 pub use catalog::{Catalog, DEFAULT_VAULT};
 pub use json_file::{JsonStore, Place, write_atomic};
@@ -115,6 +116,12 @@ impl DataDir {
     pub fn loops(&self) -> PathBuf {
         self.root.join("loops")
     }
+    pub fn webhooks(&self) -> PathBuf {
+        self.root.join("webhooks.json")
+    }
+    pub fn webhook_outbox(&self) -> PathBuf {
+        self.root.join("webhook-outbox.json")
+    }
     /// Held (exclusively) by whoever changes one of the shared JSON files.
     pub fn write_lock(&self) -> PathBuf {
         self.root.join(".write.lock")
@@ -178,6 +185,34 @@ impl Accounts {
         match backend {
             Backend::Files => Self::open(dir),
             Backend::Postgres(pg) => Self::open_pg(pg),
+        }
+    }
+}
+
+impl webhooks::WebhookStore {
+    /// Opens the webhooks and their outbox where `backend` keeps them.
+    pub fn open_on(backend: &Backend, dir: &DataDir) -> Result<Self, StoreError> {
+        match backend {
+            Backend::Files => Self::open(
+                Place::File {
+                    path: dir.webhooks(),
+                    lock: dir.write_lock(),
+                },
+                Place::File {
+                    path: dir.webhook_outbox(),
+                    lock: dir.write_lock(),
+                },
+            ),
+            Backend::Postgres(pg) => Self::open(
+                Place::Pg {
+                    pg: pg.clone(),
+                    name: "webhooks",
+                },
+                Place::Pg {
+                    pg: pg.clone(),
+                    name: "webhook-outbox",
+                },
+            ),
         }
     }
 }

@@ -27,3 +27,4 @@ mod scopes;
 mod support;
 mod tokens;
 mod web;
+mod webhooks;

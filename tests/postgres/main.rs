@@ -47,3 +47,5 @@ mod support;
 mod tokens;
 #[path = "../it/web.rs"]
 mod web;
+#[path = "../it/webhooks.rs"]
+mod webhooks;
