@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use axum::http::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
 
 use crate::support::{Auth, TestApp, assert_error, eventually};
 
@@ -514,4 +515,97 @@ async fn deliveries_survive_a_kill_9_and_events_logged_before_it_are_found_again
     assert_eq!(kinds.len(), 2, "{kinds:?}");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn the_python_receiver_of_the_docs_verifies_and_answers_a_prompt() {
+    // The docs show the example file as it is.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let script = std::fs::read_to_string(format!("{root}/examples/webhook_receiver.py")).unwrap();
+    let doc = std::fs::read_to_string(format!("{root}/docs/webhooks.md")).unwrap();
+    assert!(
+        doc.contains(&script),
+        "docs/webhooks.md must show examples/webhook_receiver.py as it is"
+    );
+
+    let app = TestApp::start_tweaked(allowing_private).await;
+    let Auth::Bearer(token) = app.bearer("alice").await else {
+        unreachable!()
+    };
+    let bearer = Auth::Bearer(token.clone());
+    let port = crate::pg::free_port();
+    let (_, secret) = subscribe(
+        &app,
+        &bearer,
+        &format!("http://127.0.0.1:{port}/hook"),
+        &["requires_choice", "choice_resolved", "done"],
+    )
+    .await;
+    let mut receiver = tokio::process::Command::new("python3")
+        .arg(format!("{root}/examples/webhook_receiver.py"))
+        .args(["--port", &port.to_string(), "--approve"])
+        .args([
+            "--loopd",
+            &format!("http://{}", app.addr),
+            "--token",
+            &token,
+        ])
+        .env("WEBHOOK_SECRET", &secret)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let hook_url = format!("http://127.0.0.1:{port}/hook");
+    let http = reqwest::Client::new();
+    eventually("the receiver to listen", async || {
+        http.post(&hook_url).body("{}").send().await.is_ok()
+    })
+    .await;
+    // A forged request is refused.
+    let forged = http
+        .post(&hook_url)
+        .header("webhook-id", "msg_forged")
+        .header(
+            "webhook-timestamp",
+            chrono::Utc::now().timestamp().to_string(),
+        )
+        .header("webhook-signature", "v1,bm90IGEgc2lnbmF0dXJl")
+        .body(r#"{"type":"done"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
+
+    // A prompt nobody watches is allowed by the receiver alone.
+    let id = app.create_loop(&bearer, json!({})).await;
+    let stream = app.send(&bearer, &id, "/permission make deploy").await;
+    drop(stream);
+    let mut watch = app.watch(&bearer, &id, Some(0)).await;
+    let events = watch.until("done").await;
+    let resolved = events.iter().find(|e| e.name == "choice_resolved").unwrap();
+    assert_eq!(
+        resolved.data["answer"]["allow"], true,
+        "{:?}",
+        resolved.data
+    );
+    assert_eq!(resolved.data["source"], "api");
+
+    // It printed each event once, verified.
+    let stdout = receiver.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the receiver printed in time")
+            .unwrap()
+            .expect("the receiver is running");
+        let event: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["loop_id"], id.as_str());
+        kinds.push(event["type"].as_str().unwrap().to_owned());
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["choice_resolved", "done", "requires_choice"]);
+    receiver.kill().await.unwrap();
 }
