@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use loopd::cli::{Cli, Command, LogFormat, run_migrate, run_token, run_user};
+use loopd::cli::{Cli, Command, LogFormat, run_audit, run_migrate, run_token, run_user};
 use loopd::config::resolve_data_dir;
-use loopd::store::{Accounts, DataDir, Pg};
+use loopd::store::audit::{AuditFilter, AuditLog};
+use loopd::store::{Accounts, Backend, DataDir, Pg};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -48,24 +49,51 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     run_migrate(&dir, &pg, &mut std::io::stdout()).await
                 })
         }
-        Command::User(cmd) => with_accounts(data_dir, cli.database_url, |accounts| {
-            run_user(accounts, cmd, &mut std::io::stdout())
+        Command::User(cmd) => with_backend(data_dir, cli.database_url, |backend, dir| {
+            let audit = AuditLog::open_on(backend, dir);
+            run_user(
+                &Accounts::open_on(backend, dir)?,
+                &audit,
+                cmd,
+                &mut std::io::stdout(),
+            )
         }),
-        Command::Token(cmd) => with_accounts(data_dir, cli.database_url, |accounts| {
-            run_token(accounts, cmd, &mut std::io::stdout())
+        Command::Token(cmd) => with_backend(data_dir, cli.database_url, |backend, dir| {
+            let audit = AuditLog::open_on(backend, dir);
+            run_token(
+                &Accounts::open_on(backend, dir)?,
+                &audit,
+                cmd,
+                &mut std::io::stdout(),
+            )
+        }),
+        Command::Audit {
+            user,
+            since,
+            limit,
+            json,
+        } => with_backend(data_dir, cli.database_url, |backend, dir| {
+            let filter = AuditFilter { user, since, limit };
+            run_audit(
+                &AuditLog::open_on(backend, dir),
+                &filter,
+                json,
+                &mut std::io::stdout(),
+            )
         }),
     }
 }
 
-/// Runs a CLI command on the accounts where they live: the data directory's
+/// Runs a CLI command on the stores where they live: the data directory's
 /// files, or the shared database.
-fn with_accounts(
+fn with_backend(
     data_dir: std::path::PathBuf,
     database_url: Option<String>,
-    run: impl FnOnce(&Accounts) -> anyhow::Result<()>,
+    run: impl FnOnce(&Backend, &DataDir) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    let dir = DataDir::create(data_dir)?;
     let Some(url) = database_url else {
-        return run(&Accounts::open(&DataDir::create(data_dir)?)?);
+        return run(&Backend::Files, &dir);
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -74,7 +102,7 @@ fn with_accounts(
     let pg = runtime
         .block_on(Pg::connect(&url))
         .context("cannot open the database")?;
-    run(&Accounts::open_pg(&pg)?)
+    run(&Backend::Postgres(pg), &dir)
 }
 
 async fn serve(config: loopd::Config) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::runtime::Runtime;
 use crate::runtime::cluster::Cluster;
+use crate::store::audit::AuditLog;
 use crate::store::webhooks::WebhookStore;
 use crate::store::{Accounts, Backend, Catalog, DataDir, LoopStore, Pg, StoreError};
 
@@ -19,6 +20,8 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub runtime: Arc<Runtime>,
     pub webhooks: Arc<WebhookStore>,
+    /// Who did what.
+    pub audit: Arc<AuditLog>,
     /// Throttles, pools and caps on what callers may pile up.
     pub guards: Arc<crate::http::limits::Guards>,
     /// Cancelled once agents have stopped; SSE streams end on it.
@@ -60,11 +63,12 @@ impl AppState {
             let loops = Arc::new(loops.with_work_root(workspace_root));
             let accounts = Arc::new(Accounts::open_on(&backend, &data_dir)?);
             let webhooks = Arc::new(WebhookStore::open_on(&backend, &data_dir)?);
-            Ok::<_, StoreError>((loops, accounts, webhooks))
+            let audit = Arc::new(AuditLog::open_on(&backend, &data_dir));
+            Ok::<_, StoreError>((loops, accounts, webhooks, audit))
         })
         .await
         .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))??;
-        let (loops, accounts, webhooks) = opened;
+        let (loops, accounts, webhooks, audit) = opened;
         let runtime = {
             let (config, loops, catalog) = (config.clone(), loops.clone(), catalog.clone());
             let webhooks = webhooks.clone();
@@ -93,6 +97,7 @@ impl AppState {
             catalog,
             runtime,
             webhooks,
+            audit,
             config,
             streams: CancellationToken::new(),
             started_at: Instant::now(),

@@ -8,9 +8,26 @@ use serde_json::json;
 
 use super::{TokenCommand, UserCommand};
 use crate::ids;
+use crate::store::audit::{AuditEntry, AuditLog};
 use crate::store::{Accounts, Grants, MAX_ROTATION_GRACE, TokenRecord, no_such_user};
 
-pub fn run_user(accounts: &Accounts, cmd: UserCommand, out: &mut impl Write) -> anyhow::Result<()> {
+/// An act of the operator (the command line) on `user`'s account.
+fn operator(audit: &AuditLog, action: &str, user: &str, details: &[(&str, &str)]) {
+    let mut entry = AuditEntry::new("operator", action).with("user", user);
+    for (k, v) in details {
+        entry = entry.with(k, *v);
+    }
+    if let Err(err) = audit.record(&entry) {
+        eprintln!("loopd: could not write the audit trail: {err}");
+    }
+}
+
+pub fn run_user(
+    accounts: &Accounts,
+    audit: &AuditLog,
+    cmd: UserCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     match cmd {
         UserCommand::Add {
             name,
@@ -19,6 +36,8 @@ pub fn run_user(accounts: &Accounts, cmd: UserCommand, out: &mut impl Write) -> 
         } => {
             let (password, generated) = password(password_stdin)?;
             accounts.users.add(&name, admin, &password)?;
+            let role = if admin { "admin" } else { "member" };
+            operator(audit, "user.added", &name, &[("role", role)]);
             if generated {
                 writeln!(out, "{password}")?;
             }
@@ -45,6 +64,7 @@ pub fn run_user(accounts: &Accounts, cmd: UserCommand, out: &mut impl Write) -> 
             let (password, generated) = password(password_stdin)?;
             accounts.users.set_password(&name, &password)?;
             accounts.sessions.delete_user(&name)?;
+            operator(audit, "user.password_set", &name, &[]);
             if generated {
                 writeln!(out, "{password}")?;
             }
@@ -54,6 +74,7 @@ pub fn run_user(accounts: &Accounts, cmd: UserCommand, out: &mut impl Write) -> 
             accounts.users.remove(&name)?;
             accounts.tokens.revoke_all(&name)?;
             accounts.sessions.delete_user(&name)?;
+            operator(audit, "user.removed", &name, &[]);
         }
     }
     Ok(())
@@ -61,6 +82,7 @@ pub fn run_user(accounts: &Accounts, cmd: UserCommand, out: &mut impl Write) -> 
 
 pub fn run_token(
     accounts: &Accounts,
+    audit: &AuditLog,
     cmd: TokenCommand,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
@@ -85,7 +107,13 @@ pub fn run_token(
                 expires_at,
                 max_permission_mode,
             };
-            let (plaintext, _) = accounts.tokens.create(&user, label, grants)?;
+            let (plaintext, record) = accounts.tokens.create(&user, label, grants)?;
+            operator(
+                audit,
+                "token.created",
+                &user,
+                &[("token_id", &record.token_id)],
+            );
             writeln!(out, "{plaintext}")?;
         }
         TokenCommand::Rotate {
@@ -99,11 +127,14 @@ pub fn run_token(
                 "--grace is at most {} seconds",
                 MAX_ROTATION_GRACE.num_seconds()
             );
-            let (plaintext, _) = accounts.tokens.rotate(
+            let (plaintext, record) = accounts.tokens.rotate(
                 &user,
                 &token_id,
                 chrono::Duration::seconds(grace as i64),
             )?;
+            let new_id = record.token_id.as_str();
+            let details = [("token_id", token_id.as_str()), ("new_token_id", new_id)];
+            operator(audit, "token.rotated", &user, &details);
             writeln!(out, "{plaintext}")?;
         }
         TokenCommand::List { user, json } => {
@@ -130,6 +161,7 @@ pub fn run_token(
         TokenCommand::Revoke { user, token_id } => {
             known(&user)?;
             accounts.tokens.revoke(&user, &token_id)?;
+            operator(audit, "token.revoked", &user, &[("token_id", &token_id)]);
         }
     }
     Ok(())

@@ -29,6 +29,8 @@ pub async fn run_migrate(dir: &DataDir, pg: &Pg, out: &mut impl Write) -> anyhow
         ("users", dir.users()),
         ("api-tokens", dir.tokens()),
         ("sessions", dir.sessions()),
+        ("webhooks", dir.webhooks()),
+        ("webhook-outbox", dir.webhook_outbox()),
     ] {
         let Ok(bytes) = std::fs::read(&path) else {
             continue; // never made: nothing to copy

@@ -1,6 +1,7 @@
 //! The command line: `serve`, `user …` and `token …` (clap derive, an
 //! environment variable for every flag).
 
+mod audit;
 mod manage;
 mod migrate;
 
@@ -14,6 +15,7 @@ use crate::agent::sandbox::{Sandbox, SandboxMode};
 use crate::agent::{AgentKind, PermissionMode};
 use crate::config::{self, Config, ConnLimits, DEFAULT_MAX_AGENTS, Limits, Rate};
 
+pub use audit::run_audit;
 pub use manage::{run_token, run_user};
 pub use migrate::run_migrate;
 
@@ -70,6 +72,23 @@ pub enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Who did what: logins, tokens, webhooks, loops made and archived,
+    /// choices answered, turns in a raised permission mode. Oldest first:
+    /// at, user, action, client (or `-`), details (JSON, or `-`), tab-separated.
+    Audit {
+        /// Only this user's acts.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only acts at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only the latest N.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::Json;
 use super::extract::Query;
+use super::{Json, audit};
 use crate::http::auth::{Caller, LoopsRead, LoopsWrite, OwnedLoop, Scoped};
 use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
@@ -199,6 +199,8 @@ pub async fn create_loop(
 ) -> Result<(StatusCode, axum::Json<Loop>), ApiError> {
     let new = validate(&state, &caller, body)?;
     let record = state.runtime.create(new).await?;
+    let entry = audit::by(&caller, "loop.created").with("loop_id", record.id.to_string());
+    audit::record(&state, entry).await;
     Ok((StatusCode::CREATED, axum::Json(record.into())))
 }
 
@@ -297,8 +299,12 @@ pub async fn get_loop(
 )]
 pub async fn archive_loop(
     State(state): State<AppState>,
-    OwnedLoop { record, .. }: OwnedLoop<LoopsWrite>,
+    OwnedLoop { caller, record, .. }: OwnedLoop<LoopsWrite>,
 ) -> Result<StatusCode, ApiError> {
     state.runtime.archive(&record).await?;
+    if !record.archived {
+        let entry = audit::by(&caller, "loop.archived").with("loop_id", record.id.to_string());
+        audit::record(&state, entry).await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }

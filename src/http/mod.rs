@@ -1,6 +1,7 @@
 //! The HTTP surface: the router table, the OpenAPI document, and one small
 //! module per resource.
 
+mod audit;
 pub mod auth;
 mod choices;
 mod docs;
@@ -53,6 +54,7 @@ pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
         (name = "tokens", description = "API tokens (web session only)"),
         (name = "webhooks", description = "Signed webhooks: be told of prompts and ended turns instead of watching"),
         (name = "auth", description = "Web login with a session cookie"),
+        (name = "admin", description = "For admins: the audit trail"),
         (name = "meta", description = "Health and documentation"),
     )
 )]
@@ -107,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(choices::my_choices))
         .routes(routes!(turns::interrupt))
         .routes(routes!(turns::list_turns))
+        .routes(routes!(audit::read_audit))
         .routes(routes!(docs::openapi_json))
         .routes(routes!(docs::docs_page))
         .split_for_parts();

@@ -6,11 +6,13 @@ use axum::response::{AppendHeaders, IntoResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::audit;
 use super::limits::ClientAddr;
 use super::{Json, blocking};
 use crate::http::auth::{Caller, check_same_origin, session_cookie, set_session_cookie};
 use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
+use crate::store::audit::AuditEntry;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct LoginRequest {
@@ -69,12 +71,22 @@ pub async fn login(
     .await?;
     let Some((user, secret)) = verified else {
         tracing::warn!(username = ?shown, %client, "login failed");
+        audit::record(
+            &state,
+            AuditEntry::new(&shown, "login.failed").client(client),
+        )
+        .await;
         return Err(ApiError::unauthorized(
             "invalid_credentials",
             "wrong username or password",
         ));
     };
     tracing::info!(user = %user.name, %client, "logged in");
+    audit::record(
+        &state,
+        AuditEntry::new(&user.name, "login.succeeded").client(client),
+    )
+    .await;
     let cookie = set_session_cookie(Some(&secret), state.config.secure_cookies());
     Ok((
         AppendHeaders([(header::SET_COOKIE, cookie)]),

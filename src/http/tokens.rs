@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{Json, blocking};
+use super::{Json, audit, blocking};
 use crate::agent::PermissionMode;
 use crate::http::auth::{Caller, SessionCaller, Via};
 use crate::http::error::{ApiError, ErrorEnvelope};
@@ -202,13 +202,21 @@ pub async fn create_token(
     let grants = body.grants(&state)?;
     let accounts = state.accounts.clone();
     let max = state.config.limits.tokens_per_user;
+    let user = caller.user_id.clone();
     let (token, record) = blocking(move || {
         Ok(accounts
             .tokens
-            .create_within(&caller.user_id, body.label, grants, max)?)
+            .create_within(&user, body.label, grants, max)?)
     })
     .await?;
     tracing::info!(user = %record.user, token_id = %record.token_id, "token created");
+    let entry = audit::by(&caller, "token.created")
+        .with("token_id", record.token_id.clone())
+        .with(
+            "grants",
+            serde_json::to_value(&record.grants).unwrap_or_default(),
+        );
+    audit::record(&state, entry).await;
     Ok((
         StatusCode::CREATED,
         axum::Json(CreatedToken::new(token, record)),
@@ -254,6 +262,7 @@ pub async fn rotate_token(
     }
     let accounts = state.accounts.clone();
     let user = caller.user_id.clone();
+    let rotated = token_id.clone();
     let (token, record) = blocking(move || {
         Ok(accounts
             .tokens
@@ -261,6 +270,11 @@ pub async fn rotate_token(
     })
     .await?;
     tracing::info!(user = %record.user, token_id = %record.token_id, "token rotated");
+    let entry = audit::by(&caller, "token.rotated")
+        .with("token_id", rotated)
+        .with("new_token_id", record.token_id.clone())
+        .with("grace_seconds", grace);
+    audit::record(&state, entry).await;
     Ok((
         StatusCode::CREATED,
         axum::Json(CreatedToken::new(token, record)),
@@ -303,6 +317,9 @@ pub async fn revoke_token(
     Path(token_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let accounts = state.accounts.clone();
-    blocking(move || Ok(accounts.tokens.revoke(&caller.user_id, &token_id)?)).await?;
+    let (user, id) = (caller.user_id.clone(), token_id.clone());
+    blocking(move || Ok(accounts.tokens.revoke(&user, &id)?)).await?;
+    let entry = audit::by(&caller, "token.revoked").with("token_id", token_id);
+    audit::record(&state, entry).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
-use super::Json;
 use super::extract::Query;
 use super::sse::{self, Scope};
+use super::{Json, audit};
 use crate::agent::PermissionMode;
 use crate::http::auth::{ChoicesWrite, MessagesWrite, OwnedLoop, Via};
 use crate::http::error::{ApiError, ErrorEnvelope};
@@ -128,6 +128,15 @@ pub async fn send_message(
         .await?;
     if accepted.replayed {
         tracing::info!(loop_id = %record.id, turn_id = %accepted.turn_id, "idempotent replay");
+    } else if let Some(mode) = mode
+        && mode.authority() > state.config.permission_mode.authority()
+    {
+        let entry = audit::by(&caller, "turn.mode_raised")
+            .with("loop_id", record.id.to_string())
+            .with("turn_id", accepted.turn_id.clone())
+            .with("mode", mode.as_str())
+            .with("default_mode", state.config.permission_mode.as_str());
+        audit::record(&state, entry).await;
     }
     let follower = accepted.log.follow(accepted.seq);
     let stream = sse::stream(
@@ -260,10 +269,20 @@ pub async fn answer_choice(
         Via::Session => ChoiceSource::Web,
         Via::Token => ChoiceSource::Api,
     };
+    let how = match &answer {
+        ChoiceAnswer::Allow { allow: true, .. } => "allowed",
+        ChoiceAnswer::Allow { allow: false, .. } => "denied",
+        _ => "answered",
+    };
     state
         .runtime
         .answer(record.id, choice_id.clone(), answer, source)
         .await?;
+    let entry = audit::by(&caller, "choice.answered")
+        .with("loop_id", record.id.to_string())
+        .with("choice_id", choice_id.clone())
+        .with("how", how);
+    audit::record(&state, entry).await;
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(json!({"choice_id": choice_id})),

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{Json, blocking};
+use super::{Json, audit, blocking};
 use crate::http::auth::{Scoped, WebhooksWrite};
 use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::runtime::webhooks::guard;
@@ -199,6 +199,15 @@ pub async fn create_webhook(
     let user = caller.user_id.clone();
     let hook = blocking(move || Ok(store.create(&user, url, events, loop_ids)?)).await?;
     tracing::info!(user = %caller.user_id, webhook_id = %hook.id, "webhook created");
+    // The host only: a URL may carry credentials.
+    let host = reqwest::Url::parse(&hook.url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned));
+    let entry = audit::by(&caller, "webhook.created")
+        .with("webhook_id", hook.id.clone())
+        .with("host", host)
+        .with("events", hook.events.clone());
+    audit::record(&state, entry).await;
     Ok((
         StatusCode::CREATED,
         axum::Json(WebhookInfo::new(hook, true)),
@@ -248,6 +257,8 @@ pub async fn delete_webhook(
     let gone = id.clone();
     blocking(move || Ok(store.delete(&user, &gone)?)).await?;
     tracing::info!(user = %caller.user_id, webhook_id = %id, "webhook deleted");
+    let entry = audit::by(&caller, "webhook.deleted").with("webhook_id", id);
+    audit::record(&state, entry).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

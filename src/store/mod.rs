@@ -4,6 +4,7 @@
 //! which may change them while the server runs: see [`json_file::JsonStore`].
 //! Loops are the server's own (`loops/<uuid>/meta.json`).
 
+pub mod audit;
 mod catalog;
 pub mod group_commit;
 mod json_file;

@@ -6,6 +6,7 @@
 /// `LOOPD_TEST_BACKEND=postgres`).
 pub const ON_POSTGRES: bool = false;
 
+mod audit;
 mod auth;
 mod bot;
 mod capture;

@@ -5,6 +5,8 @@
 /// Every `TestApp` of this run lives on the throwaway Postgres server.
 pub const ON_POSTGRES: bool = true;
 
+#[path = "../it/audit.rs"]
+mod audit;
 #[path = "../it/auth.rs"]
 mod auth;
 #[path = "../it/bot.rs"]
