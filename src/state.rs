@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::runtime::Runtime;
 use crate::runtime::cluster::Cluster;
 use crate::store::audit::AuditLog;
+use crate::store::rules::RuleStore;
 use crate::store::webhooks::WebhookStore;
 use crate::store::{Accounts, Backend, Catalog, DataDir, LoopStore, Pg, StoreError};
 
@@ -22,6 +23,7 @@ pub struct AppState {
     pub webhooks: Arc<WebhookStore>,
     /// Who did what.
     pub audit: Arc<AuditLog>,
+    pub rules: Arc<RuleStore>,
     /// Throttles, pools and caps on what callers may pile up.
     pub guards: Arc<crate::http::limits::Guards>,
     /// Cancelled once agents have stopped; SSE streams end on it.
@@ -64,16 +66,17 @@ impl AppState {
             let accounts = Arc::new(Accounts::open_on(&backend, &data_dir)?);
             let webhooks = Arc::new(WebhookStore::open_on(&backend, &data_dir)?);
             let audit = Arc::new(AuditLog::open_on(&backend, &data_dir));
-            Ok::<_, StoreError>((loops, accounts, webhooks, audit))
+            let rules = Arc::new(RuleStore::open_on(&backend, &data_dir)?);
+            Ok::<_, StoreError>((loops, accounts, webhooks, audit, rules))
         })
         .await
         .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))??;
-        let (loops, accounts, webhooks, audit) = opened;
+        let (loops, accounts, webhooks, audit, rules) = opened;
         let runtime = {
             let (config, loops, catalog) = (config.clone(), loops.clone(), catalog.clone());
-            let webhooks = webhooks.clone();
+            let (webhooks, rules, audit) = (webhooks.clone(), rules.clone(), audit.clone());
             tokio::task::spawn_blocking(move || {
-                Runtime::open(config, loops, catalog, cluster, webhooks)
+                Runtime::open(config, loops, catalog, cluster, webhooks, rules, audit)
             })
             .await
             .map_err(|e| StoreError::io(dir.root(), std::io::Error::other(e)))??
@@ -98,6 +101,7 @@ impl AppState {
             runtime,
             webhooks,
             audit,
+            rules,
             config,
             streams: CancellationToken::new(),
             started_at: Instant::now(),

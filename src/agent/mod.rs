@@ -11,6 +11,7 @@ pub mod echo;
 pub mod env;
 pub mod mapping;
 pub mod process;
+pub mod rules;
 pub mod sandbox;
 
 use std::path::PathBuf;

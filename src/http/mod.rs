@@ -11,6 +11,7 @@ pub mod forward;
 mod health;
 pub mod limits;
 mod loops;
+mod rules;
 pub mod serve;
 mod session;
 mod sse;
@@ -54,6 +55,7 @@ pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
         (name = "tokens", description = "API tokens (web session only)"),
         (name = "webhooks", description = "Signed webhooks: be told of prompts and ended turns instead of watching"),
         (name = "auth", description = "Web login with a session cookie"),
+        (name = "rules", description = "Standing permission rules (answer with \"remember\")"),
         (name = "admin", description = "For admins: the audit trail"),
         (name = "meta", description = "Health and documentation"),
     )
@@ -107,6 +109,10 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(turns::answer_choice))
         .routes(routes!(choices::loop_choices))
         .routes(routes!(choices::my_choices))
+        .routes(routes!(rules::loop_rules))
+        .routes(routes!(rules::delete_loop_rule))
+        .routes(routes!(rules::my_rules))
+        .routes(routes!(rules::delete_my_rule))
         .routes(routes!(turns::interrupt))
         .routes(routes!(turns::list_turns))
         .routes(routes!(audit::read_audit))

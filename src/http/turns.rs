@@ -12,6 +12,7 @@ use super::extract::Query;
 use super::sse::{self, Scope};
 use super::{Json, audit};
 use crate::agent::PermissionMode;
+use crate::agent::rules::{Behavior, Rule};
 use crate::http::auth::{ChoicesWrite, MessagesWrite, OwnedLoop, Via};
 use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::ids;
@@ -265,6 +266,7 @@ pub async fn answer_choice(
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
     let answer = ChoiceAnswer::parse(&body)?;
+    let remember = remembered(&state, &record, &choice_id, &body, &answer)?;
     let source = match caller.via {
         Via::Session => ChoiceSource::Web,
         Via::Token => ChoiceSource::Api,
@@ -278,15 +280,66 @@ pub async fn answer_choice(
         .runtime
         .answer(record.id, choice_id.clone(), answer, source)
         .await?;
-    let entry = audit::by(&caller, "choice.answered")
+    let mut entry = audit::by(&caller, "choice.answered")
         .with("loop_id", record.id.to_string())
         .with("choice_id", choice_id.clone())
         .with("how", how);
+    let mut answered = json!({"choice_id": choice_id});
+    if let Some((scope, behavior, rule)) = remember {
+        let rules = state.rules.clone();
+        let (user, loop_id, choice) = (caller.user_id.clone(), record.id, choice_id.clone());
+        let made = super::blocking(move || {
+            let on = (scope == "loop").then_some(loop_id);
+            Ok(rules.add(&user, on, behavior, rule, &choice)?)
+        })
+        .await?;
+        entry = entry
+            .with("rule_id", made.id.clone())
+            .with("rule", made.rule.display());
+        answered["rule"] = super::rules::RuleInfo::from(made).into_json();
+    }
     audit::record(&state, entry).await;
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(json!({"choice_id": choice_id})),
-    ))
+    Ok((StatusCode::ACCEPTED, axum::Json(answered)))
+}
+
+/// The standing rule an answer asks to keep (`"remember": "loop"` or
+/// `"always"`): the narrowest rule covering the pending permission.
+fn remembered(
+    state: &AppState,
+    record: &crate::store::LoopRecord,
+    choice_id: &str,
+    body: &Value,
+    answer: &ChoiceAnswer,
+) -> Result<Option<(&'static str, Behavior, Rule)>, ApiError> {
+    let scope = match body.get("remember") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s == "loop" => "loop",
+        Some(Value::String(s)) if s == "always" => "always",
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_choice_payload",
+                format!("`remember` is \"loop\" or \"always\", not {other}"),
+            ));
+        }
+    };
+    let ChoiceAnswer::Allow { allow, .. } = answer else {
+        return Err(ApiError::bad_request(
+            "invalid_choice_payload",
+            "`remember` goes with a permission's `allow`, not with answers to questions",
+        ));
+    };
+    let open = state.runtime.open_choices(&[record.id])?;
+    let Some(pending) = open.into_iter().find(|c| c.choice_id == choice_id) else {
+        return Ok(None); // not pending: answering says so
+    };
+    let tool = pending.payload["tool"].as_str().unwrap_or_default();
+    let rule = Rule::narrowest(tool, &pending.payload["input"]);
+    let behavior = if *allow {
+        Behavior::Allow
+    } else {
+        Behavior::Deny
+    };
+    Ok(Some((scope, behavior, rule)))
 }
 
 /// Interrupt the running turn; its streams end with `interrupted`.

@@ -16,13 +16,15 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use super::Shared;
 use super::choices::ChoiceAnswer;
 use super::error::RuntimeError;
-use super::events::{ChoiceSource, IdemRecord};
+use super::events::{ChoiceSource, Event, IdemRecord};
 use super::idempotency::Recorded;
 use super::log::{Append, EventLog};
 use super::machine::{Effect, Input, LoopMachine, RandomIds, Refusal, Reply, StopReason, Stopping};
-use crate::agent::{AgentOutput, AgentProcess, PermissionMode};
+use crate::agent::rules::StandingRule;
+use crate::agent::{AgentEvent, AgentOutput, AgentProcess, PermissionMode};
 use crate::budget::Taken;
 use crate::store::LoopId;
+use crate::store::audit::AuditEntry;
 
 /// While waiting for an agent slot, how often to ask an idle loop for one.
 const SLOT_RETRY: Duration = Duration::from_millis(250);
@@ -124,6 +126,53 @@ enum Wake {
 }
 
 impl Actor {
+    /// Gives the machine the standing rules in force on this loop now
+    /// (read just before a permission request is handled, so a rule made
+    /// or deleted a moment ago counts).
+    fn refresh_standing(&mut self) {
+        let Some(record) = self.shared.loops.get(self.id) else {
+            return;
+        };
+        let standing = self
+            .shared
+            .rules
+            .applicable(&record.created_by, self.id)
+            .into_iter()
+            .map(|r| StandingRule {
+                id: r.id,
+                behavior: r.behavior,
+                rule: r.rule,
+            })
+            .collect();
+        self.machine.set_standing(standing);
+    }
+
+    /// Records in the audit trail that a standing rule answered a choice
+    /// (in the background: the turn does not wait for the disk).
+    fn audit_rule_answer(
+        &self,
+        choice_id: &str,
+        answer: Option<&serde_json::Value>,
+        rule_id: Option<&str>,
+    ) {
+        let Some(record) = self.shared.loops.get(self.id) else {
+            return;
+        };
+        let allowed = answer.and_then(|a| a["allow"].as_bool()) == Some(true);
+        let entry = AuditEntry::new(&record.created_by, "choice.answered")
+            .with("loop_id", self.id.to_string())
+            .with("choice_id", choice_id)
+            .with("how", if allowed { "allowed" } else { "denied" })
+            .with("via", "rule")
+            .with("rule_id", rule_id);
+        let audit = self.shared.audit.clone();
+        self.shared.tasks.spawn_blocking(move || {
+            if let Err(err) = audit.record(&entry) {
+                tracing::error!(error = %err, "could not write the audit trail");
+            }
+        });
+    }
+
     pub fn new(
         id: LoopId,
         shared: Arc<Shared>,
@@ -177,6 +226,9 @@ impl Actor {
                             // The rest of a batch is dropped with its process.
                             if self.started != from || !matches!(self.held, Held::Agent(..)) {
                                 break;
+                            }
+                            if matches!(event, AgentEvent::PermissionRequest { .. }) {
+                                self.refresh_standing();
                             }
                             self.feed_at(Input::Agent(event), now).await;
                         }
@@ -432,7 +484,19 @@ impl Actor {
 
     async fn perform(&mut self, effect: Effect) -> Option<Reply> {
         match effect {
-            Effect::Emit(event) => self.out.push(event.into()),
+            Effect::Emit(event) => {
+                if let Event::ChoiceResolved {
+                    choice_id,
+                    source: ChoiceSource::Rule,
+                    answer,
+                    rule_id,
+                    ..
+                } = &event
+                {
+                    self.audit_rule_answer(choice_id, answer.as_ref(), rule_id.as_deref());
+                }
+                self.out.push(event.into());
+            }
             Effect::ToAgent(input) => {
                 if let Held::Agent(_, process) = &self.held
                     && let Err(TrySendError::Full(_)) = process.input.try_send(input)

@@ -39,6 +39,9 @@ pub enum ChoiceKind {
 pub enum ChoiceSource {
     Api,
     Web,
+    /// **(beyond)** A standing rule answered it (`rule_id` says which);
+    /// no `requires_choice` came first.
+    Rule,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -192,6 +195,12 @@ pub enum Event {
         /// **(beyond)** What was answered: `{"allow": bool}` or `{"answers": {…}}`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         answer: Option<Value>,
+        /// **(beyond)** With `"source": "rule"`: the standing rule's id…
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule_id: Option<String>,
+        /// …and the rule, in Claude Code's syntax (`Bash(npm test)`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
     },
     Done {
         #[schema(value_type = String)]
@@ -439,6 +448,8 @@ mod tests {
                 choice_id: "choice_1".into(),
                 source: ChoiceSource::Web,
                 answer: Some(serde_json::json!({"allow": true})),
+                rule_id: None,
+                rule: None,
             },
             Event::Done {
                 turn_id: t(),

@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::choices::{self, ChoiceAnswer};
 use super::error::RuntimeError;
 use super::events::{ChoiceKind, ChoiceSource, Event, Origin, TurnId};
+use crate::agent::rules::{self, Behavior, StandingRule};
 use crate::agent::{AgentEvent, AgentInput, Decision, NativeModes, PermissionMode, TurnEnd};
 
 /// What the rules depend on, fixed for the server's life.
@@ -221,6 +222,9 @@ enum Phase {
 
 pub struct LoopMachine<H> {
     rules: Rules,
+    /// The standing permission rules in force (set by the loop's task
+    /// before it hands on a permission request).
+    standing: Vec<StandingRule>,
     ids: Box<dyn Ids>,
     queue: VecDeque<Waiting<H>>,
     agent: Agent,
@@ -238,12 +242,18 @@ impl<H> LoopMachine<H> {
     pub fn new(rules: Rules, ids: Box<dyn Ids>, now: Instant) -> Self {
         Self {
             rules,
+            standing: Vec::new(),
             ids,
             queue: VecDeque::new(),
             agent: Agent::Absent,
             turn: None,
             last_activity: now,
         }
+    }
+
+    /// The standing rules from now on.
+    pub fn set_standing(&mut self, standing: Vec<StandingRule>) {
+        self.standing = standing;
     }
 
     /// Whether a message can be taken now, and what to log for it. Refused
@@ -567,6 +577,33 @@ impl<H> LoopMachine<H> {
             ChoiceKind::Permission => turn.mode.held_answer(self.rules.native),
             ChoiceKind::Question => None,
         };
+        let ruled = match (&turn.phase, kind) {
+            (Phase::Interrupting { .. }, _) | (_, ChoiceKind::Question) => None,
+            _ => rules::answering(&self.standing, &request.tool, &request.input),
+        };
+        if let Some(hit) = ruled {
+            // A standing rule answers it: nobody is asked.
+            let allow = hit.behavior == Behavior::Allow;
+            let decision = if allow {
+                Decision::Allow {
+                    updated_input: request.input,
+                }
+            } else {
+                Decision::Deny {
+                    message: format!("Denied by the standing rule {}.", hit.rule.display()),
+                }
+            };
+            fx.push(answer_agent(request.request_id, decision));
+            fx.push(Effect::Emit(Event::ChoiceResolved {
+                turn_id: turn.turn_id.clone(),
+                choice_id: self.ids.choice(),
+                source: ChoiceSource::Rule,
+                answer: Some(serde_json::json!({ "allow": allow })),
+                rule_id: Some(hit.id.clone()),
+                rule: Some(hit.rule.display()),
+            }));
+            return;
+        }
         let refusal = match (&mut turn.phase, held) {
             // The loop holds this mode itself: answer without asking anyone.
             (_, Some(true)) => {
@@ -668,6 +705,8 @@ impl<H> LoopMachine<H> {
             choice_id: choice_id.to_owned(),
             source,
             answer: Some(answer.to_json()),
+            rule_id: None,
+            rule: None,
         }));
         let later = std::mem::take(later);
         self.last_activity = now;

@@ -70,6 +70,10 @@ pub struct Shared {
     pub cluster: Option<Arc<Cluster>>,
     /// Webhooks: what is still to be found in the logs and sent.
     pub hooks: Arc<webhooks::Webhooks>,
+    /// Standing permission rules.
+    pub rules: Arc<crate::store::rules::RuleStore>,
+    /// Who did what (a standing rule answering, say).
+    pub audit: Arc<crate::store::audit::AuditLog>,
 }
 
 impl Shared {
@@ -127,6 +131,8 @@ impl Runtime {
         catalog: Arc<Catalog>,
         cluster: Option<Arc<Cluster>>,
         hooks: Arc<crate::store::webhooks::WebhookStore>,
+        rules: Arc<crate::store::rules::RuleStore>,
+        audit: Arc<crate::store::audit::AuditLog>,
     ) -> Result<Self, StoreError> {
         let keys_per_user = config.limits.idempotency_keys_per_user;
         let node = cluster
@@ -139,6 +145,8 @@ impl Runtime {
         ));
         let shared = Shared {
             hooks,
+            rules,
+            audit,
             idem: Mutex::new(IdemIndex::new(keys_per_user)),
             queued: Budget::new(config.limits.queued_bytes_per_user),
             slots: Arc::new(Slots::new(config.max_agents)),

@@ -22,7 +22,18 @@ pub(crate) fn runtime(dir: &std::path::Path) -> Runtime {
         place("webhook-outbox.json"),
     )
     .unwrap();
-    Runtime::open(config, loops, catalog, None, Arc::new(hooks)).unwrap()
+    let rules = crate::store::rules::RuleStore::open(place("rules.json")).unwrap();
+    let audit = crate::store::audit::AuditLog::open_on(&crate::store::Backend::Files, &data);
+    Runtime::open(
+        config,
+        loops,
+        catalog,
+        None,
+        Arc::new(hooks),
+        Arc::new(rules),
+        Arc::new(audit),
+    )
+    .unwrap()
 }
 
 pub(crate) fn new_loop(runtime: &Runtime) -> LoopRecord {

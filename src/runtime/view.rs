@@ -256,6 +256,8 @@ mod tests {
                 choice_id: "c1".into(),
                 source: ChoiceSource::Api,
                 answer: None,
+                rule_id: None,
+                rule: None,
             },
         );
         assert!(v.current.as_ref().unwrap().pending.is_none());

@@ -11,6 +11,7 @@ mod json_file;
 mod loops;
 mod loops_pg;
 pub mod pg;
+pub mod rules;
 mod sessions;
 pub mod shared_log;
 pub mod throttles;
@@ -187,6 +188,22 @@ impl Accounts {
             Backend::Files => Self::open(dir),
             Backend::Postgres(pg) => Self::open_pg(pg),
         }
+    }
+}
+
+impl rules::RuleStore {
+    /// Opens the standing rules where `backend` keeps them.
+    pub fn open_on(backend: &Backend, dir: &DataDir) -> Result<Self, StoreError> {
+        Self::open(match backend {
+            Backend::Files => Place::File {
+                path: dir.root().join("rules.json"),
+                lock: dir.write_lock(),
+            },
+            Backend::Postgres(pg) => Place::Pg {
+                pg: pg.clone(),
+                name: "rules",
+            },
+        })
     }
 }
 

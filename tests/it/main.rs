@@ -23,6 +23,7 @@ mod loops;
 mod mock_anthropic;
 mod open_choices;
 mod pg;
+mod rules;
 mod sandbox;
 mod scopes;
 mod support;

@@ -39,6 +39,8 @@ mod mock_anthropic;
 mod open_choices;
 #[path = "../it/pg.rs"]
 mod pg;
+#[path = "../it/rules.rs"]
+mod rules;
 #[path = "../it/sandbox.rs"]
 mod sandbox;
 #[path = "../it/scopes.rs"]

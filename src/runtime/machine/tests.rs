@@ -185,6 +185,18 @@ fn show_event(event: &Event) -> String {
             ..
         } => format!("requires_choice {turn_id} {choice_id} {kind:?}").to_lowercase(),
         Event::ChoiceResolved {
+            turn_id,
+            choice_id,
+            source: ChoiceSource::Rule,
+            rule_id,
+            rule,
+            ..
+        } => format!(
+            "choice_resolved {turn_id} {choice_id} rule {} {}",
+            rule_id.as_deref().unwrap_or("-"),
+            rule.as_deref().unwrap_or("-")
+        ),
+        Event::ChoiceResolved {
             turn_id, choice_id, ..
         } => format!("choice_resolved {turn_id} {choice_id}"),
         Event::Done { turn_id, .. } => format!("done {turn_id}"),
@@ -226,6 +238,104 @@ fn play(name: &str, rules: Rules, steps: Vec<(Step, &[&str])>) -> LoopMachine<()
         assert_eq!(got, want, "{name}, step {}", i + 1);
     }
     m
+}
+
+/// A permission request for `Bash` running `command`.
+fn bash(request_id: &str, command: &str) -> Step {
+    agent(AgentEvent::PermissionRequest {
+        request_id: request_id.into(),
+        tool: "Bash".into(),
+        input: json!({"command": command}),
+        title: None,
+    })
+}
+
+#[test]
+fn a_standing_rule_answers_what_it_covers_and_nothing_else() {
+    use crate::agent::rules::{Behavior, Rule, StandingRule};
+    let t0 = Instant::now();
+    let mut m: LoopMachine<()> = LoopMachine::new(rules(), Box::new(Counted::default()), t0);
+    let rule = |id: &str, behavior, command: &str| StandingRule {
+        id: id.into(),
+        behavior,
+        rule: Rule {
+            tool: "Bash".into(),
+            content: Some(command.into()),
+        },
+    };
+    m.set_standing(vec![
+        rule("rule_a", Behavior::Allow, "npm test"),
+        rule("rule_d", Behavior::Deny, "rm -rf build"),
+        // A deny rule wins over an allow rule for the same request.
+        rule("rule_both", Behavior::Allow, "rm -rf build"),
+    ]);
+    let mut steps = warm();
+    steps.extend(vec![
+        (
+            say("go"),
+            &[
+                "user_message turn_2",
+                "reply sent",
+                "→agent user go",
+                "started turn_2",
+            ][..],
+        ),
+        (
+            bash("r1", "npm test"),
+            &[
+                "→agent allow r1",
+                "choice_resolved turn_2 choice_1 rule rule_a Bash(npm test)",
+            ][..],
+        ),
+        (
+            bash("r2", "rm -rf build"),
+            &[
+                "→agent deny r2",
+                "choice_resolved turn_2 choice_2 rule rule_d Bash(rm -rf build)",
+            ][..],
+        ),
+        // Anything else is asked, as without rules.
+        (
+            bash("r3", "npm test -- --all"),
+            &["requires_choice turn_2 choice_3 permission"][..],
+        ),
+        (
+            allow("choice_3", true),
+            &[
+                "→agent allow r3",
+                "choice_resolved turn_2 choice_3",
+                "reply answered",
+            ][..],
+        ),
+        // Never a question.
+        (
+            ask("r4", "AskUserQuestion"),
+            &["requires_choice turn_2 choice_4 question"][..],
+        ),
+    ]);
+    let mut now = t0;
+    for (i, (step, want)) in steps.into_iter().enumerate() {
+        let got: Vec<String> = match step {
+            Say(text, mode) => {
+                let admission = m.admit(text, chrono::Utc::now()).unwrap();
+                let mut got: Vec<String> = admission.events.iter().map(show_event).collect();
+                let input = Input::Send {
+                    turn_id: admission.turn_id,
+                    content: text.into(),
+                    mode,
+                    hold: (),
+                };
+                got.extend(m.handle(input, now).iter().map(show));
+                got
+            }
+            In(input) => m.handle(input, now).iter().map(show).collect(),
+            At(secs) => {
+                now = t0 + Duration::from_secs(secs);
+                m.handle(Input::Tick, now).iter().map(show).collect()
+            }
+        };
+        assert_eq!(got, want, "rules, step {}", i + 1);
+    }
 }
 
 fn story(name: &str, steps: Vec<(Step, &[&str])>) -> LoopMachine<()> {
