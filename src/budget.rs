@@ -65,6 +65,11 @@ impl<K: Hash + Eq + Clone> Budget<K> {
             .unwrap_or(0)
     }
 
+    /// What all keys hold together.
+    pub fn total(&self) -> usize {
+        self.held.lock().expect("budget poisoned").values().sum()
+    }
+
     #[cfg(test)]
     /// Whether nothing at all is held.
     pub fn is_empty(&self) -> bool {

@@ -49,6 +49,8 @@ pub struct Config {
     /// `--webhook-allow-private`: webhooks may target loopback, private
     /// and link-local addresses.
     pub webhook_allow_private: bool,
+    /// `--metrics-bind`: where `/metrics` is served, if anywhere.
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 /// A node sharing one Postgres database with others.
@@ -269,6 +271,7 @@ impl Config {
             cluster: None,
             workspace_root: None,
             webhook_allow_private: false,
+            metrics_bind: None,
         }
     }
 

@@ -49,6 +49,25 @@ pub async fn run(
         "loopd listening"
     );
 
+    let metrics = match state.config.metrics_bind {
+        None => None,
+        Some(bind) => {
+            let listener = TcpListener::bind(bind)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-bind {bind}: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+            let app = crate::http::metrics::router(state.clone());
+            let stop = shutdown.clone();
+            Some(tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(err) = served {
+                    tracing::error!(error = %err, "the metrics listener failed");
+                }
+            }))
+        }
+    };
     let flusher = tokio::spawn(flush_periodically(
         state.accounts.clone(),
         state.guards.clone(),
@@ -73,6 +92,9 @@ pub async fn run(
     state.runtime.shutdown().await;
     state.streams.cancel();
     flusher.await?;
+    if let Some(metrics) = metrics {
+        metrics.await?;
+    }
     flush_last_used(state.accounts.clone()).await;
     tracing::info!("loopd stopped");
     Ok(())

@@ -148,6 +148,11 @@ pub struct ServeArgs {
     /// into its own network).
     #[arg(long, env = "LOOPD_WEBHOOK_ALLOW_PRIVATE")]
     pub webhook_allow_private: bool,
+    /// Serve Prometheus metrics at `/metrics` on this address (its own
+    /// listener, without authentication: bind it where only your scraper
+    /// reaches, e.g. 127.0.0.1:9187).
+    #[arg(long, env = "LOOPD_METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
     /// With --database-url: the URL other nodes reach this one at
     /// (`http://10.0.0.5:8787`); defaults to `http://` and the bind address.
     #[arg(long, env = "LOOPD_ADVERTISE_URL")]
@@ -298,6 +303,7 @@ impl ServeArgs {
             allowed_hosts: self.allowed_hosts,
             trust_forwarded_for: self.trust_forwarded_for,
             webhook_allow_private: self.webhook_allow_private,
+            metrics_bind: self.metrics_bind,
             connections,
             limits,
             bind: self.bind,

@@ -151,7 +151,10 @@ impl IntoResponse for ApiError {
                 .extensions_mut()
                 .insert(crate::http::forward::ForwardTo(node.clone()));
         }
-        if let Self::RateLimited(_, _, wait) = &self {
+        if let Self::RateLimited(code, _, wait) = &self {
+            response
+                .extensions_mut()
+                .insert(crate::http::metrics::LimitedBy(code));
             // Whole seconds, rounded up: never "0", which invites a hot retry.
             let secs = wait.as_millis().div_ceil(1000).max(1);
             response.headers_mut().insert(

@@ -233,6 +233,11 @@ impl Guards {
         })
     }
 
+    /// SSE streams open now, of every user.
+    pub fn open_streams(&self) -> usize {
+        self.streams.total()
+    }
+
     /// A place for one more SSE stream of `user`.
     pub fn stream(&self, user: &str) -> Result<StreamSlot, ApiError> {
         self.streams.take(user.to_owned(), 1).ok_or_else(|| {

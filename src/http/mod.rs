@@ -11,6 +11,7 @@ pub mod forward;
 mod health;
 pub mod limits;
 mod loops;
+pub mod metrics;
 mod rules;
 pub mod serve;
 mod session;
@@ -121,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .split_for_parts();
 
     routes
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .merge(docs::assets())
         .merge(web::router())
         .fallback(|| async { ApiError::not_found("route_not_found", "no such endpoint") })

@@ -192,6 +192,9 @@ struct ReadCache {
     bytes: usize,
 }
 
+/// What a log tells of each batch this node writes.
+type OnWrite = dyn Fn(&[Append]) + Send + Sync;
+
 pub struct EventLog {
     path: PathBuf,
     /// On Postgres: the database is the log's record and this file is the
@@ -207,9 +210,9 @@ pub struct EventLog {
     unsynced: AtomicBool,
     /// A sync is running or waiting out [`SYNC_EVERY`].
     syncing: AtomicBool,
-    /// Told after this node writes events other than deltas (what webhooks
-    /// look for).
-    on_write: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Told of every batch of events this node writes (metrics count
+    /// them; webhooks look for what is not a delta).
+    on_write: std::sync::OnceLock<Box<OnWrite>>,
 }
 
 impl EventLog {
@@ -458,17 +461,15 @@ impl EventLog {
         let last = state.view.next_seq - 1;
         drop(guard);
         self.announce.send_replace(last);
-        if let Some(told) = self.on_write.get()
-            && items.iter().any(|i| !i.event.is_delta())
-        {
-            told();
+        if let Some(told) = self.on_write.get() {
+            told(items);
         }
         Ok((first, first_turn))
     }
 
-    /// Sets what to tell after this node writes events other than deltas
-    /// (once; later calls are ignored).
-    pub fn on_write(&self, told: impl Fn() + Send + Sync + 'static) {
+    /// Sets what to tell of every batch this node writes (once; later
+    /// calls are ignored).
+    pub fn on_write(&self, told: impl Fn(&[Append]) + Send + Sync + 'static) {
         let _ = self.on_write.set(Box::new(told));
     }
 

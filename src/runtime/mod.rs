@@ -74,6 +74,7 @@ pub struct Shared {
     pub rules: Arc<crate::store::rules::RuleStore>,
     /// Who did what (a standing rule answering, say).
     pub audit: Arc<crate::store::audit::AuditLog>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -138,12 +139,15 @@ impl Runtime {
         let node = cluster
             .as_ref()
             .map_or_else(|| "local".to_owned(), |c| c.me.clone());
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let hooks = Arc::new(webhooks::Webhooks::new(
             hooks,
             node,
             config.webhook_allow_private,
+            metrics.clone(),
         ));
         let shared = Shared {
+            metrics,
             hooks,
             rules,
             audit,
@@ -184,6 +188,28 @@ impl Runtime {
         &self.shared.slots
     }
 
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The gauges a scrape reads (besides open streams, which HTTP knows).
+    pub fn metrics_now(&self) -> crate::metrics::Now {
+        let ids = self.shared.loops.ids();
+        let open = self.open_choices(&ids).unwrap_or_default();
+        let oldest = open
+            .iter()
+            .map(|c| (Utc::now() - c.created_at).as_seconds_f64())
+            .fold(0.0, f64::max);
+        crate::metrics::Now {
+            live_agents: self.shared.slots.live() as i64,
+            loops: self.shared.loops.count_active() as i64,
+            streams: 0,
+            choices_waiting: open.len() as i64,
+            oldest_choice_seconds: oldest,
+            webhook_queue: self.shared.hooks.store.pending() as i64,
+        }
+    }
+
     /// A place for a message among `user`'s queued ones (429 `queue_full`).
     fn reserve(&self, user: &str, content: &str) -> Result<Taken<String>, RuntimeError> {
         let queued = &self.shared.queued;
@@ -220,8 +246,12 @@ impl Runtime {
         };
         self.remember_keys(id, recovered.idem);
         let hooks = Arc::downgrade(&self.shared.hooks);
-        log.on_write(move || {
-            if let Some(hooks) = hooks.upgrade() {
+        let metrics = self.shared.metrics.clone();
+        log.on_write(move |items| {
+            metrics.appended(items.iter().map(|a| &a.event));
+            if items.iter().any(|a| !a.event.is_delta())
+                && let Some(hooks) = hooks.upgrade()
+            {
                 hooks.poke(id);
             }
         });

@@ -322,6 +322,12 @@ impl LoopStore {
             .collect()
     }
 
+    /// How many loops are not archived.
+    pub fn count_active(&self) -> usize {
+        let index = self.index.read().expect("loop index poisoned");
+        index.values().filter(|r| !r.archived).count()
+    }
+
     pub fn get(&self, id: LoopId) -> Option<LoopRecord> {
         self.index
             .read()

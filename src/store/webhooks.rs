@@ -403,6 +403,16 @@ impl WebhookStore {
         found
     }
 
+    /// How many deliveries wait to be sent or retried.
+    pub fn pending(&self) -> usize {
+        self.outbox
+            .read()
+            .deliveries
+            .values()
+            .filter(|d| d.status == DeliveryStatus::Pending)
+            .count()
+    }
+
     /// When the next pending delivery is due, if any.
     pub fn next_due(&self) -> Option<DateTime<Utc>> {
         self.outbox

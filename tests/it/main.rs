@@ -20,6 +20,7 @@ mod echo;
 mod lifecycle;
 mod limits;
 mod loops;
+mod metrics;
 mod mock_anthropic;
 mod open_choices;
 mod pg;

@@ -33,6 +33,8 @@ mod lifecycle;
 mod limits;
 #[path = "../it/loops.rs"]
 mod loops;
+#[path = "../it/metrics.rs"]
+mod metrics;
 #[path = "../it/mock_anthropic.rs"]
 mod mock_anthropic;
 #[path = "../it/open_choices.rs"]

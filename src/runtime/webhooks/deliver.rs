@@ -100,6 +100,11 @@ async fn send(hooks: &Webhooks, d: Delivery) -> Attempted {
         .then(|| retry_after(d.attempts + 1))
         .flatten()
         .map(|wait| at + chrono::Duration::from_std(wait).expect("a retry fits"));
+    hooks.metrics.delivery(match &outcome {
+        Ok(_) if ok => "delivered",
+        Ok(_) => "refused",
+        Err(_) => "unreachable",
+    });
     match &outcome {
         Ok(code) if ok => {
             tracing::debug!(webhook_id = %d.webhook_id, msg_id = %d.msg_id, code, "webhook delivered")

@@ -42,10 +42,16 @@ pub struct Webhooks {
     read_to: Mutex<HashMap<LoopId, u64>>,
     client: reqwest::Client,
     allow_private: bool,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Webhooks {
-    pub fn new(store: Arc<WebhookStore>, node: String, allow_private: bool) -> Self {
+    pub fn new(
+        store: Arc<WebhookStore>,
+        node: String,
+        allow_private: bool,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             store,
             node,
@@ -55,6 +61,7 @@ impl Webhooks {
             read_to: Mutex::new(HashMap::new()),
             client: guard::client(allow_private),
             allow_private,
+            metrics,
         }
     }
 
