@@ -4,10 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use loopd::cli::{Cli, Command, LogFormat, run_audit, run_migrate, run_token, run_user};
+use loopd::cli::{Cli, CliStores, Command, LogFormat, run_audit, run_migrate, run_token, run_user};
 use loopd::config::resolve_data_dir;
 use loopd::store::audit::{AuditFilter, AuditLog};
-use loopd::store::{Accounts, Backend, DataDir, Pg};
+use loopd::store::{Backend, DataDir, Pg};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -50,19 +50,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 })
         }
         Command::User(cmd) => with_backend(data_dir, cli.database_url, |backend, dir| {
-            let audit = AuditLog::open_on(backend, dir);
             run_user(
-                &Accounts::open_on(backend, dir)?,
-                &audit,
+                &CliStores::open_on(backend, dir)?,
                 cmd,
                 &mut std::io::stdout(),
             )
         }),
         Command::Token(cmd) => with_backend(data_dir, cli.database_url, |backend, dir| {
-            let audit = AuditLog::open_on(backend, dir);
             run_token(
-                &Accounts::open_on(backend, dir)?,
-                &audit,
+                &CliStores::open_on(backend, dir)?,
                 cmd,
                 &mut std::io::stdout(),
             )

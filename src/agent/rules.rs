@@ -66,28 +66,46 @@ fn normalize(path: &str) -> Option<String> {
 
 impl Rule {
     /// The narrowest rule that covers this request: the exact command, the
-    /// exact file, the URL's host; for other tools, the tool.
-    pub fn narrowest(tool: &str, input: &Value) -> Self {
-        let content = match rule_tool(tool) {
-            "Bash" => input
-                .get("command")
-                .and_then(Value::as_str)
-                .map(|c| c.trim().to_owned()),
-            "Edit" | "Read" => file_of(tool, input),
-            "WebFetch" => input
-                .get("url")
-                .and_then(Value::as_str)
-                .and_then(|u| reqwest::Url::parse(u).ok())
-                .and_then(|u| u.host_str().map(|h| format!("domain:{h}"))),
+    /// exact file, the URL's host; for other tools, the tool. `Err` (why)
+    /// when the request cannot be pinned down that narrowly (no command, a
+    /// relative path, a path with a wildcard in it, a URL without a host):
+    /// such a rule would cover far more than what was asked.
+    pub fn narrowest(tool: &str, input: &Value) -> Result<Self, String> {
+        let named = rule_tool(tool);
+        let content = match named {
+            "Bash" => Some(
+                input
+                    .get("command")
+                    .and_then(Value::as_str)
+                    .map(|c| c.trim().to_owned())
+                    .filter(|c| !c.is_empty())
+                    .ok_or("the request names no command")?,
+            ),
+            "Edit" | "Read" => {
+                let file = file_of(tool, input).ok_or("the request names no absolute path")?;
+                if file.contains(['*', '?', '[']) {
+                    return Err("the path holds a wildcard".into());
+                }
+                Some(file)
+            }
+            "WebFetch" => Some(
+                input
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .and_then(|u| reqwest::Url::parse(u).ok())
+                    .and_then(|u| u.host_str().map(|h| format!("domain:{h}")))
+                    .ok_or("the request names no host")?,
+            ),
             _ => None,
         };
-        Self {
-            tool: rule_tool(tool).to_owned(),
+        Ok(Self {
+            tool: named.to_owned(),
             content,
-        }
+        })
     }
 
-    /// Whether this rule covers a request to use `tool` with `input`.
+    /// Whether this rule covers a request to use `tool` with `input`: the
+    /// same tool, and the same command, file or host.
     pub fn covers(&self, tool: &str, input: &Value) -> bool {
         if rule_tool(tool) != self.tool {
             return false;
@@ -100,7 +118,7 @@ impl Rule {
                 .get("command")
                 .and_then(Value::as_str)
                 .is_some_and(|c| c.trim() == content),
-            "Edit" | "Read" => file_of(tool, input).is_some_and(|f| glob(content, &f)),
+            "Edit" | "Read" => file_of(tool, input).is_some_and(|f| f == *content),
             "WebFetch" => {
                 let host = input
                     .get("url")
@@ -143,35 +161,6 @@ pub fn answering<'a>(
             .find(move |r| r.behavior == b && r.rule.covers(tool, input))
     };
     covering(Behavior::Deny).or_else(|| covering(Behavior::Allow))
-}
-
-/// Gitignore-style matching of a path rule: `**` any number of segments,
-/// `*` anything within one segment, anything else itself.
-fn glob(pattern: &str, path: &str) -> bool {
-    let pattern: Vec<&str> = pattern.split('/').collect();
-    let path: Vec<&str> = path.split('/').collect();
-    segments(&pattern, &path)
-}
-
-fn segments(pattern: &[&str], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((&"**", rest)) => (0..=path.len()).any(|skip| segments(rest, &path[skip..])),
-        Some((first, rest)) => path
-            .split_first()
-            .is_some_and(|(p, more)| segment(first, p) && segments(rest, more)),
-    }
-}
-
-fn segment(pattern: &str, name: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == name,
-        Some((head, tail)) => {
-            name.len() >= head.len()
-                && name.starts_with(head)
-                && (0..=name.len() - head.len()).any(|i| segment(tail, &name[head.len() + i..]))
-        }
-    }
 }
 
 #[cfg(test)]
@@ -219,12 +208,23 @@ mod tests {
                 json!({"title": "x"}),
                 "mcp__github__create_issue",
             ),
-            ("Bash", json!({}), "Bash"),
         ];
         for (tool, input, want) in table {
-            let rule = Rule::narrowest(tool, input);
+            let rule = Rule::narrowest(tool, input).unwrap();
             assert_eq!(rule.display(), *want, "{tool} {input}");
             assert!(rule.covers(tool, input), "covers its own request: {want}");
+        }
+        // What cannot be pinned down makes no rule (it would cover all).
+        for (tool, input) in [
+            ("Bash", json!({})),
+            ("Bash", json!({"command": "  "})),
+            ("Write", json!({"file_path": "relative.txt"})),
+            ("Edit", json!({"file_path": "/../x"})),
+            ("Edit", json!({"file_path": "/home/u/**"})),
+            ("Grep", json!({"pattern": "x"})),
+            ("WebFetch", json!({"url": "data:text/plain,x"})),
+        ] {
+            assert!(Rule::narrowest(tool, &input).is_err(), "{tool} {input}");
         }
     }
 
@@ -237,6 +237,14 @@ mod tests {
         let edit = |c: &str| Rule {
             tool: "Edit".into(),
             content: Some(c.into()),
+        };
+        let fetch = |c: &str| Rule {
+            tool: "WebFetch".into(),
+            content: Some(c.into()),
+        };
+        let any = |t: &str| Rule {
+            tool: t.into(),
+            content: None,
         };
         let table: &[(Rule, &str, Value, bool)] = &[
             (
@@ -270,89 +278,74 @@ mod tests {
                 false,
             ),
             (
-                edit("//w/src/**"),
+                edit("//w/src/a.rs"),
                 "Edit",
-                json!({"file_path": "/w/src/a/b.rs"}),
+                json!({"file_path": "/w/src/a.rs"}),
                 true,
             ),
             (
-                edit("//w/src/**"),
+                edit("//w/src/a.rs"),
                 "Write",
-                json!({"file_path": "/w/src/x"}),
+                json!({"file_path": "/w/src/./a.rs"}),
                 true,
             ),
             (
-                edit("//w/src/**"),
+                edit("//w/src/a.rs"),
+                "MultiEdit",
+                json!({"file_path": "/w/x/../src/a.rs"}),
+                true,
+            ),
+            (
+                edit("//w/src/a.rs"),
                 "Edit",
-                json!({"file_path": "/w/src/../secret"}),
+                json!({"file_path": "/w/src/a.rsx"}),
                 false,
             ),
             (
-                edit("//w/src/**"),
+                edit("//w/src/a.rs"),
                 "Edit",
-                json!({"file_path": "/w/other.rs"}),
+                json!({"file_path": "/w/src/b.rs"}),
                 false,
             ),
+            (
+                edit("//w/src/a.rs"),
+                "Edit",
+                json!({"file_path": "src/a.rs"}),
+                false,
+            ),
+            (
+                edit("//w/src/a.rs"),
+                "Read",
+                json!({"file_path": "/w/src/a.rs"}),
+                false,
+            ),
+            // Literal: a `*` in a stored rule matches only itself.
             (
                 edit("//w/*.md"),
                 "Edit",
                 json!({"file_path": "/w/README.md"}),
+                false,
+            ),
+            (
+                edit("//w/ü.md"),
+                "Edit",
+                json!({"file_path": "/w/ü.md"}),
                 true,
             ),
             (
-                edit("//w/*.md"),
-                "Edit",
-                json!({"file_path": "/w/docs/a.md"}),
-                false,
-            ),
-            (
-                edit("//w/a.txt"),
-                "Edit",
-                json!({"file_path": "relative.txt"}),
-                false,
-            ),
-            (
-                edit("//w/a.txt"),
-                "Read",
-                json!({"file_path": "/w/a.txt"}),
-                false,
-            ),
-            (
-                Rule {
-                    tool: "WebFetch".into(),
-                    content: Some("domain:docs.rs".into()),
-                },
+                fetch("domain:docs.rs"),
                 "WebFetch",
                 json!({"url": "https://docs.rs/x"}),
                 true,
             ),
             (
-                Rule {
-                    tool: "WebFetch".into(),
-                    content: Some("domain:docs.rs".into()),
-                },
+                fetch("domain:docs.rs"),
                 "WebFetch",
                 json!({"url": "https://evil.docs.rs.example/x"}),
                 false,
             ),
-            (
-                Rule {
-                    tool: "mcp__s__t".into(),
-                    content: None,
-                },
-                "mcp__s__t",
-                json!({"any": 1}),
-                true,
-            ),
-            (
-                Rule {
-                    tool: "mcp__s__t".into(),
-                    content: None,
-                },
-                "mcp__s__u",
-                json!({}),
-                false,
-            ),
+            (any("mcp__s__t"), "mcp__s__t", json!({"any": 1}), true),
+            (any("mcp__s__t"), "mcp__s__u", json!({}), false),
         ];
         for (rule, tool, input, want) in table {
             assert_eq!(
@@ -362,5 +355,22 @@ mod tests {
                 rule.display()
             );
         }
+    }
+
+    #[test]
+    fn a_deny_rule_answers_before_an_allow_rule() {
+        let rule = |id: &str, behavior| StandingRule {
+            id: id.into(),
+            behavior,
+            rule: Rule {
+                tool: "Bash".into(),
+                content: Some("ls".into()),
+            },
+        };
+        let rules = [rule("a", Behavior::Allow), rule("d", Behavior::Deny)];
+        let ls = json!({"command": "ls"});
+        assert_eq!(answering(&rules, "Bash", &ls).unwrap().id, "d");
+        assert_eq!(answering(&rules[..1], "Bash", &ls).unwrap().id, "a");
+        assert!(answering(&rules, "Bash", &json!({"command": "pwd"})).is_none());
     }
 }

@@ -9,7 +9,10 @@ use serde_json::json;
 use super::{TokenCommand, UserCommand};
 use crate::ids;
 use crate::store::audit::{AuditEntry, AuditLog};
+use crate::store::rules::RuleStore;
+use crate::store::webhooks::WebhookStore;
 use crate::store::{Accounts, Grants, MAX_ROTATION_GRACE, TokenRecord, no_such_user};
+use crate::store::{Backend, DataDir, StoreError};
 
 /// An act of the operator (the command line) on `user`'s account.
 fn operator(audit: &AuditLog, action: &str, user: &str, details: &[(&str, &str)]) {
@@ -22,12 +25,27 @@ fn operator(audit: &AuditLog, action: &str, user: &str, details: &[(&str, &str)]
     }
 }
 
-pub fn run_user(
-    accounts: &Accounts,
-    audit: &AuditLog,
-    cmd: UserCommand,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
+/// What the user and token commands change.
+pub struct CliStores {
+    pub accounts: Accounts,
+    pub audit: AuditLog,
+    pub webhooks: WebhookStore,
+    pub rules: RuleStore,
+}
+
+impl CliStores {
+    pub fn open_on(backend: &Backend, dir: &DataDir) -> Result<Self, StoreError> {
+        Ok(Self {
+            accounts: Accounts::open_on(backend, dir)?,
+            audit: AuditLog::open_on(backend, dir),
+            webhooks: WebhookStore::open_on(backend, dir)?,
+            rules: RuleStore::open_on(backend, dir)?,
+        })
+    }
+}
+
+pub fn run_user(stores: &CliStores, cmd: UserCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    let (accounts, audit) = (&stores.accounts, &stores.audit);
     match cmd {
         UserCommand::Add {
             name,
@@ -74,6 +92,10 @@ pub fn run_user(
             accounts.users.remove(&name)?;
             accounts.tokens.revoke_all(&name)?;
             accounts.sessions.delete_user(&name)?;
+            // Nothing of theirs goes on acting, nor passes to a new user of
+            // the same name.
+            stores.webhooks.delete_all(&name)?;
+            stores.rules.delete_all(&name)?;
             operator(audit, "user.removed", &name, &[]);
         }
     }
@@ -81,11 +103,11 @@ pub fn run_user(
 }
 
 pub fn run_token(
-    accounts: &Accounts,
-    audit: &AuditLog,
+    stores: &CliStores,
     cmd: TokenCommand,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    let (accounts, audit) = (&stores.accounts, &stores.audit);
     let known = |user: &str| {
         accounts
             .users
@@ -131,6 +153,7 @@ pub fn run_token(
                 &user,
                 &token_id,
                 chrono::Duration::seconds(grace as i64),
+                usize::MAX,
             )?;
             let new_id = record.token_id.as_str();
             let details = [("token_id", token_id.as_str()), ("new_token_id", new_id)];

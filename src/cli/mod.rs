@@ -16,7 +16,7 @@ use crate::agent::{AgentKind, PermissionMode};
 use crate::config::{self, Config, ConnLimits, DEFAULT_MAX_AGENTS, Limits, Rate};
 
 pub use audit::run_audit;
-pub use manage::{run_token, run_user};
+pub use manage::{CliStores, run_token, run_user};
 pub use migrate::run_migrate;
 
 #[derive(Debug, Parser)]

@@ -66,8 +66,10 @@ impl From<OpenChoice> for Choice {
     }
 }
 
-fn list(state: &AppState, loops: &[LoopId]) -> Result<axum::Json<ChoiceList>, ApiError> {
-    let open = state.runtime.open_choices(loops)?;
+async fn list(state: &AppState, loops: Vec<LoopId>) -> Result<axum::Json<ChoiceList>, ApiError> {
+    let runtime = state.runtime.clone();
+    // A loop's log may be opened for it (file reads): off the async threads.
+    let open = super::blocking(move || Ok(runtime.open_choices(&loops)?)).await?;
     Ok(axum::Json(ChoiceList {
         data: open.into_iter().map(Choice::from).collect(),
     }))
@@ -93,7 +95,7 @@ pub async fn loop_choices(
     query.check()?;
     // Brought up to the database first, as `GET /loops/{id}` is.
     state.runtime.current_log(record.id).await?;
-    list(&state, &[record.id])
+    list(&state, vec![record.id]).await
 }
 
 /// The choices every one of your loops waits on, oldest first.
@@ -121,5 +123,5 @@ pub async fn my_choices(
     // Archived loops have no agent, so nothing waits on them.
     let mine = state.loops.list(&caller.user_id, false, &all)?;
     let ids: Vec<LoopId> = mine.data.iter().map(|r| r.id).collect();
-    list(&state, &ids)
+    list(&state, ids).await
 }

@@ -236,6 +236,8 @@ pub async fn create_token(
         (status = 401, body = ErrorEnvelope),
         (status = 403, body = ErrorEnvelope, description = "`not_this_token`: a token may rotate only itself"),
         (status = 404, body = ErrorEnvelope, description = "`token_not_found`"),
+        (status = 409, body = ErrorEnvelope, description = "`token_rotated`: it was rotated already"),
+        (status = 429, body = ErrorEnvelope, description = "`too_many_tokens`"),
     )
 )]
 pub async fn rotate_token(
@@ -263,10 +265,14 @@ pub async fn rotate_token(
     let accounts = state.accounts.clone();
     let user = caller.user_id.clone();
     let rotated = token_id.clone();
+    let max = state.config.limits.tokens_per_user;
     let (token, record) = blocking(move || {
-        Ok(accounts
-            .tokens
-            .rotate(&user, &token_id, chrono::Duration::seconds(grace as i64))?)
+        Ok(accounts.tokens.rotate(
+            &user,
+            &token_id,
+            chrono::Duration::seconds(grace as i64),
+            max,
+        )?)
     })
     .await?;
     tracing::info!(user = %record.user, token_id = %record.token_id, "token rotated");

@@ -18,7 +18,7 @@ use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::ids;
 use crate::runtime::IdemKey;
 use crate::runtime::choices::ChoiceAnswer;
-use crate::runtime::events::ChoiceSource;
+use crate::runtime::events::{ChoiceKind, ChoiceSource};
 use crate::runtime::turns::{self, TurnPage, TurnQuery};
 use crate::runtime::wire::frame_without_id;
 use crate::state::AppState;
@@ -266,7 +266,21 @@ pub async fn answer_choice(
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
     let answer = ChoiceAnswer::parse(&body)?;
-    let remember = remembered(&state, &record, &choice_id, &body, &answer)?;
+    let pending = {
+        let runtime = state.runtime.clone();
+        let id = record.id;
+        super::blocking(move || Ok(runtime.open_choices(&[id])?))
+            .await?
+            .into_iter()
+            .find(|c| c.choice_id == choice_id)
+    };
+    if let (Some(pending), ChoiceAnswer::Allow { allow: true, .. }) = (&pending, &answer)
+        && pending.payload["tool"] == "ExitPlanMode"
+    {
+        // Leaving plan mode runs the turn on in the loop's mode.
+        caller.require_mode(state.config.permission_mode)?;
+    }
+    let remember = remembered(&caller, pending.as_ref(), &body, &answer)?;
     let source = match caller.via {
         Via::Session => ChoiceSource::Web,
         Via::Token => ChoiceSource::Api,
@@ -276,38 +290,54 @@ pub async fn answer_choice(
         ChoiceAnswer::Allow { allow: false, .. } => "denied",
         _ => "answered",
     };
-    state
+    // The rule first, so requests waiting behind this one are covered by it.
+    let made = match remember {
+        None => None,
+        Some((scope, behavior, rule)) => {
+            let rules = state.rules.clone();
+            let (user, loop_id, choice) = (caller.user_id.clone(), record.id, choice_id.clone());
+            Some(
+                super::blocking(move || {
+                    let on = (scope == "loop").then_some(loop_id);
+                    Ok(rules.add(&user, on, behavior, rule, &choice)?)
+                })
+                .await?,
+            )
+        }
+    };
+    let answered = state
         .runtime
         .answer(record.id, choice_id.clone(), answer, source)
-        .await?;
+        .await;
+    if let Err(err) = answered {
+        if let Some(made) = &made {
+            // Not answered (no longer pending): no rule either.
+            let (rules, user, id) = (state.rules.clone(), caller.user_id.clone(), made.id.clone());
+            let on = made.loop_id.as_ref().map(|_| record.id);
+            let _ = super::blocking(move || Ok(rules.delete(&user, on, &id)?)).await;
+        }
+        return Err(err.into());
+    }
     let mut entry = audit::by(&caller, "choice.answered")
         .with("loop_id", record.id.to_string())
         .with("choice_id", choice_id.clone())
         .with("how", how);
-    let mut answered = json!({"choice_id": choice_id});
-    if let Some((scope, behavior, rule)) = remember {
-        let rules = state.rules.clone();
-        let (user, loop_id, choice) = (caller.user_id.clone(), record.id, choice_id.clone());
-        let made = super::blocking(move || {
-            let on = (scope == "loop").then_some(loop_id);
-            Ok(rules.add(&user, on, behavior, rule, &choice)?)
-        })
-        .await?;
+    let mut body = json!({"choice_id": choice_id});
+    if let Some(made) = made {
         entry = entry
             .with("rule_id", made.id.clone())
             .with("rule", made.rule.display());
-        answered["rule"] = super::rules::RuleInfo::from(made).into_json();
+        body["rule"] = super::rules::RuleInfo::from(made).into_json();
     }
     audit::record(&state, entry).await;
-    Ok((StatusCode::ACCEPTED, axum::Json(answered)))
+    Ok((StatusCode::ACCEPTED, axum::Json(body)))
 }
 
 /// The standing rule an answer asks to keep (`"remember": "loop"` or
 /// `"always"`): the narrowest rule covering the pending permission.
 fn remembered(
-    state: &AppState,
-    record: &crate::store::LoopRecord,
-    choice_id: &str,
+    caller: &crate::http::auth::Caller,
+    pending: Option<&crate::runtime::choices::OpenChoice>,
     body: &Value,
     answer: &ChoiceAnswer,
 ) -> Result<Option<(&'static str, Behavior, Rule)>, ApiError> {
@@ -328,12 +358,23 @@ fn remembered(
             "`remember` goes with a permission's `allow`, not with answers to questions",
         ));
     };
-    let open = state.runtime.open_choices(&[record.id])?;
-    let Some(pending) = open.into_iter().find(|c| c.choice_id == choice_id) else {
-        return Ok(None); // not pending: answering says so
+    if scope == "always" && caller.grants.scopes.is_some() {
+        // A rule for every loop outlives the token: not for a limited one.
+        return Err(ApiError::forbidden(
+            "insufficient_scope",
+            "a token with scopes may remember an answer for its loop only; `always` needs a web session or a token without scopes",
+        ));
+    }
+    let Some(pending) = pending.filter(|p| p.kind == ChoiceKind::Permission) else {
+        return Ok(None); // not a pending permission: answering says what it is
     };
     let tool = pending.payload["tool"].as_str().unwrap_or_default();
-    let rule = Rule::narrowest(tool, &pending.payload["input"]);
+    let rule = Rule::narrowest(tool, &pending.payload["input"]).map_err(|why| {
+        ApiError::bad_request(
+            "rule_too_broad",
+            format!("this request cannot be remembered ({why}): a rule for it would cover much more; answer it without `remember`"),
+        )
+    })?;
     let behavior = if *allow {
         Behavior::Allow
     } else {

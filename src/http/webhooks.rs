@@ -185,7 +185,7 @@ async fn validate(
         (status = 201, body = WebhookInfo, description = "With its `secret`, shown this once"),
         (status = 400, body = ErrorEnvelope, description = "`webhook_url_invalid`, `invalid_events`, `invalid_loop_ids`, `invalid_json`, `invalid_body`"),
         (status = 401, body = ErrorEnvelope),
-        (status = 403, body = ErrorEnvelope, description = "`insufficient_scope`"),
+        (status = 403, body = ErrorEnvelope, description = "`insufficient_scope` (making one needs `webhooks:write` and `loops:read`)"),
         (status = 429, body = ErrorEnvelope, description = "`too_many_webhooks`"),
     )
 )]
@@ -194,6 +194,9 @@ pub async fn create_webhook(
     Scoped(caller, _): Scoped<WebhooksWrite>,
     Json(body): Json<CreateWebhookRequest>,
 ) -> Result<(StatusCode, axum::Json<WebhookInfo>), ApiError> {
+    // A webhook sends what the loops say (tool inputs included): reading
+    // them is needed too.
+    caller.require(crate::store::Scope::LoopsRead)?;
     let (url, events, loop_ids) = validate(&state, &caller.user_id, body).await?;
     let store = state.webhooks.clone();
     let user = caller.user_id.clone();

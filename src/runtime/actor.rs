@@ -227,7 +227,11 @@ impl Actor {
                             if self.started != from || !matches!(self.held, Held::Agent(..)) {
                                 break;
                             }
-                            if matches!(event, AgentEvent::PermissionRequest { .. }) {
+                            if matches!(
+                                event,
+                                AgentEvent::PermissionRequest { .. }
+                                    | AgentEvent::RequestCancelled { .. }
+                            ) {
                                 self.refresh_standing();
                             }
                             self.feed_at(Input::Agent(event), now).await;
@@ -369,6 +373,9 @@ impl Actor {
                 reply,
             } => {
                 let not_pending = format!("no pending choice `{choice_id}`");
+                // Requests waiting behind this choice are handled next:
+                // with the rules in force now (one just made, say).
+                self.refresh_standing();
                 let input = Input::Answer {
                     choice_id,
                     answer,

@@ -287,11 +287,21 @@ fn fold(turn: &mut Turn, stored: &StoredEvent) {
             choice_id,
             source,
             answer,
+            rule,
             ..
         } => {
             if let Some(choice) = turn.choices.iter_mut().find(|c| &c.choice_id == choice_id) {
                 choice.answer = answer.clone();
                 choice.source = Some(*source);
+            } else if *source == ChoiceSource::Rule {
+                // Answered by a standing rule: never asked, listed all the same.
+                turn.choices.push(ChoiceView {
+                    choice_id: choice_id.clone(),
+                    kind: ChoiceKind::Permission,
+                    payload: serde_json::json!({ "rule": rule }),
+                    answer: answer.clone(),
+                    source: Some(*source),
+                });
             }
         }
         Event::Done { usage, .. } => {

@@ -188,11 +188,12 @@ mod tests {
         assert!(log.read(&AuditFilter::default()).unwrap().is_empty());
         let first = AuditEntry::new("alice", "login.succeeded").client("127.0.0.1");
         log.record(&first).unwrap();
-        let cut = crate::ids::now();
-        std::thread::sleep(std::time::Duration::from_millis(2));
+        // The later acts a second on (explicit times: no race with a clock).
+        let cut = first.at + chrono::Duration::seconds(1);
         for n in 0..3 {
-            log.record(&AuditEntry::new("bob", "loop.created").with("n", n))
-                .unwrap();
+            let mut entry = AuditEntry::new("bob", "loop.created").with("n", n);
+            entry.at = cut;
+            log.record(&entry).unwrap();
         }
         let all = log.read(&AuditFilter::default()).unwrap();
         assert_eq!(all.len(), 4);

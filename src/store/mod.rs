@@ -211,14 +211,15 @@ impl webhooks::WebhookStore {
     /// Opens the webhooks and their outbox where `backend` keeps them.
     pub fn open_on(backend: &Backend, dir: &DataDir) -> Result<Self, StoreError> {
         match backend {
+            // Their own lock: sending webhooks never holds up a login.
             Backend::Files => Self::open(
                 Place::File {
                     path: dir.webhooks(),
-                    lock: dir.write_lock(),
+                    lock: dir.root().join(".webhooks.lock"),
                 },
                 Place::File {
                     path: dir.webhook_outbox(),
-                    lock: dir.write_lock(),
+                    lock: dir.root().join(".webhooks.lock"),
                 },
             ),
             Backend::Postgres(pg) => Self::open(

@@ -115,6 +115,14 @@ impl RuleStore {
             .collect()
     }
 
+    /// Removes every rule of a user (when the user is removed).
+    pub fn delete_all(&self, user: &str) -> Result<(), StoreError> {
+        self.file.update(|f| {
+            f.rules.retain(|_, r| r.user != user);
+            Ok(())
+        })
+    }
+
     /// Removes one of a loop's rules (`Some(loop)`) or of the user's.
     pub fn delete(&self, user: &str, loop_id: Option<LoopId>, id: &str) -> Result<(), StoreError> {
         let loop_id = loop_id.map(|l| l.to_string());

@@ -142,6 +142,11 @@ pub struct TokenRecord {
     pub last_used_at: Option<DateTime<Utc>>,
     #[serde(default, flatten)]
     pub grants: Grants,
+    /// Set once the token was rotated: the id of the token that replaced
+    /// it. A rotated token cannot be rotated again (else one leaked token
+    /// could mint many during its grace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_to: Option<String>,
 }
 
 pub struct TokenStore {
@@ -199,6 +204,7 @@ impl TokenStore {
             created_at: now,
             last_used_at: None,
             grants,
+            rotated_to: None,
         };
         self.file.update(|f| {
             forget_long_expired(f, now);
@@ -230,22 +236,44 @@ impl TokenStore {
         user: &str,
         token_id: &str,
         grace: chrono::Duration,
+        max: usize,
     ) -> Result<(String, TokenRecord), StoreError> {
         let now = ids::now();
         let (plaintext, hash) = new_plaintext();
         let grace = grace.clamp(chrono::Duration::zero(), MAX_ROTATION_GRACE);
         self.file.update(|f| {
+            // The old one retires: the others must leave room for the new.
+            let others = f
+                .tokens
+                .values()
+                .filter(|t| t.user == user && t.token_id != token_id && !t.grants.expired(now))
+                .count();
+            if others >= max {
+                return Err(StoreError::Full(
+                    "too_many_tokens",
+                    format!("you have {others} other API tokens, as many as one user may; revoke one first"),
+                    super::RETRY_AFTER_FREEING,
+                ));
+            }
             let old = f
                 .tokens
                 .values_mut()
                 .find(|r| r.user == user && r.token_id == token_id && !r.grants.expired(now))
                 .ok_or_else(|| no_token(token_id))?;
+            if let Some(new) = &old.rotated_to {
+                return Err(StoreError::Conflict(
+                    "token_rotated",
+                    format!("`{token_id}` was already rotated (to `{new}`); rotate that one"),
+                ));
+            }
             let record = TokenRecord {
                 token_id: new_token_id(),
                 created_at: now,
                 last_used_at: None,
+                rotated_to: None,
                 ..old.clone()
             };
+            old.rotated_to = Some(record.token_id.clone());
             let retire = now + grace;
             old.grants.expires_at = Some(old.grants.expires_at.map_or(retire, |at| at.min(retire)));
             f.tokens.insert(hash, record.clone());
@@ -518,28 +546,43 @@ mod tests {
             .create("alice", Some("bot".into()), grants.clone())
             .unwrap();
         assert!(matches!(
-            tokens.rotate("bob", &old.token_id, chrono::Duration::zero()),
+            tokens.rotate("bob", &old.token_id, chrono::Duration::zero(), 10),
             Err(StoreError::NotFound("token_not_found", _))
         ));
         let (new_plain, new) = tokens
-            .rotate("alice", &old.token_id, chrono::Duration::hours(1))
+            .rotate("alice", &old.token_id, chrono::Duration::hours(1), 10)
             .unwrap();
+        // Once rotated, never again (even within its grace).
+        assert!(matches!(
+            tokens.rotate("alice", &old.token_id, chrono::Duration::hours(1), 10),
+            Err(StoreError::Conflict("token_rotated", _))
+        ));
+        // Rotation keeps to the per-user limit.
+        assert!(matches!(
+            tokens.rotate("alice", &new_id_of(&tokens), chrono::Duration::zero(), 1),
+            Err(StoreError::Full("too_many_tokens", ..))
+        ));
         assert_ne!(new.token_id, old.token_id);
         assert_eq!((new.label.as_deref(), &new.grants), (Some("bot"), &grants));
         assert!(tokens.authenticate(&old_plain).is_ok(), "within its grace");
         assert!(tokens.authenticate(&new_plain).is_ok());
         // Rotating the new one with no grace retires it at once.
         let (newest, _) = tokens
-            .rotate("alice", &new.token_id, chrono::Duration::zero())
+            .rotate("alice", &new.token_id, chrono::Duration::zero(), 10)
             .unwrap();
         assert_eq!(tokens.authenticate(&new_plain), Err(Refused::Expired));
         assert!(tokens.authenticate(&newest).is_ok());
         // A retired token cannot be rotated again.
         assert!(
             tokens
-                .rotate("alice", &new.token_id, chrono::Duration::zero())
+                .rotate("alice", &new.token_id, chrono::Duration::zero(), 10)
                 .is_err()
         );
+    }
+
+    /// The newest token of alice.
+    fn new_id_of(tokens: &TokenStore) -> String {
+        tokens.list("alice")[0].token_id.clone()
     }
 
     #[test]

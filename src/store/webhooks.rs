@@ -20,7 +20,7 @@ use crate::ids;
 pub const MAX_WEBHOOKS_PER_USER: usize = 10;
 /// Deliveries waiting (not yet answered 2xx, not yet given up) per webhook;
 /// past it, a new delivery is recorded as failed at once, never dropped.
-pub const MAX_PENDING_PER_WEBHOOK: usize = 200;
+pub const MAX_PENDING_PER_WEBHOOK: usize = 100;
 /// Finished deliveries (delivered or failed) kept per webhook, newest.
 pub const KEPT_FINISHED_PER_WEBHOOK: usize = 50;
 /// The event names a webhook may ask for.
@@ -252,17 +252,19 @@ impl WebhookStore {
     ) -> Result<usize, StoreError> {
         self.outbox.update(|f| {
             let mut taken = 0;
+            let mut pending: BTreeMap<String, usize> = BTreeMap::new();
+            for o in f.deliveries.values() {
+                if o.status == DeliveryStatus::Pending {
+                    *pending.entry(o.webhook_id.clone()).or_default() += 1;
+                }
+            }
             for mut d in new {
                 let key = d.key();
                 if f.deliveries.contains_key(&key) {
                     continue;
                 }
-                let pending = f
-                    .deliveries
-                    .values()
-                    .filter(|o| o.webhook_id == d.webhook_id && o.status == DeliveryStatus::Pending)
-                    .count();
-                if pending >= MAX_PENDING_PER_WEBHOOK {
+                let waiting = pending.entry(d.webhook_id.clone()).or_default();
+                if *waiting >= MAX_PENDING_PER_WEBHOOK {
                     tracing::warn!(webhook_id = %d.webhook_id, "webhook outbox full; a delivery is recorded as failed");
                     d.status = DeliveryStatus::Failed;
                     d.next_at = None;
@@ -271,6 +273,7 @@ impl WebhookStore {
                     ));
                 } else {
                     taken += 1;
+                    *waiting += 1;
                 }
                 f.deliveries.insert(key, d);
             }

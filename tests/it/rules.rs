@@ -236,3 +236,115 @@ async fn with_claude_code_a_rule_runs_the_same_command_again_unasked() {
     stream.until_end().await;
     assert!(!rig.workspace().join("other.txt").exists());
 }
+
+#[tokio::test]
+async fn rules_too_broad_or_for_every_loop_from_a_scoped_token_are_refused() {
+    let app = TestApp::start().await;
+    let session = app.session("alice").await;
+    let (_, scoped) = app
+        .post(
+            "/api/v1/me/tokens",
+            &session,
+            json!({"scopes": ["loops:read", "loops:write", "messages:write", "choices:write"]}),
+        )
+        .await;
+    let bot = Auth::Bearer(scoped["token"].as_str().unwrap().to_owned());
+    let id = app.create_loop(&bot, json!({})).await;
+    let mut stream = app.send(&bot, &id, "/permission npm test").await;
+    let choice = stream.until("requires_choice").await.pop().unwrap();
+    let choice_id = choice.data["choice_id"].as_str().unwrap();
+    // A rule for every loop outlives a limited token: refused, and the
+    // choice still waits.
+    let got = app
+        .choose(
+            &bot,
+            &id,
+            choice_id,
+            json!({"allow": true, "remember": "always"}),
+        )
+        .await;
+    assert_error(&got, 403, "permission_error", "insufficient_scope");
+    let (status, answered) = app
+        .choose(
+            &bot,
+            &id,
+            choice_id,
+            json!({"allow": true, "remember": "loop"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answered}");
+    stream.until_end().await;
+
+    // A request with no command to pin a rule to is never remembered.
+    let mut stream = app.send(&bot, &id, "/permission").await;
+    let choice = stream.until("requires_choice").await.pop().unwrap();
+    let choice_id = choice.data["choice_id"].as_str().unwrap();
+    let got = app
+        .choose(
+            &bot,
+            &id,
+            choice_id,
+            json!({"allow": true, "remember": "loop"}),
+        )
+        .await;
+    assert_error(&got, 400, "invalid_request_error", "rule_too_broad");
+    assert_eq!(
+        app.get(&format!("/api/v1/loops/{id}/rules"), &bot).await.1["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_removed_users_rules_and_webhooks_go_with_them() {
+    let app = TestApp::start_tweaked(|c| c.webhook_allow_private = true).await;
+    let bearer = app.bearer("alice").await;
+    let id = app.create_loop(&bearer, json!({})).await;
+    ask_and_answer(
+        &app,
+        &bearer,
+        &id,
+        "/permission npm test",
+        json!({"allow": true, "remember": "always"}),
+    )
+    .await;
+    app.post(
+        "/api/v1/me/webhooks",
+        &bearer,
+        json!({"url": "http://127.0.0.1:9/hook", "events": ["done"]}),
+    )
+    .await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopd"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&app.dir)
+            .envs(app.database_url().map(|u| ("LOOPD_DATABASE_URL", u)))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli(&["user", "remove", "alice"]);
+    // A new alice inherits nothing.
+    app.accounts()
+        .users
+        .add("alice", false, crate::support::PASSWORD)
+        .unwrap();
+    crate::support::eventually("the new alice can log in", async || {
+        let body = json!({"username": "alice", "password": crate::support::PASSWORD});
+        app.post("/api/auth/login", &Auth::None, body).await.0 == StatusCode::OK
+    })
+    .await;
+    let again = app.bearer("alice").await;
+    crate::support::eventually("nothing of the old alice", async || {
+        app.get("/api/v1/me/rules", &again).await.1["data"] == json!([])
+            && app.get("/api/v1/me/webhooks", &again).await.1["data"] == json!([])
+    })
+    .await;
+}

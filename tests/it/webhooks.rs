@@ -376,6 +376,27 @@ async fn private_targets_are_refused_unless_allowed() {
         )
         .await;
     assert_error(&got, 403, "permission_error", "insufficient_scope");
+    // Nor one with webhooks:write alone: a webhook tells what loops say.
+    let (_, writer) = app
+        .post(
+            "/api/v1/me/tokens",
+            &session,
+            json!({"scopes": ["webhooks:write"]}),
+        )
+        .await;
+    let writer = Auth::Bearer(writer["token"].as_str().unwrap().to_owned());
+    let got = app
+        .post(
+            "/api/v1/me/webhooks",
+            &writer,
+            json!({"url": "https://8.8.8.8/", "events": ["done"]}),
+        )
+        .await;
+    assert_error(&got, 403, "permission_error", "insufficient_scope");
+    assert_eq!(
+        app.get("/api/v1/me/webhooks", &writer).await.0,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

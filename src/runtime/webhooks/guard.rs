@@ -13,11 +13,33 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => is_public_v4(v4),
             None => is_public_v6(v6),
         },
     }
+}
+
+/// The IPv4 address an IPv6 one carries to reach it: mapped
+/// (`::ffff:a.b.c.d`), compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`) or
+/// 6to4 (`2002:aabb:ccdd::/48`).
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let o = ip.octets();
+    let tail = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    if s[..6] == [0, 0, 0, 0, 0, 0] && !ip.is_loopback() && !ip.is_unspecified() {
+        return Some(tail);
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(tail);
+    }
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    None
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
@@ -30,8 +52,9 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || ip.is_multicast()
         || ip.is_documentation()
         || a == 0
-        // Carrier-grade NAT, 100.64.0.0/10.
+        // Carrier-grade NAT, 100.64.0.0/10; IETF protocol assignments, 192.0.0.0/24.
         || (a == 100 && (64..128).contains(&b))
+        || (a == 192 && b == 0 && ip.octets()[2] == 0)
         // Benchmarking, 198.18.0.0/15; reserved, 240.0.0.0/4.
         || (a == 198 && (b == 18 || b == 19))
         || a >= 240)
@@ -45,15 +68,18 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         // Unique local, fc00::/7; link-local, fe80::/10.
         || (first & 0xfe00) == 0xfc00
         || (first & 0xffc0) == 0xfe80
-        // Documentation, 2001:db8::/32.
+        // Site-local (deprecated), fec0::/10; local-use NAT64, 64:ff9b:1::/48.
+        || (first & 0xffc0) == 0xfec0
+        || (first == 0x64 && ip.segments()[1] == 0xff9b)
+        // Teredo, 2001::/32 (it tunnels to any IPv4); documentation, 2001:db8::/32.
+        || (first == 0x2001 && ip.segments()[1] == 0)
         || (first == 0x2001 && ip.segments()[1] == 0x0db8))
 }
 
 /// Why a target is refused, if it is.
 pub fn refuse(ip: IpAddr, allow_private: bool) -> Option<String> {
-    (!allow_private && !is_public(ip)).then(|| {
-        format!("{ip} is a loopback, private or link-local address (see --webhook-allow-private)")
-    })
+    (!allow_private && !is_public(ip))
+        .then(|| format!("{ip} is not a public address (see --webhook-allow-private)"))
 }
 
 /// Resolves names as the system does, keeping only the addresses
@@ -92,6 +118,9 @@ pub fn client(allow_private: bool) -> reqwest::Client {
     reqwest::Client::builder()
         .dns_resolver(Arc::new(GuardedResolver { allow_private }))
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy (HTTP_PROXY …) would resolve the target itself, past the
+        // resolver above.
+        .no_proxy()
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(10))
         .user_agent(concat!("loopd-webhooks/", env!("CARGO_PKG_VERSION")))
@@ -125,8 +154,11 @@ pub async fn check_url(url: &str, allow_private: bool) -> Result<reqwest::Url, S
     .map_err(|_| format!("{host} did not resolve in time"))?
     .map_err(|e| format!("{host} does not resolve: {e}"))?;
     for addr in lookup {
-        if let Some(why) = refuse(addr.ip(), allow_private) {
-            return Err(format!("{host} resolves to {why}"));
+        if refuse(addr.ip(), allow_private).is_some() {
+            // Not which address: internal names stay unknown to users.
+            return Err(format!(
+                "{host} resolves to an address that is not public (see --webhook-allow-private)"
+            ));
         }
     }
     Ok(parsed)
@@ -159,6 +191,14 @@ mod tests {
             ("::ffff:8.8.8.8", true),
             ("2606:4700:4700::1111", true),
             ("2001:db8::1", false),
+            ("64:ff9b::a00:1", false),
+            ("64:ff9b::808:808", true),
+            ("2002:a00:1::1", false),
+            ("2002:808:808::1", true),
+            ("::10.0.0.1", false),
+            ("2001:0:4136:e378::1", false),
+            ("fec0::1", false),
+            ("192.0.0.8", false),
         ];
         for (ip, public) in table {
             let ip: IpAddr = ip.parse().unwrap();

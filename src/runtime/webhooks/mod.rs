@@ -24,9 +24,12 @@ use crate::store::{LoopId, StoreError};
 
 /// The most of an event's payload a delivery carries; a larger one is sent
 /// with its ids only and `"truncated": true` (read it whole from `/turns`).
-pub const MAX_DATA_BYTES: usize = 64 * 1024;
+pub const MAX_DATA_BYTES: usize = 16 * 1024;
 /// Deliveries put in the outbox per write while catching up on a long log.
 const CHUNK: usize = 100;
+/// A loop's mark is moved on without a delivery to write only once it is
+/// this many events behind (what a restart reads again, at most).
+const MARK_EVERY: u64 = 1000;
 
 /// This node's part in webhooks: the outbox, what is dirty, and how far
 /// each loop's log has been read.
@@ -234,13 +237,16 @@ impl Runtime {
                 .insert(id, head);
             return Ok(0);
         }
-        let from = read_to.unwrap_or(0).max(hooks.store.mark(id).unwrap_or(0));
+        // A mark past the log's head (a power loss took events the outbox
+        // had seen) counts only up to the head.
+        let durable = hooks.store.mark(id).unwrap_or(0).min(head);
+        let from = read_to.unwrap_or(0).max(durable);
         if from >= head {
             return Ok(0);
         }
         let loop_id = id.to_string();
         let mut follower = log.follow(from);
-        let (mut last, mut relevant, mut taken) = (from, false, 0);
+        let (mut last, mut taken) = (from, 0);
         let mut found: Vec<Delivery> = Vec::new();
         while last < head {
             let batch = follower.next_batch().await?;
@@ -250,7 +256,6 @@ impl Runtime {
             for entry in batch.iter().take_while(|e| e.seq <= head) {
                 last = entry.seq;
                 if let Some(new) = deliveries_for(&loop_id, entry, &subscribed) {
-                    relevant = true;
                     found.extend(new);
                 }
             }
@@ -258,13 +263,12 @@ impl Runtime {
                 let store = hooks.store.clone();
                 let chunk = std::mem::take(&mut found);
                 taken += blocking(move || store.enqueue(id, last, chunk)).await?;
-                relevant = false;
             }
         }
-        // Moved on in the outbox only when something webhooks are told of
-        // was read: a stretch of deltas costs no write.
-        if relevant {
-            let store = hooks.store.clone();
+        // Written when there is something to deliver, or the mark is far
+        // behind: events no webhook wants cost no write.
+        let (store, durable) = (hooks.store.clone(), hooks.store.mark(id).unwrap_or(0));
+        if !found.is_empty() || last.saturating_sub(durable) >= MARK_EVERY {
             taken += blocking(move || store.enqueue(id, last, found)).await?;
         }
         hooks
