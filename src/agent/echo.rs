@@ -200,12 +200,21 @@ impl Echo {
                     tool_use_id: id.clone(),
                     tool: "echo".into(),
                     input_summary: Some(rest.to_owned()),
+                    input: json!({"text": rest}),
                 })
                 .await;
                 let ok = command == "tool";
+                let printed = if ok {
+                    rest.to_owned()
+                } else {
+                    format!("echo: failed on purpose: {rest}")
+                };
+                let (output, truncated) = super::capped(printed, super::MAX_TOOL_OUTPUT);
                 self.emit(AgentEvent::ToolResult {
                     tool_use_id: id,
                     ok,
+                    output: Some(output),
+                    truncated,
                 })
                 .await;
                 self.say(rest).await;
@@ -220,11 +229,14 @@ impl Echo {
                             tool_use_id: id.clone(),
                             tool: "Bash".into(),
                             input_summary: Some(rest.to_owned()),
+                            input: json!({"command": rest}),
                         })
                         .await;
                         self.emit(AgentEvent::ToolResult {
                             tool_use_id: id,
                             ok: true,
+                            output: Some("(the echo agent never runs commands)".into()),
+                            truncated: false,
                         })
                         .await;
                         self.say(&format!("Allowed: {rest} (not actually run)"))

@@ -214,6 +214,7 @@ fn assistant(state: &MapState, message: Option<&Value>, synthetic_error: bool) -
                 out.push(AgentEvent::ToolCall {
                     tool_use_id: block["id"].as_str().unwrap_or_default().to_owned(),
                     input_summary: input_summary(&tool, &block["input"]),
+                    input: block["input"].clone(),
                     tool,
                 });
             }
@@ -241,11 +242,42 @@ fn tool_results(message: Option<&Value>) -> Vec<AgentEvent> {
         .into_iter()
         .flatten()
         .filter(|b| b["type"] == "tool_result")
-        .map(|b| AgentEvent::ToolResult {
-            tool_use_id: b["tool_use_id"].as_str().unwrap_or_default().to_owned(),
-            ok: !b["is_error"].as_bool().unwrap_or(false),
+        .map(|b| {
+            let (output, truncated) = match result_text(&b["content"]) {
+                Some(text) => {
+                    let (text, cut) = super::capped(text, super::MAX_TOOL_OUTPUT);
+                    (Some(text), cut)
+                }
+                None => (None, false),
+            };
+            AgentEvent::ToolResult {
+                tool_use_id: b["tool_use_id"].as_str().unwrap_or_default().to_owned(),
+                ok: !b["is_error"].as_bool().unwrap_or(false),
+                output,
+                truncated,
+            }
         })
         .collect()
+}
+
+/// A tool_result's content as text: a string, or the text blocks of an
+/// array (an image is said to be one).
+fn result_text(content: &Value) -> Option<String> {
+    match content {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(blocks) => {
+            let parts: Vec<String> = blocks
+                .iter()
+                .filter_map(|b| match b["type"].as_str() {
+                    Some("text") => b["text"].as_str().map(str::to_owned),
+                    Some("image") => Some("[image]".to_owned()),
+                    _ => None,
+                })
+                .collect();
+            (!parts.is_empty()).then(|| parts.join("\n"))
+        }
+        _ => None,
+    }
 }
 
 fn result(state: &mut MapState, line: &Line) -> TurnEnd {

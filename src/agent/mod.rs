@@ -194,6 +194,24 @@ pub enum Decision {
     },
 }
 
+/// The most of a tool's output an event carries (cut on a character
+/// boundary; `truncated` says so).
+pub const MAX_TOOL_OUTPUT: usize = 16 * 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, and whether
+/// it was cut.
+pub fn capped(mut text: String, max: usize) -> (String, bool) {
+    if text.len() <= max {
+        return (text, false);
+    }
+    let mut at = max;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text.truncate(at);
+    (text, true)
+}
+
 /// What an agent reports, already in loopd's terms.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentEvent {
@@ -207,10 +225,16 @@ pub enum AgentEvent {
         tool_use_id: String,
         tool: String,
         input_summary: Option<String>,
+        /// The tool's whole input, as the agent gave it.
+        input: Value,
     },
     ToolResult {
         tool_use_id: String,
         ok: bool,
+        /// What the tool returned, as text, at most [`MAX_TOOL_OUTPUT`].
+        output: Option<String>,
+        /// The output was longer and was cut there.
+        truncated: bool,
     },
     /// The agent asks before using a tool (`AskUserQuestion` included).
     PermissionRequest {

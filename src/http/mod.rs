@@ -7,6 +7,7 @@ mod choices;
 mod docs;
 pub mod error;
 mod extract;
+mod files;
 pub mod forward;
 mod health;
 pub mod limits;
@@ -56,6 +57,7 @@ pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
         (name = "tokens", description = "API tokens (web session only)"),
         (name = "webhooks", description = "Signed webhooks: be told of prompts and ended turns instead of watching"),
         (name = "auth", description = "Web login with a session cookie"),
+        (name = "files", description = "A loop's workspace, read-only: files and the repo's diff"),
         (name = "rules", description = "Standing permission rules (answer with \"remember\")"),
         (name = "admin", description = "For admins: the audit trail"),
         (name = "meta", description = "Health and documentation"),
@@ -110,6 +112,9 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(turns::answer_choice))
         .routes(routes!(choices::loop_choices))
         .routes(routes!(choices::my_choices))
+        .routes(routes!(files::list_files))
+        .routes(routes!(files::file_content))
+        .routes(routes!(files::repo_diff))
         .routes(routes!(rules::loop_rules))
         .routes(routes!(rules::delete_loop_rule))
         .routes(routes!(rules::my_rules))

@@ -248,19 +248,7 @@ fn repo_mounts(repo: &Path, workspace: &Path) -> Result<Vec<Mount>, String> {
     if fs::symlink_metadata(&record).is_err() {
         record_old_worktree(&git_dir, workspace, &record)?;
     }
-    let name = fs::read_to_string(&record).map_err(|e| format!("{}: {e}", record.display()))?;
-    let name = name.trim();
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(format!("{}: not a worktree name", record.display()));
-    }
-    let admin = git_dir.join("worktrees").join(name);
-    if !fs::symlink_metadata(&admin).is_ok_and(|m| m.is_dir()) {
-        return Err(format!(
-            "{}: not a worktree of {}",
-            admin.display(),
-            repo.display()
-        ));
-    }
+    let admin = crate::runtime::workspace::worktree_admin(&git_dir, workspace)?;
     let branches = git_dir.join("refs/heads/loop");
     let reflogs = git_dir.join("logs/refs/heads/loop");
     for dir in [&branches, &reflogs] {

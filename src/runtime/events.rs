@@ -173,12 +173,21 @@ pub enum Event {
         tool: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input_summary: Option<String>,
+        /// **(beyond)** The tool's whole input (as a permission's payload has it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input: Option<Value>,
     },
     ToolResult {
         #[schema(value_type = String)]
         turn_id: TurnId,
         tool_use_id: String,
         ok: bool,
+        /// **(beyond)** What the tool returned, as text, at most 16 KiB.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+        /// **(beyond)** `output` was cut at 16 KiB.
+        #[serde(default, skip_serializing_if = "is_false")]
+        truncated: bool,
     },
     RequiresChoice {
         #[schema(value_type = String)]
@@ -431,11 +440,14 @@ mod tests {
                 tool_use_id: "toolu_1".into(),
                 tool: "Bash".into(),
                 input_summary: Some("ls".into()),
+                input: Some(serde_json::json!({"command": "ls"})),
             },
             Event::ToolResult {
                 turn_id: t(),
                 tool_use_id: "toolu_1".into(),
                 ok: false,
+                output: Some("ls: cannot access".into()),
+                truncated: true,
             },
             Event::RequiresChoice {
                 turn_id: t(),

@@ -507,6 +507,7 @@ impl<H> LoopMachine<H> {
                 tool_use_id,
                 tool,
                 input_summary,
+                input,
             } => {
                 let turn_id = self.output_turn(fx);
                 fx.push(Effect::Emit(Event::ToolCall {
@@ -514,14 +515,22 @@ impl<H> LoopMachine<H> {
                     tool_use_id,
                     tool,
                     input_summary,
+                    input: (!input.is_null()).then_some(input),
                 }));
             }
-            AgentEvent::ToolResult { tool_use_id, ok } => {
+            AgentEvent::ToolResult {
+                tool_use_id,
+                ok,
+                output,
+                truncated,
+            } => {
                 let turn_id = self.output_turn(fx);
                 fx.push(Effect::Emit(Event::ToolResult {
                     turn_id,
                     tool_use_id,
                     ok,
+                    output,
+                    truncated,
                 }));
             }
             AgentEvent::PermissionRequest {

@@ -8,6 +8,7 @@ pub mod choices;
 pub mod cluster;
 pub mod error;
 pub mod events;
+pub mod files;
 pub mod idempotency;
 mod launch;
 pub mod log;

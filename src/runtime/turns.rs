@@ -28,8 +28,13 @@ pub struct ToolCallView {
     pub tool_use_id: String,
     pub tool: String,
     pub input_summary: Option<String>,
+    /// **(beyond)** The tool's whole input.
+    pub input: Option<Value>,
     /// `null` until the tool finished.
     pub ok: Option<bool>,
+    /// **(beyond)** What it returned, at most 16 KiB (`truncated` when cut).
+    pub output: Option<String>,
+    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -252,15 +257,23 @@ fn fold(turn: &mut Turn, stored: &StoredEvent) {
             tool_use_id,
             tool,
             input_summary,
+            input,
             ..
         } => turn.tool_calls.push(ToolCallView {
             tool_use_id: tool_use_id.clone(),
             tool: tool.clone(),
             input_summary: input_summary.clone(),
+            input: input.clone(),
             ok: None,
+            output: None,
+            truncated: false,
         }),
         Event::ToolResult {
-            tool_use_id, ok, ..
+            tool_use_id,
+            ok,
+            output,
+            truncated,
+            ..
         } => {
             if let Some(call) = turn
                 .tool_calls
@@ -269,6 +282,8 @@ fn fold(turn: &mut Turn, stored: &StoredEvent) {
                 .find(|c| &c.tool_use_id == tool_use_id)
             {
                 call.ok = Some(*ok);
+                call.output = output.clone();
+                call.truncated = *truncated;
             }
         }
         Event::RequiresChoice {

@@ -107,6 +107,27 @@ pub fn worktree_record(workspace: &Path) -> PathBuf {
     workspace.with_file_name("worktree")
 }
 
+/// The loop's worktree admin dir in `git_dir`, as loopd recorded it (never
+/// from the workspace's `.git` file, which the agent may rewrite).
+pub fn worktree_admin(git_dir: &Path, workspace: &Path) -> Result<PathBuf, String> {
+    let record = worktree_record(workspace);
+    let name =
+        std::fs::read_to_string(&record).map_err(|e| format!("{}: {e}", record.display()))?;
+    let name = name.trim();
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(format!("{}: not a worktree name", record.display()));
+    }
+    let admin = git_dir.join("worktrees").join(name);
+    if !std::fs::symlink_metadata(&admin).is_ok_and(|m| m.is_dir()) {
+        return Err(format!(
+            "{}: not a worktree of {}",
+            admin.display(),
+            git_dir.display()
+        ));
+    }
+    Ok(admin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

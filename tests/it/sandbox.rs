@@ -48,7 +48,9 @@ fn snapshot(dir: &Path, skip: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         for entry in std::fs::read_dir(&d).unwrap().flatten() {
             let path = entry.path();
             let name = entry.file_name();
-            if name == "workspace" || name == "home" || path == skip {
+            // The audit trail grows by what loopd records of the attack
+            // itself (checked apart: only ever appended to).
+            if name == "workspace" || name == "home" || name == "audit.jsonl" || path == skip {
                 continue;
             }
             if path.is_dir() {
@@ -156,6 +158,7 @@ async fn no_escape_from_a_loop_reaches_loopd_its_files_or_another_loop() {
     rig.turn("hello").await;
     let alice_dir = data.join("loops").join(rig.uuid());
     let before = snapshot(&data, &alice_dir);
+    let trail_before = std::fs::read(data.join("audit.jsonl")).unwrap_or_default();
     if !crate::pg::on_postgres() {
         // (On a shared database they live there, out of any agent's reach.)
         assert!(before.contains_key(&data.join("api-tokens.json")));
@@ -256,6 +259,11 @@ async fn no_escape_from_a_loop_reaches_loopd_its_files_or_another_loop() {
         snapshot(&data, &alice_dir),
         before,
         "a file of loopd changed"
+    );
+    let trail = std::fs::read(data.join("audit.jsonl")).unwrap_or_default();
+    assert!(
+        trail.starts_with(&trail_before),
+        "the audit trail was rewritten"
     );
 
     // The sleeper left the process group and the session; ending the loop ends it.

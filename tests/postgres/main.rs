@@ -27,6 +27,8 @@ mod contract;
 mod docs;
 #[path = "../it/echo.rs"]
 mod echo;
+#[path = "../it/files.rs"]
+mod files;
 #[path = "../it/lifecycle.rs"]
 mod lifecycle;
 #[path = "../it/limits.rs"]
@@ -51,6 +53,8 @@ mod scopes;
 mod support;
 #[path = "../it/tokens.rs"]
 mod tokens;
+#[path = "../it/tools.rs"]
+mod tools;
 #[path = "../it/web.rs"]
 mod web;
 #[path = "../it/webhooks.rs"]

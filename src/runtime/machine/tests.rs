@@ -677,6 +677,7 @@ fn output_while_no_turn_runs_is_a_turn_of_the_agent_s_own() {
                     tool_use_id: "t".into(),
                     tool: "Bash".into(),
                     input_summary: None,
+                    input: json!({"command": "sleep 1"}),
                 }),
                 &["started turn_2 by agent", "tool_call turn_2 Bash"],
             ),
