@@ -16,12 +16,14 @@ import hmac
 import json
 import os
 import sys
+import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TOLERANCE = 5 * 60  # seconds a timestamp may be off: replays are refused
 seen = set()  # webhook-id values already handled
+lock = threading.Lock()  # deliveries arrive side by side
 
 
 def verify(secret, headers, body):
@@ -65,10 +67,14 @@ def handler(args, secret):
                 self.end_headers()
                 return
             msg_id = self.headers["webhook-id"]
-            if msg_id not in seen:
+            with lock:
+                first = msg_id not in seen
                 seen.add(msg_id)
+            if first:
                 event = json.loads(body)
-                print(json.dumps({"webhook_id": msg_id, **event}), flush=True)
+                with lock:  # one whole line at a time
+                    sys.stdout.write(json.dumps({"webhook_id": msg_id, **event}) + "\n")
+                    sys.stdout.flush()
                 wants_answer = event["type"] == "requires_choice" and event["data"].get("kind") == "permission"
                 if args.approve and wants_answer:
                     approve(args.loopd, args.token, event)

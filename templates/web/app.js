@@ -119,6 +119,7 @@ async function route() {
     const me = await api("GET", "/api/auth/me").catch(() => null);
     if (!me) return go("#/login");
     nav.hidden = false;
+    refreshWaiting();
     if (hash.startsWith("#/loop/")) return await renderChat(decodeURIComponent(hash.slice(7)));
     if (hash === "#/settings") return await renderSettings();
     return await renderLoops();
@@ -225,19 +226,26 @@ class Chat {
     this.input = h("textarea", { id: "message", name: "message", rows: 2, "aria-label": "Message",
       placeholder: "Message (Enter sends, Shift+Enter for a new line, Esc interrupts)" });
     this.sendBtn = h("button", { type: "submit", class: "primary" }, "Send");
+    this.mode = h("select", { id: "turn-mode", name: "turn-mode", "aria-label": "Permission mode of this message" },
+      h("option", { value: "" }, "loop's mode"), ...MODES.map((m) => h("option", { value: m }, m)));
     this.stopBtn = h("button", { type: "button", "aria-label": "Interrupt the running turn", hidden: true, onclick: () => this.interrupt() }, "Interrupt");
     const composer = h("form", { class: "composer", "aria-label": "Send a message" },
       h("div", { class: "field" }, this.input),
-      this.stopBtn, this.sendBtn);
+      this.mode, this.stopBtn, this.sendBtn);
     composer.addEventListener("submit", (ev) => { ev.preventDefault(); this.send(); });
     this.input.addEventListener("keydown", (ev) => {
       if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); this.send(); }
     });
     this.onKey = (ev) => { if (ev.key === "Escape") this.interrupt(); };
     document.addEventListener("keydown", this.onKey);
+    this.files = new FilesPanel(loop);
+    const filesBtn = h("button", { type: "button", "aria-expanded": "false", onclick: () => {
+      const shown = this.files.toggle();
+      filesBtn.setAttribute("aria-expanded", String(shown));
+    } }, "Files");
     this.el = h("section", { class: "chat" },
-      h("div", { class: "chat-head" }, h("h1", {}, loop.title), h("a", { href: "#/loops", class: "small" }, "All loops")),
-      this.log, composer);
+      h("div", { class: "chat-head" }, h("h1", {}, loop.title), filesBtn, h("a", { href: "#/loops", class: "small" }, "All loops")),
+      this.files.el, this.log, composer);
   }
 
   close() {
@@ -273,7 +281,10 @@ class Chat {
       content: r.content, text: r.assistant_text, thinking: r.thinking_text, status: r.status,
       usage: r.usage, error: r.error,
     });
-    for (const c of r.tool_calls) t.tools.set(c.tool_use_id, { tool: c.tool, summary: c.input_summary, ok: c.ok });
+    for (const c of r.tool_calls) {
+      t.tools.set(c.tool_use_id, { tool: c.tool, summary: c.input_summary, input: c.input, ok: c.ok,
+        output: c.output, truncated: c.truncated, open: false });
+    }
     for (const c of r.choices) t.choices.set(c.choice_id, { ...c, resolved: c.answer !== null });
     t.render();
   }
@@ -297,10 +308,24 @@ class Chat {
         break;
       case "assistant_delta": t.text += d.text; break;
       case "thinking_delta": t.thinking += d.text; break;
-      case "tool_call": t.tools.set(d.tool_use_id, { tool: d.tool, summary: d.input_summary, ok: null }); break;
-      case "tool_result": { const c = t.tools.get(d.tool_use_id); if (c) c.ok = d.ok; break; }
-      case "requires_choice": t.choices.set(d.choice_id, { choice_id: d.choice_id, kind: d.kind, payload: d.payload, resolved: false }); break;
-      case "choice_resolved": { const c = t.choices.get(d.choice_id); if (c) Object.assign(c, { resolved: true, source: d.source, answer: d.answer }); break; }
+      case "tool_call":
+        t.tools.set(d.tool_use_id, { tool: d.tool, summary: d.input_summary, input: d.input, ok: null, open: false });
+        break;
+      case "tool_result": {
+        const c = t.tools.get(d.tool_use_id);
+        if (c) Object.assign(c, { ok: d.ok, output: d.output, truncated: !!d.truncated });
+        break;
+      }
+      case "requires_choice":
+        t.choices.set(d.choice_id, { choice_id: d.choice_id, kind: d.kind, payload: d.payload, resolved: false });
+        refreshWaiting();
+        break;
+      case "choice_resolved": {
+        const c = t.choices.get(d.choice_id);
+        if (c) Object.assign(c, { resolved: true, source: d.source, answer: d.answer });
+        refreshWaiting();
+        break;
+      }
       case "done": t.status = "done"; t.usage = d.usage; break;
       case "interrupted": t.status = "interrupted"; break;
       case "error": t.status = "error"; t.error = { code: d.code, message: d.message }; break;
@@ -327,7 +352,7 @@ class Chat {
       const res = await fetch(`/api/v1/loops/${encodeURIComponent(this.loop.id)}/messages`, {
         method: "POST", credentials: "same-origin",
         headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
-        body: JSON.stringify({ content }),
+        body: JSON.stringify(this.mode.value ? { content, permission_mode: this.mode.value } : { content }),
       });
       if (!res.ok) {
         this.sentContents.pop();
@@ -387,10 +412,18 @@ class TurnView {
     this.userEl.textContent = this.content;
     this.thinkingEl.hidden = !this.thinking;
     this.thinkingEl.querySelector("pre").textContent = this.thinking;
-    this.toolsEl.replaceChildren(...[...this.tools.values()].map((c) => h("div", {
-      class: `tool ${c.ok === true ? "ok" : c.ok === false ? "bad" : ""}`,
-    }, h("span", { class: "name" }, c.tool), h("span", { class: "sum" }, c.summary || ""),
-      h("span", { "aria-label": "outcome" }, c.ok === true ? "✓" : c.ok === false ? "✗" : "…"))));
+    this.toolsEl.replaceChildren(...[...this.tools.values()].map((c) => {
+      const row = h("details", { class: `tool ${c.ok === true ? "ok" : c.ok === false ? "bad" : ""}`, open: c.open },
+        h("summary", {}, h("span", { class: "name" }, c.tool), h("span", { class: "sum" }, c.summary || ""),
+          h("span", { "aria-label": "outcome" }, c.ok === true ? "✓" : c.ok === false ? "✗" : "…")),
+        toolInput(c.tool, c.input),
+        c.output != null ? h("div", { class: "tool-output" }, h("div", { class: "small muted" }, "Output"),
+          h("pre", {}, c.output), c.truncated ? h("div", { class: "small muted" }, "(cut at 16 KiB)") : null) : null);
+      // Kept across re-renders: noted on the click itself (`toggle` fires later).
+      row.querySelector("summary").addEventListener("click", () => { c.open = !row.open; });
+      row.addEventListener("toggle", () => { c.open = row.open; });
+      return row;
+    }));
     this.textEl.innerHTML = this.text ? markdown(this.text) : "";
     for (const [id, c] of this.choices) this.renderChoice(id, c);
     const s = this.statusEl;
@@ -465,6 +498,101 @@ class TurnView {
     });
     return form;
   }
+}
+
+// ---------- tools, files, waiting prompts ----------
+
+/** A tool's input as a person reads it: a command as code, an edit as a diff, a path as a path. */
+function toolInput(tool, input) {
+  if (!input || typeof input !== "object") return null;
+  const pre = (text, cls) => h("pre", { class: cls || "" }, text);
+  if (tool === "Bash" && typeof input.command === "string") return pre(input.command, "command");
+  if ((tool === "Edit" || tool === "MultiEdit") && input.file_path) {
+    const edits = tool === "Edit" ? [input] : input.edits || [];
+    return h("div", {}, h("div", { class: "path" }, input.file_path), ...edits.map((e) => diffView(
+      [...String(e.old_string ?? "").split("\n").map((l) => `-${l}`), ...String(e.new_string ?? "").split("\n").map((l) => `+${l}`)].join("\n"))));
+  }
+  if (tool === "Write" && input.file_path) {
+    return h("div", {}, h("div", { class: "path" }, input.file_path), pre(String(input.content ?? "")));
+  }
+  if ((tool === "Read" || tool === "NotebookEdit") && (input.file_path || input.notebook_path)) {
+    return h("div", { class: "path" }, input.file_path || input.notebook_path);
+  }
+  return pre(JSON.stringify(input, null, 2));
+}
+
+/** A unified diff, each line classed by what it does (as text, never HTML). */
+function diffView(text) {
+  return h("pre", { class: "diff" }, ...text.split("\n").map((line) => h("span", {
+    class: line.startsWith("+") && !line.startsWith("+++") ? "add" : line.startsWith("-") && !line.startsWith("---") ? "del"
+      : line.startsWith("@@") ? "hunk" : "",
+  }, `${line}\n`)));
+}
+
+/** The workspace beside the conversation: its tree, a file, the repo's diff. */
+class FilesPanel {
+  constructor(loop) {
+    this.loop = loop;
+    this.el = h("aside", { class: "files card", "aria-label": "Workspace files", hidden: true });
+  }
+
+  toggle() {
+    this.el.hidden = !this.el.hidden;
+    if (!this.el.hidden) this.open("");
+    return !this.el.hidden;
+  }
+
+  base() { return `/api/v1/loops/${encodeURIComponent(this.loop.id)}`; }
+
+  async open(path) {
+    try {
+      const l = await api("GET", `${this.base()}/files?path=${encodeURIComponent(path)}`);
+      const up = path ? path.split("/").slice(0, -1).join("/") : null;
+      const items = l.entries.map((e) => h("li", {}, h("button", { type: "button", class: "link", onclick: () => {
+        const p = path ? `${path}/${e.name}` : e.name;
+        if (e.kind === "dir") this.open(p); else this.show(p);
+      } }, e.kind === "dir" ? `${e.name}/` : e.name), h("span", { class: "small muted" }, e.kind === "file" ? ` ${e.size} B` : "")));
+      this.el.replaceChildren(
+        h("div", { class: "row" }, h("strong", {}, `/${path}`),
+          up !== null ? h("button", { type: "button", onclick: () => this.open(up) }, "Up") : null,
+          this.loop.repo ? h("button", { type: "button", onclick: () => this.diff() }, "Diff") : null),
+        h("ul", { class: "plain", "aria-label": "Files" }, items),
+        l.truncated ? h("p", { class: "small muted" }, "(the first 1000 entries)") : null);
+    } catch (e) { showError(e.message); }
+  }
+
+  async show(path) {
+    try {
+      const f = await api("GET", `${this.base()}/files/content?path=${encodeURIComponent(path)}`);
+      const body = f.encoding === "utf-8" ? h("pre", { class: "file", "aria-label": `Content of ${path}` }, f.content)
+        : h("p", { class: "muted" }, `A binary file (${f.mime}, ${f.size} bytes).`);
+      const dir = path.split("/").slice(0, -1).join("/");
+      this.el.replaceChildren(h("div", { class: "row" }, h("strong", {}, path),
+        h("button", { type: "button", onclick: () => this.open(dir) }, "Back")), body,
+        f.truncated ? h("p", { class: "small muted" }, "(the first 1 MiB)") : null);
+    } catch (e) { showError(e.message); }
+  }
+
+  async diff() {
+    try {
+      const d = await api("GET", `${this.base()}/diff`);
+      this.el.replaceChildren(h("div", { class: "row" }, h("strong", {}, `Changes since ${d.base.slice(0, 8)}`),
+        h("button", { type: "button", onclick: () => this.open("") }, "Back")),
+        d.diff ? diffView(d.diff) : h("p", { class: "muted" }, "No changes to tracked files."),
+        d.untracked.length ? h("p", { class: "small" }, `New files: ${d.untracked.join(", ")}`) : null);
+    } catch (e) { showError(e.message); }
+  }
+}
+
+/** The page's title says how many prompts wait, across every loop. */
+let waitingTimer = null;
+async function refreshWaiting() {
+  clearTimeout(waitingTimer);
+  try {
+    const { data } = await api("GET", "/api/v1/choices?status=pending");
+    document.title = data.length ? `(${data.length}) loopd` : "loopd";
+  } catch { /* logged out: the login page says so */ }
+  waitingTimer = setTimeout(refreshWaiting, 15000);
 }
 
 // ---------- settings ----------

@@ -40,6 +40,7 @@ async fn the_web_chat_works_in_a_real_browser() {
     let shots = root.join("target/web-screenshots");
     let script = root.join("tests/web/chat.mjs");
     let url = format!("http://{}", app.addr);
+    let data_dir = app.dir.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(script)
@@ -48,6 +49,7 @@ async fn the_web_chat_works_in_a_real_browser() {
             .env("LOOPD_USER", "alice")
             .env("LOOPD_PASSWORD", PASSWORD)
             .env("LOOPD_BOT_TOKEN", bot_token)
+            .env("LOOPD_DATA_DIR", data_dir)
             .env("SHOTS_DIR", shots)
             .env("CHROMIUM", browser)
             .output()

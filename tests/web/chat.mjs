@@ -2,7 +2,7 @@
 // against a running loopd with the echo agent. Each step saves a screenshot.
 // Run by tests/it/web.rs: node tests/web/chat.mjs (settings from the env).
 import { chromium } from "playwright-core";
-import { mkdtempSync, mkdirSync } from "node:fs";
+import { mkdtempSync, mkdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -11,6 +11,7 @@ const user = process.env.LOOPD_USER;
 const password = process.env.LOOPD_PASSWORD;
 const botToken = process.env.LOOPD_BOT_TOKEN;
 const shots = process.env.SHOTS_DIR;
+const dataDir = process.env.LOOPD_DATA_DIR;
 mkdirSync(shots, { recursive: true });
 const WAIT = { timeout: 20000 };
 
@@ -73,6 +74,49 @@ try {
     await page.getByRole("button", { name: "Allow" }).click(WAIT);
     await lastTurn().getByText("Allowed: rm -rf build").waitFor(WAIT);
     await lastTurn().getByText("Allowed (from the web)").waitFor(WAIT);
+  });
+
+  await step("tool-input-and-output", async () => {
+    await send("/tool listing the workspace");
+    const row = lastTurn().locator("details.tool");
+    await row.locator("summary").click(WAIT);
+    await row.locator("pre", { hasText: '"text": "listing the workspace"' }).waitFor(WAIT);
+    await row.locator(".tool-output pre", { hasText: "listing the workspace" }).waitFor(WAIT);
+    // A permission's Bash command shows as code once allowed.
+    await send("/permission make deploy");
+    await page.getByRole("button", { name: "Allow" }).click(WAIT);
+    await lastTurn().getByText("Allowed: make deploy").waitFor(WAIT);
+    await lastTurn().locator("details.tool summary").click();
+    await lastTurn().locator("pre.command", { hasText: "make deploy" }).waitFor(WAIT);
+  });
+
+  await step("files-panel", async () => {
+    // What an agent would have written into the workspace.
+    const uuid = loopId.slice("loop_".length);
+    const ws = join(dataDir, "loops", uuid, "workspace");
+    mkdirSync(join(ws, "notes"), { recursive: true });
+    writeFileSync(join(ws, "notes", "plan.md"), "# The plan\n<script>alert(1)</script>\n");
+    await page.getByRole("button", { name: "Files" }).click();
+    const panel = page.getByRole("complementary", { name: "Workspace files" });
+    await panel.getByRole("button", { name: "CLAUDE.md" }).waitFor(WAIT);
+    await panel.getByRole("button", { name: "notes/" }).click();
+    await panel.getByRole("button", { name: "plan.md" }).click();
+    await panel.getByLabel("Content of notes/plan.md").getByText("<script>alert(1)</script>").waitFor(WAIT);
+    if (await page.locator("main script").count() !== 0) throw new Error("file content became HTML");
+    await page.getByRole("button", { name: "Files" }).click();
+  });
+
+  await step("turn-mode-and-waiting-title", async () => {
+    const sent = page.waitForRequest((r) => r.url().endsWith("/messages") && r.method() === "POST");
+    await page.getByLabel("Permission mode of this message").selectOption("default");
+    await send("/permission ls -la");
+    const body = JSON.parse((await sent).postData());
+    if (body.permission_mode !== "default") throw new Error(`sent ${JSON.stringify(body)}`);
+    // A prompt waits: the title says so, and stops saying so once answered.
+    await page.waitForFunction(() => document.title.startsWith("(1)"), null, WAIT);
+    await page.getByRole("button", { name: "Deny" }).click(WAIT);
+    await page.waitForFunction(() => document.title === "loopd", null, WAIT);
+    await page.getByLabel("Permission mode of this message").selectOption("");
   });
 
   await step("question", async () => {
