@@ -43,11 +43,69 @@ pub struct Rendered {
 
 /// Renders the documents the docs handlers serve (a layer for the whole router).
 pub fn rendered(openapi: OpenApi) -> Extension<Arc<Rendered>> {
-    let json = openapi.to_json().expect("the OpenAPI document serializes");
+    let mut doc = serde_json::to_value(&openapi).expect("the OpenAPI document serializes");
+    name_events(&mut doc);
+    let json = doc.to_string();
     // `</` cannot appear in the JSON (it would end the data block early).
     debug_assert!(!json.contains("</"));
-    let html = Scalar::new(openapi).custom_html(SCALAR_HTML).to_html();
+    let html = Scalar::new(doc).custom_html(SCALAR_HTML).to_html();
     Extension(Arc::new(Rendered { json, html }))
+}
+
+/// Gives every event of the stream its own named schemas: `Event` becomes a
+/// `oneOf` of `<Name>Event` (`{"event": "<name>", "data": <Name>Data}`) with
+/// a discriminator on `event`, so client generators make one type per event
+/// instead of clashing anonymous ones.
+fn name_events(doc: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let Some(Value::Array(variants)) = schemas
+        .get_mut("Event")
+        .and_then(|e| e.get_mut("oneOf"))
+        .map(Value::take)
+    else {
+        return;
+    };
+    let (mut refs, mut mapping, mut named) = (Vec::new(), serde_json::Map::new(), Vec::new());
+    for mut variant in variants {
+        let Some(name) = variant
+            .pointer("/properties/event/enum/0")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            refs.push(variant);
+            continue;
+        };
+        let camel: String = name
+            .split('_')
+            .map(|w| w[..1].to_uppercase() + &w[1..])
+            .collect();
+        if let Some(data) = variant.pointer_mut("/properties/data").map(Value::take) {
+            named.push((format!("{camel}Data"), data));
+            variant["properties"]["data"] =
+                json!({"$ref": format!("#/components/schemas/{camel}Data")});
+        }
+        let at = format!("#/components/schemas/{camel}Event");
+        mapping.insert(name, json!(at));
+        refs.push(json!({"$ref": at}));
+        named.push((format!("{camel}Event"), variant));
+    }
+    for (name, schema) in named {
+        schemas.insert(name, schema);
+    }
+    schemas.insert(
+        "Event".into(),
+        json!({
+            "description": "One event of a loop's stream: `event` is the SSE frame's `event:` line, `data` its `data:` line.",
+            "oneOf": refs,
+            "discriminator": {"propertyName": "event", "mapping": mapping},
+        }),
+    );
 }
 
 /// The docs' static asset, which needs no OpenAPI entry of its own.

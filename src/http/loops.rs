@@ -52,8 +52,10 @@ pub struct Loop {
     pub repo: Option<String>,
     /// When the last message arrived (creation time before that); lists are in this order.
     pub last_active_at: DateTime<Utc>,
-    /// **(beyond)** In lists: a turn is running.
+    /// **(beyond)** In lists: a turn is running. Left out, never null (a
+    /// single loop's `busy` is always there).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = bool, required = false)]
     pub busy: Option<bool>,
 }
 

@@ -18,7 +18,7 @@ use crate::http::error::{ApiError, ErrorEnvelope};
 use crate::ids;
 use crate::runtime::IdemKey;
 use crate::runtime::choices::ChoiceAnswer;
-use crate::runtime::events::{ChoiceKind, ChoiceSource};
+use crate::runtime::events::{ChoiceKind, ChoiceSource, Event};
 use crate::runtime::turns::{self, TurnPage, TurnQuery};
 use crate::runtime::wire::frame_without_id;
 use crate::state::AppState;
@@ -46,7 +46,8 @@ pub struct Snapshot {
 
 const STREAM_DOC: &str = "`event: <name>\\nid: <seq>\\ndata: <json>` frames: `queued`?, `started`, \
     `assistant_delta`, `thinking_delta`, `tool_call`, `tool_result`, `requires_choice`, `choice_resolved`, \
-    then `done`, `interrupted` or `error`; `ping` every 15 s";
+    then `done`, `interrupted` or `error`; `ping` every 15 s. Each frame is one `Event` (a `oneOf` of \
+    every event object): its `event` is the frame's `event:` line, its `data` the frame's `data:` line";
 
 /// Send a message; the response is the SSE stream of this message's turn.
 #[utoipa::path(
@@ -57,7 +58,7 @@ const STREAM_DOC: &str = "`event: <name>\\nid: <seq>\\ndata: <json>` frames: `qu
     ),
     request_body = SendMessageRequest,
     responses(
-        (status = 200, content_type = "text/event-stream", body = String, description = STREAM_DOC),
+        (status = 200, content_type = "text/event-stream", body = Event, description = STREAM_DOC),
         (status = 400, body = ErrorEnvelope, description = "`missing_content`, `content_too_large`, `invalid_permission_mode`, `idempotency_key_too_long`, `loop_archived`"),
         (status = 401, body = ErrorEnvelope),
         (status = 403, body = ErrorEnvelope, description = "`not_loop_owner`, `permission_mode_forbidden`, `insufficient_scope`, `permission_mode_above_token`"),
@@ -187,7 +188,7 @@ pub struct EventsQuery {
         ("Last-Event-ID" = Option<u64>, Header, description = "As `after` (what EventSource sends on reconnect)"),
     ),
     responses(
-        (status = 200, content_type = "text/event-stream", body = String, description = "`snapshot` (no id) first while a turn runs without a cursor; then every event, `user_message` included"),
+        (status = 200, content_type = "text/event-stream", body = Event, description = "`snapshot` (no id) first while a turn runs without a cursor; then every event, `user_message` included. Each frame is one `Event`: its `event` is the frame's `event:` line, its `data` the frame's `data:` line"),
         (status = 400, body = ErrorEnvelope, description = "`invalid_query`, `invalid_cursor`"),
         (status = 401, body = ErrorEnvelope),
         (status = 403, body = ErrorEnvelope),

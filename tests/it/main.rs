@@ -13,6 +13,7 @@ mod capture;
 mod claude;
 mod claude_cli;
 mod cli;
+mod clients;
 mod cluster;
 mod contract;
 mod docs;

@@ -19,6 +19,8 @@ mod claude;
 mod claude_cli;
 #[path = "../it/cli.rs"]
 mod cli;
+#[path = "../it/clients.rs"]
+mod clients;
 #[path = "../it/cluster.rs"]
 mod cluster;
 #[path = "../it/contract.rs"]
