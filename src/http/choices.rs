@@ -116,6 +116,7 @@ pub async fn my_choices(
 ) -> Result<axum::Json<ChoiceList>, ApiError> {
     query.check()?;
     let all = PageRequest {
+        title_contains: None,
         limit: usize::MAX,
         after: None,
         before: None,

@@ -57,6 +57,10 @@ pub struct Loop {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = bool, required = false)]
     pub busy: Option<bool>,
+    /// **(beyond)** In lists: the choice the loop waits on, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, required = false)]
+    pub pending_choice_id: Option<String>,
 }
 
 /// A loop with what its runtime is doing now.
@@ -106,6 +110,8 @@ pub struct ListLoopsQuery {
     pub before: Option<String>,
     /// `true` includes archived loops.
     pub archived: Option<bool>,
+    /// **(beyond)** Only loops whose title holds this, ignoring case.
+    pub q: Option<String>,
 }
 
 impl From<LoopRecord> for Loop {
@@ -123,6 +129,7 @@ impl From<LoopRecord> for Loop {
             repo: r.repo,
             last_active_at: r.last_active_at,
             busy: None,
+            pending_choice_id: None,
         }
     }
 }
@@ -230,7 +237,18 @@ pub async fn list_loops(
             })
             .transpose()
     };
+    let title_contains = match query.q.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(q) if q.chars().count() > MAX_TITLE_CHARS => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("`q` has at most {MAX_TITLE_CHARS} characters"),
+            ));
+        }
+        Some(q) => Some(q.to_owned()),
+    };
     let page = PageRequest {
+        title_contains,
         limit: query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT),
         after: cursor(query.after)?,
         before: cursor(query.before)?,
@@ -239,9 +257,13 @@ pub async fn list_loops(
     let page = state.loops.list(&caller.user_id, include_archived, &page)?;
     let mut data: Vec<Loop> = Vec::with_capacity(page.data.len());
     for record in page.data {
-        let busy = state.runtime.log(record.id)?.view(|v| v.busy());
+        let (busy, pending) = state.runtime.log(record.id)?.view(|v| {
+            let pending = v.current.as_ref().and_then(|c| c.pending.as_ref());
+            (v.busy(), pending.map(|p| p.choice_id.clone()))
+        });
         data.push(Loop {
             busy: Some(busy),
+            pending_choice_id: pending,
             ..record.into()
         });
     }

@@ -100,6 +100,8 @@ pub struct NewLoop {
 #[derive(Debug, Clone, Default)]
 pub struct PageRequest {
     pub limit: usize,
+    /// Only loops whose title holds this (ignoring case).
+    pub title_contains: Option<String>,
     pub after: Option<LoopId>,
     pub before: Option<LoopId>,
 }
@@ -460,9 +462,15 @@ impl LoopStore {
         };
         let after = cursor_key(page.after)?;
         let before = cursor_key(page.before)?;
+        let needle = page.title_contains.as_deref().map(str::to_lowercase);
         let mut mine: Vec<&LoopRecord> = index
             .values()
             .filter(|r| r.created_by == user && (include_archived || !r.archived))
+            .filter(|r| {
+                needle
+                    .as_deref()
+                    .is_none_or(|n| r.title.to_lowercase().contains(n))
+            })
             .filter(|r| after.is_none_or(|k| r.sort_key() < k))
             .filter(|r| before.is_none_or(|k| r.sort_key() > k))
             .collect();
@@ -594,6 +602,7 @@ mod tests {
                     "alice",
                     false,
                     &PageRequest {
+                        title_contains: None,
                         limit,
                         after,
                         before,
@@ -629,6 +638,7 @@ mod tests {
                 "alice",
                 true,
                 &PageRequest {
+                    title_contains: None,
                     limit: 10,
                     ..Default::default()
                 },
@@ -642,6 +652,7 @@ mod tests {
                 "bob",
                 false,
                 &PageRequest {
+                    title_contains: None,
                     limit: 1,
                     ..Default::default()
                 },
@@ -652,6 +663,7 @@ mod tests {
                 "alice",
                 false,
                 &PageRequest {
+                    title_contains: None,
                     limit: 1,
                     after: Some(bobs.data[0].id),
                     before: None,

@@ -162,7 +162,6 @@ function renderLogin() {
 // ---------- loops ----------
 
 async function renderLoops() {
-  const list = await api("GET", "/api/v1/loops?limit=100");
   const input = (id, label, hint) => h("div", { class: "field" },
     h("label", { for: id }, label), h("input", { type: "text", id, name: id, placeholder: hint || "" }));
   const form = h("form", { class: "card", "aria-label": "New loop" },
@@ -187,20 +186,62 @@ async function renderLoops() {
       showError(e.message);
     }
   });
-  const items = list.data.map((l) => h("li", {},
-    h("span", { class: l.busy ? "dot busy" : "dot", title: l.busy ? "running" : "idle", "aria-label": l.busy ? "running" : "idle" }),
-    h("a", { class: "title", href: `#/loop/${encodeURIComponent(l.id)}` }, l.title),
-    h("span", { class: "muted small" }, when(l.last_active_at)),
-    h("button", {
-      type: "button", class: "danger", "aria-label": `Archive ${l.title}`,
-      onclick: async () => {
-        try { await api("DELETE", `/api/v1/loops/${l.id}`); route(); } catch (e) { showError(e.message); }
-      },
-    }, "Archive")));
-  view.replaceChildren(
-    h("h1", {}, "Loops"), form,
-    h("h2", {}, "Most recently active"),
-    items.length ? h("ul", { class: "plain loops" }, items) : h("p", { class: "muted" }, "No loops yet."));
+  const loops = new LoopList({ archive: true });
+  view.replaceChildren(h("h1", {}, "Loops"), form, h("h2", {}, "Most recently active"), loops.el);
+  await loops.load();
+  leaving = () => loops.close();
+}
+
+/** The user's loops: search by title, archived ones on demand, paging;
+ * each with a busy dot and a badge when it waits on a choice. */
+class LoopList {
+  constructor({ current = null, archive = false } = {}) {
+    Object.assign(this, { current, archive, after: null });
+    this.search = h("input", { type: "search", name: "q", placeholder: "Search titles", "aria-label": "Search loops" });
+    this.archived = h("input", { type: "checkbox", name: "archived", id: `archived-${Math.random().toString(36).slice(2)}` });
+    this.list = h("ul", { class: "plain loops", "aria-label": "Loops" });
+    this.more = h("button", { type: "button", hidden: true, onclick: () => this.load(true) }, "More loops");
+    this.el = h("div", { class: "looplist" },
+      h("div", { class: "row" }, this.search,
+        h("label", { class: "small", for: this.archived.id }, this.archived, " Archived")),
+      this.list, this.more);
+    let typing = null;
+    this.search.addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(() => this.load(), 200); });
+    this.archived.addEventListener("change", () => this.load());
+    this.timer = setInterval(() => { if (!this.after) this.load(); }, 10000);
+  }
+
+  close() { clearInterval(this.timer); }
+
+  async load(more = false) {
+    const q = new URLSearchParams({ limit: "50" });
+    if (this.search.value.trim()) q.set("q", this.search.value.trim());
+    if (this.archived.checked) q.set("archived", "true");
+    if (more && this.after) q.set("after", this.after);
+    try {
+      const page = await api("GET", `/api/v1/loops?${q}`);
+      const rows = page.data.map((l) => this.row(l));
+      if (more) this.list.append(...rows); else this.list.replaceChildren(...rows);
+      if (!more && !rows.length) this.list.replaceChildren(h("li", { class: "muted" }, "No loops."));
+      this.after = page.has_more ? page.last_id : null;
+      this.more.hidden = !page.has_more;
+    } catch (e) { showError(e.message); }
+  }
+
+  row(l) {
+    const state = l.pending_choice_id ? "waits for you" : l.busy ? "running" : l.archived ? "archived" : "idle";
+    return h("li", { class: l.id === this.current ? "current" : "" },
+      h("span", { class: l.busy ? "dot busy" : "dot", role: "img", title: state, "aria-label": state }),
+      h("a", { class: "title", href: `#/loop/${encodeURIComponent(l.id)}`, "aria-current": l.id === this.current ? "page" : null }, l.title),
+      l.pending_choice_id ? h("span", { class: "badge" }, "prompt") : null,
+      h("span", { class: "muted small" }, when(l.last_active_at)),
+      this.archive && !l.archived ? h("button", {
+        type: "button", class: "danger", "aria-label": `Archive ${l.title}`,
+        onclick: async () => {
+          try { await api("DELETE", `/api/v1/loops/${l.id}`); this.load(); } catch (e) { showError(e.message); }
+        },
+      }, "Archive") : null);
+  }
 }
 
 // ---------- chat ----------
@@ -209,10 +250,17 @@ async function renderChat(loopId) {
   const loop = await api("GET", `/api/v1/loops/${encodeURIComponent(loopId)}`);
   const page = await api("GET", `/api/v1/loops/${encodeURIComponent(loopId)}/turns?limit=50`);
   const chat = new Chat(loop);
-  view.replaceChildren(chat.el);
+  // Beside the conversation on a wide screen (hidden on a phone by the CSS).
+  const side = new LoopList({ current: loop.id });
+  view.replaceChildren(h("div", { class: "split" },
+    h("nav", { class: "side", "aria-label": "Your loops" }, side.el), chat.el));
+  side.load();
   for (const t of page.data) chat.addHistory(t);
+  // The latest turns in view; older ones load when scrolled up to.
+  window.scrollTo(0, document.body.scrollHeight);
+  chat.olderFrom(page.has_more ? page.first_id : null);
   chat.follow(page.last_seq);
-  leaving = () => chat.close();
+  leaving = () => { chat.close(); side.close(); };
   chat.input.focus();
 }
 
@@ -222,7 +270,8 @@ class Chat {
     this.turns = new Map();
     this.seen = new Set();
     this.sentContents = [];
-    this.log = h("div", { class: "log", role: "log", "aria-label": "Conversation" });
+    this.older = h("div", { class: "older muted small", hidden: true }, "Loading older turns…");
+    this.log = h("div", { class: "log", role: "log", "aria-label": "Conversation" }, this.older);
     this.input = h("textarea", { id: "message", name: "message", rows: 2, "aria-label": "Message",
       placeholder: "Message (Enter sends, Shift+Enter for a new line, Esc interrupts)" });
     this.sendBtn = h("button", { type: "submit", class: "primary" }, "Send");
@@ -250,6 +299,7 @@ class Chat {
 
   close() {
     if (this.es) this.es.close();
+    if (this.watchingTop) this.watchingTop.disconnect();
     document.removeEventListener("keydown", this.onKey);
   }
 
@@ -265,18 +315,38 @@ class Chat {
     }
   }
 
-  turn(id, origin) {
+  turn(id, origin, prepend = false) {
     let t = this.turns.get(id);
     if (!t) {
       t = new TurnView(this, id, origin || "user");
       this.turns.set(id, t);
-      this.log.append(t.el);
+      if (prepend) this.log.insertBefore(t.el, this.older.nextSibling); else this.log.append(t.el);
     }
     return t;
   }
 
-  addHistory(r) {
-    const t = this.turn(r.turn_id, r.origin);
+  /** Loads the turns before `before` when the top of the conversation comes into view. */
+  olderFrom(before) {
+    this.before = before;
+    this.older.hidden = !before;
+    if (!before || this.watchingTop) return;
+    this.watchingTop = new IntersectionObserver(async (seen) => {
+      if (!seen.some((e) => e.isIntersecting) || !this.before || this.loadingOlder) return;
+      this.loadingOlder = true;
+      try {
+        const page = await api("GET", `/api/v1/loops/${encodeURIComponent(this.loop.id)}/turns?limit=50&before=${encodeURIComponent(this.before)}`);
+        const height = document.body.scrollHeight;
+        for (const t of [...page.data].reverse()) this.addHistory(t, true);
+        window.scrollBy(0, document.body.scrollHeight - height); // stay where the reader was
+        this.before = page.has_more ? page.first_id : null;
+        this.older.hidden = !this.before;
+      } catch (e) { showError(e.message); } finally { this.loadingOlder = false; }
+    });
+    this.watchingTop.observe(this.older);
+  }
+
+  addHistory(r, prepend = false) {
+    const t = this.turn(r.turn_id, r.origin, prepend);
     Object.assign(t, {
       content: r.content, text: r.assistant_text, thinking: r.thinking_text, status: r.status,
       usage: r.usage, error: r.error,
@@ -412,16 +482,23 @@ class TurnView {
     this.userEl.textContent = this.content;
     this.thinkingEl.hidden = !this.thinking;
     this.thinkingEl.querySelector("pre").textContent = this.thinking;
-    this.toolsEl.replaceChildren(...[...this.tools.values()].map((c) => {
+    // A row is made again only when its tool's state changed, so one being
+    // opened or read is left alone while the turn streams on.
+    this.toolEls = this.toolEls || new Map();
+    this.toolsEl.replaceChildren(...[...this.tools.entries()].map(([id, c]) => {
+      const key = `${c.ok}|${c.output == null ? "" : c.output.length}|${c.truncated}`;
+      const kept = this.toolEls.get(id);
+      if (kept && kept.key === key) return kept.el;
+      if (kept && kept.el.open) c.open = true; // opened, its toggle not yet told
       const row = h("details", { class: `tool ${c.ok === true ? "ok" : c.ok === false ? "bad" : ""}`, open: c.open },
         h("summary", {}, h("span", { class: "name" }, c.tool), h("span", { class: "sum" }, c.summary || ""),
           h("span", { "aria-label": "outcome" }, c.ok === true ? "✓" : c.ok === false ? "✗" : "…")),
         toolInput(c.tool, c.input),
         c.output != null ? h("div", { class: "tool-output" }, h("div", { class: "small muted" }, "Output"),
           h("pre", {}, c.output), c.truncated ? h("div", { class: "small muted" }, "(cut at 16 KiB)") : null) : null);
-      // Kept across re-renders: noted on the click itself (`toggle` fires later).
       row.querySelector("summary").addEventListener("click", () => { c.open = !row.open; });
       row.addEventListener("toggle", () => { c.open = row.open; });
+      this.toolEls.set(id, { key, el: row });
       return row;
     }));
     this.textEl.innerHTML = this.text ? markdown(this.text) : "";

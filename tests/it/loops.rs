@@ -368,3 +368,54 @@ async fn an_internal_error_says_nothing_internal() {
     assert!(!message.contains(app.dir.to_str().unwrap()), "{message}");
     assert!(!message.to_lowercase().contains("directory"), "{message}");
 }
+
+#[tokio::test]
+async fn lists_search_titles_and_show_what_waits() {
+    let app = TestApp::start().await;
+    let bearer = app.bearer("alice").await;
+    let deploy = app
+        .create_loop(&bearer, json!({"title": "Deploy the API"}))
+        .await;
+    app.create_loop(&bearer, json!({"title": "release notes"}))
+        .await;
+    app.create_loop(&bearer, json!({"title": "API docs"})).await;
+    let titles = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["title"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, found) = app.get("/api/v1/loops?q=api", &bearer).await;
+    assert_eq!(titles(&found), ["API docs", "Deploy the API"]);
+    let (_, found) = app.get("/api/v1/loops?q=%20NOTES%20", &bearer).await;
+    assert_eq!(titles(&found), ["release notes"]);
+    let (_, none) = app.get("/api/v1/loops?q=zzz", &bearer).await;
+    assert_eq!(none["data"], json!([]));
+    let long = "x".repeat(201);
+    crate::support::assert_error(
+        &app.get(&format!("/api/v1/loops?q={long}"), &bearer).await,
+        400,
+        "invalid_request_error",
+        "invalid_query",
+    );
+    // Bob's loops never match alice's search.
+    let bob = app.bearer("bob").await;
+    assert_eq!(
+        app.get("/api/v1/loops?q=api", &bob).await.1["data"],
+        json!([])
+    );
+
+    // A loop waiting on a choice says which in the list.
+    let mut stream = app.send(&bearer, &deploy, "/permission make deploy").await;
+    let asked = stream.until("requires_choice").await.pop().unwrap();
+    let (_, list) = app.get("/api/v1/loops?q=deploy", &bearer).await;
+    assert_eq!(
+        list["data"][0]["pending_choice_id"],
+        asked.data["choice_id"]
+    );
+    assert_eq!(list["data"][0]["busy"], true);
+    let (_, others) = app.get("/api/v1/loops?q=notes", &bearer).await;
+    assert!(others["data"][0].get("pending_choice_id").is_none());
+}

@@ -199,7 +199,16 @@ async fn a_bot_learns_of_a_prompt_by_a_signed_webhook_and_answers_it() {
         ["started", "requires_choice", "choice_resolved", "done"]
     );
 
-    // The deliveries, as the bot can check them.
+    // The deliveries, as the bot can check them (once the sender has
+    // recorded the answers it got).
+    eventually("every delivery recorded", async || {
+        let url = format!("/api/v1/me/webhooks/{hook_id}/deliveries");
+        let (_, list) = app.get(&url, &bearer).await;
+        list["data"]
+            .as_array()
+            .is_some_and(|d| d.len() == 4 && d.iter().all(|d| d["status"] == "delivered"))
+    })
+    .await;
     let (status, list) = app
         .get(
             &format!("/api/v1/me/webhooks/{hook_id}/deliveries"),

@@ -34,7 +34,12 @@ page.on("console", (m) => {
 let n = 0;
 async function step(name, fn) {
   process.stdout.write(`- ${name} … `);
-  await fn();
+  try {
+    await fn();
+  } catch (e) {
+    await page.screenshot({ path: join(shots, `FAILED-${name}.png`), fullPage: true }).catch(() => {});
+    throw e;
+  }
   n += 1;
   await page.screenshot({ path: join(shots, `${String(n).padStart(2, "0")}-${name}.png`), fullPage: true });
   console.log("ok");
@@ -215,8 +220,63 @@ try {
     await page.getByRole("list", { name: "API tokens" }).getByText("from the browser").waitFor({ state: "detached", ...WAIT });
   });
 
+  await step("loops-beside-the-conversation", async () => {
+    const bot = (method, path, body) => fetch(`${url}${path}`, {
+      method, headers: { Authorization: `Bearer ${botToken}`, "Content-Type": "application/json" },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    // A loop with 55 turns, and one that waits on a prompt.
+    const long = await (await bot("POST", "/api/v1/loops", { title: "Long history" })).json();
+    for (let i = 1; i <= 55; i++) {
+      await (await bot("POST", `/api/v1/loops/${long.id}/messages`, { content: `turn number ${i}` })).text();
+    }
+    const waiting = await (await bot("POST", "/api/v1/loops", { title: "Waiting on a prompt" })).json();
+    const asking = await bot("POST", `/api/v1/loops/${waiting.id}/messages`, { content: "/permission make release" });
+    const reader = asking.body.getReader();
+    while (!new TextDecoder().decode((await reader.read()).value || new Uint8Array()).includes("requires_choice")) { /* until asked */ }
+
+    await page.setViewportSize({ width: 1280, height: 800 });
+    await page.goto(`${url}/#/loop/${encodeURIComponent(long.id)}`);
+    const side = page.getByRole("navigation", { name: "Your loops" });
+    await side.getByRole("link", { name: "Long history" }).waitFor(WAIT);
+    if (await side.getByRole("link", { name: "Long history" }).getAttribute("aria-current") !== "page") {
+      throw new Error("the open loop is not marked in the list");
+    }
+    // The one waiting says so; search finds it by title.
+    await side.getByRole("searchbox", { name: "Search loops" }).fill("waiting");
+    await side.getByRole("link", { name: "Long history" }).waitFor({ state: "detached", ...WAIT });
+    const row = side.getByRole("listitem").filter({ hasText: "Waiting on a prompt" });
+    await row.getByText("prompt", { exact: true }).waitFor(WAIT);
+    await page.screenshot({ path: join(shots, "wide-light.png") });
+    await page.emulateMedia({ colorScheme: "dark" });
+    await page.screenshot({ path: join(shots, "wide-dark.png") });
+    await page.emulateMedia({ colorScheme: "light" });
+
+    // 50 turns first; the 5 older ones once scrolled to the top.
+    await page.locator("article.turn").nth(49).waitFor(WAIT);
+    if (await page.locator("article.turn").count() !== 50) throw new Error("not 50 turns at first");
+    await page.getByText("turn number 55").first().waitFor(WAIT);
+    await page.evaluate(() => window.scrollTo(0, 0));
+    await page.locator(".user", { hasText: /^turn number 1$/ }).waitFor(WAIT);
+    if (await page.locator("article.turn").count() !== 55) throw new Error("older turns did not load");
+
+    // Archived loops on demand.
+    await bot("DELETE", `/api/v1/loops/${waiting.id}`);
+    await side.getByRole("searchbox", { name: "Search loops" }).fill("");
+    await side.getByRole("link", { name: "Waiting on a prompt" }).waitFor({ state: "detached", ...WAIT });
+    await side.getByLabel("Archived").check();
+    await side.getByRole("link", { name: "Waiting on a prompt" }).waitFor(WAIT);
+    await reader.cancel();
+    await page.setViewportSize({ width: 1000, height: 760 });
+  });
+
   await step("docs-screenshots", async () => {
+    await page.setViewportSize({ width: 1280, height: 800 });
     await page.goto(`${url}/#/loop/${encodeURIComponent(loopId)}`);
+    await page.getByRole("heading", { name: "Browser test" }).waitFor(WAIT);
+    await send("/tool git log --oneline -3");
+    await lastTurn().locator(".md", { hasText: "git log" }).waitFor(WAIT);
+    await lastTurn().locator("details.tool summary").click();
     await send("/think Let me check what deploying involves.\n\nI'll **deploy** it.");
     await lastTurn().locator(".md strong").waitFor(WAIT);
     await send("/permission ./deploy.sh --env production");
@@ -228,6 +288,7 @@ try {
     await page.emulateMedia({ colorScheme: "light" });
     await page.getByRole("button", { name: "Allow" }).click();
     await lastTurn().getByText("Allowed (from the web)").waitFor(WAIT);
+    await page.setViewportSize({ width: 1000, height: 760 });
   });
 
   await step("logout", async () => {
