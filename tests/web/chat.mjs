@@ -2,7 +2,8 @@
 // against a running loopd with the echo agent. Each step saves a screenshot.
 // Run by tests/it/web.rs: node tests/web/chat.mjs (settings from the env).
 import { chromium } from "playwright-core";
-import { mkdtempSync, mkdirSync, writeFileSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -30,6 +31,19 @@ page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
 page.on("console", (m) => {
   if (m.type() === "error" && !/status of 401/.test(m.text())) problems.push(`console error: ${m.text()}`);
 });
+
+/** axe-core run in the page (through the devtools protocol, so the page's
+ * CSP stays as it is): serious and critical violations fail the test. */
+const axeSource = readFileSync(createRequire(import.meta.url).resolve("axe-core/axe.min.js"), "utf8");
+async function accessible(view) {
+  await page.evaluate(axeSource);
+  const found = await page.evaluate(async () => {
+    const r = await window.axe.run(document, { resultTypes: ["violations"] });
+    return r.violations.filter((v) => v.impact === "serious" || v.impact === "critical")
+      .map((v) => `${v.id} (${v.impact}): ${v.help} at ${v.nodes.map((n) => n.target.join(" ")).slice(0, 3).join(", ")}`);
+  });
+  if (found.length) throw new Error(`accessibility of ${view}:\n  ${found.join("\n  ")}`);
+}
 
 let n = 0;
 async function step(name, fn) {
@@ -267,6 +281,28 @@ try {
     await side.getByLabel("Archived").check();
     await side.getByRole("link", { name: "Waiting on a prompt" }).waitFor(WAIT);
     await reader.cancel();
+    await page.setViewportSize({ width: 1000, height: 760 });
+  });
+
+  await step("accessibility", async () => {
+    await page.setViewportSize({ width: 1280, height: 800 });
+    await page.goto(`${url}/#/loop/${encodeURIComponent(loopId)}`);
+    await page.getByRole("heading", { name: "Browser test" }).waitFor(WAIT);
+    await lastTurn().locator("details.tool summary").first().waitFor(WAIT).catch(() => {});
+    await accessible("the chat (wide)");
+    await page.getByRole("button", { name: "Files" }).click();
+    await page.getByRole("complementary", { name: "Workspace files" }).getByRole("button", { name: "CLAUDE.md" }).waitFor(WAIT);
+    await accessible("the files panel");
+    await page.getByRole("button", { name: "Files" }).click();
+    await page.goto(`${url}/#/loops`);
+    await page.getByRole("heading", { name: "Loops" }).waitFor(WAIT);
+    await accessible("the loop list");
+    await page.goto(`${url}/#/settings`);
+    await page.getByRole("heading", { name: "Settings" }).waitFor(WAIT);
+    await accessible("the settings");
+    await page.emulateMedia({ colorScheme: "dark" });
+    await accessible("the settings (dark)");
+    await page.emulateMedia({ colorScheme: "light" });
     await page.setViewportSize({ width: 1000, height: 760 });
   });
 
