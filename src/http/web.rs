@@ -16,6 +16,8 @@ const APP_CSS: &str = include_str!("../../templates/web/app.css");
 const FAVICON: &str = include_str!("../../templates/web/favicon.svg");
 const MARKED_JS: &str = include_str!("../../assets/web/vendor/marked.js");
 const PURIFY_JS: &str = include_str!("../../assets/web/vendor/purify.js");
+const HIGHLIGHT_JS: &str = include_str!("../../assets/web/vendor/highlight.js");
+const HIGHLIGHT_CSS: &str = include_str!("../../assets/web/vendor/highlight.css");
 
 /// Scripts and styles from this origin only; the API from this origin only.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
@@ -50,6 +52,14 @@ pub fn router() -> Router<AppState> {
         .route(
             "/vendor/purify.js",
             get(|| async { asset("text/javascript; charset=utf-8", PURIFY_JS, false) }),
+        )
+        .route(
+            "/vendor/highlight.js",
+            get(|| async { asset("text/javascript; charset=utf-8", HIGHLIGHT_JS, false) }),
+        )
+        .route(
+            "/vendor/highlight.css",
+            get(|| async { asset("text/css; charset=utf-8", HIGHLIGHT_CSS, false) }),
         )
 }
 

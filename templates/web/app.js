@@ -606,6 +606,21 @@ function diffView(text) {
   }, `${line}\n`)));
 }
 
+/** A file's text, highlighted by its extension when highlight.js knows the
+ * language (it escapes the text; the result is sanitized all the same). */
+function highlighted(path, text) {
+  const code = h("code", {}, text);
+  const pre = h("pre", { class: "file", "aria-label": `Content of ${path}` }, code);
+  const ext = path.includes(".") ? path.split(".").pop().toLowerCase() : "";
+  const language = ext && window.hljs && window.hljs.getLanguage(ext) ? ext : null;
+  if (language && text.length <= 256 * 1024) {
+    const html = window.hljs.highlight(text, { language, ignoreIllegals: true }).value;
+    code.innerHTML = window.DOMPurify.sanitize(html, { ALLOWED_TAGS: ["span"], ALLOWED_ATTR: ["class"] });
+    code.className = `hljs language-${language}`;
+  }
+  return pre;
+}
+
 /** The workspace beside the conversation: its tree, a file, the repo's diff. */
 class FilesPanel {
   constructor(loop) {
@@ -641,7 +656,7 @@ class FilesPanel {
   async show(path) {
     try {
       const f = await api("GET", `${this.base()}/files/content?path=${encodeURIComponent(path)}`);
-      const body = f.encoding === "utf-8" ? h("pre", { class: "file", "aria-label": `Content of ${path}` }, f.content)
+      const body = f.encoding === "utf-8" ? highlighted(path, f.content)
         : h("p", { class: "muted" }, `A binary file (${f.mime}, ${f.size} bytes).`);
       const dir = path.split("/").slice(0, -1).join("/");
       this.el.replaceChildren(h("div", { class: "row" }, h("strong", {}, path),

@@ -121,6 +121,8 @@ try {
     await panel.getByRole("button", { name: "notes/" }).click();
     await panel.getByRole("button", { name: "plan.md" }).click();
     await panel.getByLabel("Content of notes/plan.md").getByText("<script>alert(1)</script>").waitFor(WAIT);
+    // Highlighted by its language (Markdown), as text.
+    await panel.locator("code.hljs.language-md span").first().waitFor(WAIT);
     if (await page.locator("main script").count() !== 0) throw new Error("file content became HTML");
     await page.getByRole("button", { name: "Files" }).click();
   });
