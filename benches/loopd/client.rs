@@ -224,6 +224,20 @@ impl Server {
         req.send().await.unwrap()
     }
 
+    /// Sends a turn whose agent first runs a tool printing `bytes`, and
+    /// reads its stream to the end.
+    pub async fn tool_turn(&self, loop_id: &str, bytes: usize) {
+        let text = format!("K=1 RATE=0 TOOL={bytes}");
+        let req = self.req(reqwest::Method::POST, &format!("/loops/{loop_id}/messages"));
+        let resp = req.body(format!(r#"{{"content":"{text}"}}"#)).send().await.unwrap();
+        resp.bytes().await.unwrap();
+    }
+
+    /// The data directory of a loopd this bench started.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self._dir.as_ref().map(|d| d.path())
+    }
+
     /// Sends a turn and reads its stream to the end: delta stamps' added latencies (ns).
     pub async fn turn(&self, loop_id: &str, k: usize, rate: u64) -> Vec<u64> {
         read(self.send_turn(loop_id, k, rate).await, true).await

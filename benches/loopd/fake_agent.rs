@@ -22,11 +22,24 @@ pub fn run() {
         }
         let k: usize = param(&line, "K=").unwrap_or(10);
         let rate: u64 = param(&line, "RATE=").unwrap_or(0);
+        // TOOL=N: first a Bash call whose result is N bytes of output.
+        let tool: Option<usize> = param(&line, "TOOL=");
         let _ = writeln!(
             out,
             r#"{{"type":"system","subtype":"init","cwd":"/w","session_id":"{sid}","tools":["Bash","Read","Write"],"mcp_servers":[],"model":"claude-fake","permissionMode":"default","apiKeySource":"ANTHROPIC_API_KEY","claude_code_version":"2.1.197","uuid":"00000000-0000-4000-8000-000000000000"}}"#
         );
         let _ = out.flush();
+        if let Some(n) = tool {
+            let _ = writeln!(
+                out,
+                r#"{{"type":"assistant","message":{{"id":"msg_tool","type":"message","role":"assistant","model":"claude-fake","content":[{{"type":"tool_use","id":"toolu_fake","name":"Bash","input":{{"command":"cat big.log","description":"Read the log"}}}}],"stop_reason":null,"stop_sequence":null,"usage":{{"input_tokens":10,"output_tokens":1}}}},"parent_tool_use_id":null,"session_id":"{sid}","uuid":"00000000-0000-4000-8000-000000000004"}}"#
+            );
+            let printed = "x".repeat(n);
+            let _ = writeln!(
+                out,
+                r#"{{"type":"user","message":{{"role":"user","content":[{{"tool_use_id":"toolu_fake","type":"tool_result","content":"{printed}","is_error":false}}]}},"parent_tool_use_id":null,"session_id":"{sid}","uuid":"00000000-0000-4000-8000-000000000005"}}"#
+            );
+        }
         let start = Instant::now();
         for i in 0..k {
             if let Some(gap) = 1_000_000_000u64.checked_div(rate) {

@@ -56,6 +56,9 @@ pub async fn run(runs: usize, only: Option<String>) {
     if only.as_deref() == Some("takeover") {
         return crate::cluster::run(runs, true).await;
     }
+    if only.as_deref() == Some("tool-output") {
+        return tool_output().await;
+    }
     let scenarios: &[(&str, &str)] = &[
         ("idle", "idle"),
         ("paced", "paced: 50 loops × 300 deltas at 100/s"),
@@ -163,5 +166,36 @@ pub fn fmt(v: f64) -> String {
         format!("{v:.0}")
     } else {
         format!("{v:.2}")
+    }
+}
+
+/// How much a turn's log grows with what its tool printed: 20 turns each of
+/// tool outputs of 0 B to 1 MiB (an event keeps at most 16 KiB of it).
+async fn tool_output() {
+    let server = start(Kind::Loopd).await;
+    let id = loops(&server, 1).await.pop().unwrap();
+    let dir = server.data_dir().expect("a loopd of this bench").to_owned();
+    let uuid = id.strip_prefix("loop_").unwrap().to_owned();
+    let log = dir.join("loops").join(&uuid).join("events.jsonl");
+    let size = || std::fs::metadata(&log).map_or(0, |m| m.len());
+    println!("| tool output per turn | log growth per turn | of which the output |");
+    println!("|---|---|---|");
+    // The same turn without a tool, as the baseline.
+    let base = {
+        let before = size();
+        for _ in 0..20 {
+            server.turn(&id, 1, 0).await;
+        }
+        (size() - before) / 20
+    };
+    println!("| (no tool) | {base} B | |");
+    for bytes in [1024usize, 16 * 1024, 64 * 1024, 1024 * 1024] {
+        let before = size();
+        for _ in 0..20 {
+            server.tool_turn(&id, bytes).await;
+        }
+        let per = (size() - before) / 20;
+        let kept = bytes.min(16 * 1024);
+        println!("| {bytes} B | {per} B | {kept} B kept |");
     }
 }
