@@ -229,7 +229,11 @@ impl Server {
     pub async fn tool_turn(&self, loop_id: &str, bytes: usize) {
         let text = format!("K=1 RATE=0 TOOL={bytes}");
         let req = self.req(reqwest::Method::POST, &format!("/loops/{loop_id}/messages"));
-        let resp = req.body(format!(r#"{{"content":"{text}"}}"#)).send().await.unwrap();
+        let resp = req
+            .body(format!(r#"{{"content":"{text}"}}"#))
+            .send()
+            .await
+            .unwrap();
         resp.bytes().await.unwrap();
     }
 

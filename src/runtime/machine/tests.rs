@@ -210,9 +210,20 @@ fn show_event(event: &Event) -> String {
 /// Plays a story and checks every step's effects (and the machine's state
 /// questions after the last one, when given).
 fn play(name: &str, rules: Rules, steps: Vec<(Step, &[&str])>) -> LoopMachine<()> {
+    play_with(name, rules, Vec::new(), steps)
+}
+
+/// [`play`] with standing permission rules in force.
+fn play_with(
+    name: &str,
+    rules: Rules,
+    standing: Vec<crate::agent::rules::StandingRule>,
+    steps: Vec<(Step, &[&str])>,
+) -> LoopMachine<()> {
     let t0 = Instant::now();
     let mut now = t0;
     let mut m = LoopMachine::new(rules, Box::new(Counted::default()), t0);
+    m.set_standing(standing);
     for (i, (step, want)) in steps.into_iter().enumerate() {
         let got: Vec<String> = match step {
             Say(text, mode) => match m.admit(text, chrono::Utc::now()) {
@@ -253,8 +264,6 @@ fn bash(request_id: &str, command: &str) -> Step {
 #[test]
 fn a_standing_rule_answers_what_it_covers_and_nothing_else() {
     use crate::agent::rules::{Behavior, Rule, StandingRule};
-    let t0 = Instant::now();
-    let mut m: LoopMachine<()> = LoopMachine::new(rules(), Box::new(Counted::default()), t0);
     let rule = |id: &str, behavior, command: &str| StandingRule {
         id: id.into(),
         behavior,
@@ -263,12 +272,12 @@ fn a_standing_rule_answers_what_it_covers_and_nothing_else() {
             content: Some(command.into()),
         },
     };
-    m.set_standing(vec![
+    let standing = vec![
         rule("rule_a", Behavior::Allow, "npm test"),
         rule("rule_d", Behavior::Deny, "rm -rf build"),
         // A deny rule wins over an allow rule for the same request.
         rule("rule_both", Behavior::Allow, "rm -rf build"),
-    ]);
+    ];
     let mut steps = warm();
     steps.extend(vec![
         (
@@ -313,29 +322,7 @@ fn a_standing_rule_answers_what_it_covers_and_nothing_else() {
             &["requires_choice turn_2 choice_4 question"][..],
         ),
     ]);
-    let mut now = t0;
-    for (i, (step, want)) in steps.into_iter().enumerate() {
-        let got: Vec<String> = match step {
-            Say(text, mode) => {
-                let admission = m.admit(text, chrono::Utc::now()).unwrap();
-                let mut got: Vec<String> = admission.events.iter().map(show_event).collect();
-                let input = Input::Send {
-                    turn_id: admission.turn_id,
-                    content: text.into(),
-                    mode,
-                    hold: (),
-                };
-                got.extend(m.handle(input, now).iter().map(show));
-                got
-            }
-            In(input) => m.handle(input, now).iter().map(show).collect(),
-            At(secs) => {
-                now = t0 + Duration::from_secs(secs);
-                m.handle(Input::Tick, now).iter().map(show).collect()
-            }
-        };
-        assert_eq!(got, want, "rules, step {}", i + 1);
-    }
+    play_with("rules", rules(), standing, steps);
 }
 
 fn story(name: &str, steps: Vec<(Step, &[&str])>) -> LoopMachine<()> {
