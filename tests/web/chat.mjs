@@ -97,7 +97,8 @@ try {
 
   await step("tool-input-and-output", async () => {
     await send("/tool listing the workspace");
-    const row = lastTurn().locator("details.tool");
+    // This turn's row (not the one of the turn before, still the last a moment).
+    const row = lastTurn().locator("details.tool", { hasText: "listing the workspace" });
     await row.locator("summary").click(WAIT);
     await row.locator("pre", { hasText: '"text": "listing the workspace"' }).waitFor(WAIT);
     await row.locator(".tool-output pre", { hasText: "listing the workspace" }).waitFor(WAIT);
@@ -105,7 +106,7 @@ try {
     await send("/permission make deploy");
     await page.getByRole("button", { name: "Allow" }).click(WAIT);
     await lastTurn().getByText("Allowed: make deploy").waitFor(WAIT);
-    await lastTurn().locator("details.tool summary").click();
+    await lastTurn().locator("details.tool summary", { hasText: "make deploy" }).click();
     await lastTurn().locator("pre.command", { hasText: "make deploy" }).waitFor(WAIT);
   });
 
@@ -286,6 +287,34 @@ try {
     await page.setViewportSize({ width: 1000, height: 760 });
   });
 
+  await step("repo-diff-and-paging", async () => {
+    const bot = (method, path, body) => fetch(`${url}${path}`, {
+      method, headers: { Authorization: `Bearer ${botToken}`, "Content-Type": "application/json" },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    // A repo loop (tests/it/web.rs made `repos/app`) whose agent changed a file.
+    const repoLoop = await (await bot("POST", "/api/v1/loops", { title: "Repo work", repo: "app" })).json();
+    const uuid = repoLoop.id.slice("loop_".length);
+    writeFileSync(join(dataDir, "loops", uuid, "workspace", "README.md"), "hello\nchanged by the agent\n");
+    await page.goto(`${url}/#/loop/${encodeURIComponent(repoLoop.id)}`);
+    await page.getByRole("heading", { name: "Repo work" }).waitFor(WAIT);
+    await page.getByRole("button", { name: "Files" }).click();
+    const panel = page.getByRole("complementary", { name: "Workspace files" });
+    await panel.getByRole("button", { name: "Diff" }).click(WAIT);
+    await panel.locator("pre.diff span.add", { hasText: "+changed by the agent" }).waitFor(WAIT);
+    await page.getByRole("button", { name: "Files" }).click();
+
+    // Past the first 50 loops: "More loops".
+    for (let i = 1; i <= 52; i++) await (await bot("POST", "/api/v1/loops", { title: `bulk ${i}` })).json();
+    await page.goto(`${url}/#/loops`);
+    const list = page.locator("main").getByRole("list", { name: "Loops" });
+    await list.getByRole("link", { name: "bulk 52" }).waitFor(WAIT);
+    if (await list.getByRole("listitem").count() !== 50) throw new Error("not 50 loops on the first page");
+    await page.getByRole("button", { name: "More loops" }).click();
+    await list.getByRole("link", { name: "Repo work" }).waitFor(WAIT);
+    if (await list.getByRole("listitem").count() <= 50) throw new Error("no second page");
+  });
+
   await step("accessibility", async () => {
     await page.setViewportSize({ width: 1280, height: 800 });
     await page.goto(`${url}/#/loop/${encodeURIComponent(loopId)}`);
@@ -314,7 +343,7 @@ try {
     await page.getByRole("heading", { name: "Browser test" }).waitFor(WAIT);
     await send("/tool git log --oneline -3");
     await lastTurn().locator(".md", { hasText: "git log" }).waitFor(WAIT);
-    await lastTurn().locator("details.tool summary").click();
+    await lastTurn().locator("details.tool summary", { hasText: "git log" }).click();
     await send("/think Let me check what deploying involves.\n\nI'll **deploy** it.");
     await lastTurn().locator(".md strong").waitFor(WAIT);
     await send("/permission ./deploy.sh --env production");
