@@ -8,6 +8,7 @@
 //! | `/think TEXT` | a thinking delta, then TEXT |
 //! | `/tool TEXT` | a tool call (`echo`) that succeeds, then TEXT |
 //! | `/fail TEXT` | a tool call that fails, then TEXT |
+//! | `/edit PATH` | an `Edit` tool call on PATH (its input an old and a new string; nothing is written) |
 //! | `/permission CMD` | asks to run `Bash` CMD; says whether it was allowed (never runs it) |
 //! | `/question` | asks two questions (one multi-select) and echoes the answers |
 //! | `/sleep SECS` | says it sleeps, pauses SECS seconds (interruptible), says it woke |
@@ -192,6 +193,26 @@ impl Echo {
                 )))
                 .await;
                 self.say(rest).await;
+            }
+            "edit" => {
+                self.requests += 1;
+                let id = self.tool_id(1);
+                let input = json!({"file_path": rest, "old_string": "let x = 1;", "new_string": "let x = 2;"});
+                self.emit(AgentEvent::ToolCall {
+                    tool_use_id: id.clone(),
+                    tool: "Edit".into(),
+                    input_summary: Some(rest.to_owned()),
+                    input,
+                })
+                .await;
+                self.emit(AgentEvent::ToolResult {
+                    tool_use_id: id,
+                    ok: true,
+                    output: Some(format!("(the echo agent never edits {rest})")),
+                    truncated: false,
+                })
+                .await;
+                self.say(&format!("Edited {rest} (not really)")).await;
             }
             "tool" | "fail" => {
                 self.requests += 1;

@@ -108,6 +108,12 @@ try {
     await lastTurn().getByText("Allowed: make deploy").waitFor(WAIT);
     await lastTurn().locator("details.tool summary", { hasText: "make deploy" }).click();
     await lastTurn().locator("pre.command", { hasText: "make deploy" }).waitFor(WAIT);
+    // An Edit shows as a diff of what it replaces.
+    await send("/edit src/main.rs");
+    await lastTurn().getByText("Edited src/main.rs").waitFor(WAIT);
+    await lastTurn().locator("details.tool summary", { hasText: "src/main.rs" }).click();
+    await lastTurn().locator("pre.diff span.del", { hasText: "-let x = 1;" }).waitFor(WAIT);
+    await lastTurn().locator("pre.diff span.add", { hasText: "+let x = 2;" }).waitFor(WAIT);
   });
 
   await step("files-panel", async () => {
