@@ -120,27 +120,8 @@ impl CreateTokenRequest {
                 Some(scopes)
             }
         };
-        let max_permission_mode = match &self.max_permission_mode {
-            None | Some(serde_json::Value::Null) => None,
-            Some(value) => {
-                let mode = serde_json::from_value::<PermissionMode>(value.clone()).map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_permission_mode",
-                        format!("{value} is not a permission mode (default, acceptEdits, bypassPermissions, plan, dontAsk, auto)"),
-                    )
-                })?;
-                if !state.config.mode_allowed(mode) {
-                    return Err(ApiError::forbidden(
-                        "permission_mode_forbidden",
-                        format!(
-                            "this server does not allow the permission mode `{}`",
-                            mode.as_str()
-                        ),
-                    ));
-                }
-                Some(mode)
-            }
-        };
+        let max_permission_mode =
+            super::turns::requested_mode(&state.config, self.max_permission_mode.as_ref())?;
         Ok(Grants {
             scopes,
             expires_at: self.expires_at,

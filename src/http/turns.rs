@@ -89,26 +89,7 @@ pub async fn send_message(
             "`content` is larger than 1 MiB",
         ));
     }
-    let mode = match body.permission_mode {
-        None | Some(Value::Null) => None,
-        Some(value) => Some(serde_json::from_value::<PermissionMode>(value.clone()).map_err(|_| {
-            ApiError::bad_request(
-                "invalid_permission_mode",
-                format!("{value} is not a permission mode (default, acceptEdits, bypassPermissions, plan, dontAsk, auto)"),
-            )
-        })?),
-    };
-    if let Some(mode) = mode
-        && !state.config.mode_allowed(mode)
-    {
-        return Err(ApiError::forbidden(
-            "permission_mode_forbidden",
-            format!(
-                "this server does not allow the permission mode `{}` (see --permission-modes)",
-                mode.as_str()
-            ),
-        ));
-    }
+    let mode = requested_mode(&state.config, body.permission_mode.as_ref())?;
     // A token limited to some modes may not drive a turn above them, its
     // own mode or the loop's default alike.
     caller.require_mode(mode.unwrap_or(state.config.permission_mode))?;
@@ -149,6 +130,34 @@ pub async fn send_message(
         slot,
     );
     Ok(sse::response(stream))
+}
+
+/// A permission mode a request names (`null` or absent: none): 400
+/// `invalid_permission_mode` if it is not one, 403
+/// `permission_mode_forbidden` if this server does not allow it.
+pub(super) fn requested_mode(
+    config: &crate::config::Config,
+    value: Option<&Value>,
+) -> Result<Option<PermissionMode>, ApiError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let mode = serde_json::from_value::<PermissionMode>(value.clone()).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_permission_mode",
+            format!("{value} is not a permission mode (default, acceptEdits, bypassPermissions, plan, dontAsk, auto)"),
+        )
+    })?;
+    if !config.mode_allowed(mode) {
+        return Err(ApiError::forbidden(
+            "permission_mode_forbidden",
+            format!(
+                "this server does not allow the permission mode `{}` (see --permission-modes)",
+                mode.as_str()
+            ),
+        ));
+    }
+    Ok(Some(mode))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

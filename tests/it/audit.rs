@@ -199,14 +199,7 @@ async fn every_act_leaves_a_line_and_no_secret() {
     })
     .await;
     // A token with scopes cannot read it, even an admin's.
-    let (_, scoped) = app
-        .post(
-            "/api/v1/me/tokens",
-            &root,
-            json!({"scopes": ["loops:read"]}),
-        )
-        .await;
-    let scoped = Auth::Bearer(scoped["token"].as_str().unwrap().to_owned());
+    let (scoped, _) = app.token(&root, json!({"scopes": ["loops:read"]})).await;
     assert_error(
         &app.get("/api/v1/admin/audit", &scoped).await,
         403,

@@ -2,31 +2,16 @@
 //! every escape attempt refused (`..`, absolute paths, symlinks out,
 //! encoded dots, other users).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::support::{Auth, TestApp, assert_error};
+use crate::support::{TestApp, assert_error, git};
 
 fn workspace(app: &TestApp, loop_id: &str) -> PathBuf {
     let uuid = loop_id.strip_prefix("loop_").unwrap();
     app.dir.join("loops").join(uuid).join("workspace")
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let ok = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .status()
-        .unwrap();
-    assert!(ok.success(), "git {args:?}");
 }
 
 #[tokio::test]
@@ -135,14 +120,9 @@ async fn the_owner_reads_the_workspace_and_nothing_outside_it() {
         "not_loop_owner",
     );
     let session = app.session("alice").await;
-    let (_, writer) = app
-        .post(
-            "/api/v1/me/tokens",
-            &session,
-            json!({"scopes": ["messages:write"]}),
-        )
+    let (writer, _) = app
+        .token(&session, json!({"scopes": ["messages:write"]}))
         .await;
-    let writer = Auth::Bearer(writer["token"].as_str().unwrap().to_owned());
     assert_error(
         &app.get(
             &format!("/api/v1/loops/{id}/files/content?path=src/main.rs"),

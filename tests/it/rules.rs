@@ -168,14 +168,7 @@ async fn always_rules_cover_every_loop_and_deny_rules_deny() {
     }
     // A token with loops:read reads rules but cannot delete them.
     let session = app.session("alice").await;
-    let (_, reader) = app
-        .post(
-            "/api/v1/me/tokens",
-            &session,
-            json!({"scopes": ["loops:read"]}),
-        )
-        .await;
-    let reader = Auth::Bearer(reader["token"].as_str().unwrap().to_owned());
+    let (reader, _) = app.token(&session, json!({"scopes": ["loops:read"]})).await;
     assert_eq!(app.get("/api/v1/me/rules", &reader).await.0, StatusCode::OK);
     let rule_id = mine["data"][0]["id"].as_str().unwrap();
     assert_error(
@@ -241,14 +234,12 @@ async fn with_claude_code_a_rule_runs_the_same_command_again_unasked() {
 async fn rules_too_broad_or_for_every_loop_from_a_scoped_token_are_refused() {
     let app = TestApp::start().await;
     let session = app.session("alice").await;
-    let (_, scoped) = app
-        .post(
-            "/api/v1/me/tokens",
+    let (bot, _) = app
+        .token(
             &session,
             json!({"scopes": ["loops:read", "loops:write", "messages:write", "choices:write"]}),
         )
         .await;
-    let bot = Auth::Bearer(scoped["token"].as_str().unwrap().to_owned());
     let id = app.create_loop(&bot, json!({})).await;
     let mut stream = app.send(&bot, &id, "/permission npm test").await;
     let choice = stream.until("requires_choice").await.pop().unwrap();

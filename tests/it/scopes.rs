@@ -6,16 +6,6 @@ use serde_json::{Value, json};
 
 use crate::support::{Auth, TestApp, assert_error, eventually, read};
 
-/// A token for alice with `body`'s limits; returns it and its id.
-async fn token(app: &TestApp, session: &Auth, body: Value) -> (Auth, String) {
-    let (status, created) = app.post("/api/v1/me/tokens", session, body).await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    (
-        Auth::Bearer(created["token"].as_str().unwrap().to_owned()),
-        created["tokenId"].as_str().unwrap().to_owned(),
-    )
-}
-
 /// What every scope guards: (scope, method, path, body), on loop `id`
 /// (with a running choice `choice`).
 fn acts(id: &str) -> Vec<(&'static str, Method, String, Option<Value>)> {
@@ -66,7 +56,7 @@ async fn each_scope_refuses_what_it_must_and_allows_what_it_should() {
         "choices:write",
         "webhooks:write",
     ] {
-        let (bearer, _) = token(&app, &session, json!({"scopes": [scope]})).await;
+        let (bearer, _) = app.token(&session, json!({"scopes": [scope]})).await;
         for (needs, method, path, body) in acts(&id) {
             let mut req = app.request(method.clone(), &path, &bearer);
             if let Some(body) = &body {
@@ -177,7 +167,9 @@ async fn a_token_may_not_drive_a_turn_above_its_permission_mode() {
     .await;
     let session = app.session("alice").await;
     let id = app.create_loop(&session, json!({})).await;
-    let (bearer, _) = token(&app, &session, json!({"max_permission_mode": "plan"})).await;
+    let (bearer, _) = app
+        .token(&session, json!({"max_permission_mode": "plan"}))
+        .await;
     // The server's default mode (`default`) is above `plan`.
     let resp = app
         .request(
@@ -227,7 +219,7 @@ async fn an_expired_token_is_refused_as_expired() {
     let app = TestApp::start().await;
     let session = app.session("alice").await;
     let soon = (chrono::Utc::now() + chrono::Duration::seconds(1)).to_rfc3339();
-    let (bearer, _) = token(&app, &session, json!({"expires_at": soon})).await;
+    let (bearer, _) = app.token(&session, json!({"expires_at": soon})).await;
     assert_eq!(app.get("/api/v1/loops", &bearer).await.0, StatusCode::OK);
     eventually("the token to expire", async || {
         app.get("/api/v1/loops", &bearer).await.0 == StatusCode::UNAUTHORIZED
@@ -245,13 +237,10 @@ async fn an_expired_token_is_refused_as_expired() {
 async fn rotation_hands_out_a_new_token_and_retires_the_old_after_its_grace() {
     let app = TestApp::start().await;
     let session = app.session("alice").await;
-    let (old, old_id) = token(
-        &app,
-        &session,
-        json!({"scopes": ["loops:read"], "label": "bot"}),
-    )
-    .await;
-    let (other, other_id) = token(&app, &session, json!({})).await;
+    let (old, old_id) = app
+        .token(&session, json!({"scopes": ["loops:read"], "label": "bot"}))
+        .await;
+    let (other, other_id) = app.token(&session, json!({})).await;
 
     // A token may rotate itself, not another.
     let got = app

@@ -228,15 +228,19 @@ impl TestApp {
     /// A fresh API token for `user`, made through the API with their session.
     pub async fn bearer(&self, user: &str) -> Auth {
         let session = self.session(user).await;
-        let (status, body) = self
-            .post(
-                "/api/v1/me/tokens",
-                &session,
-                serde_json::json!({"label": "test"}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        Auth::Bearer(body["token"].as_str().unwrap().to_owned())
+        self.token(&session, serde_json::json!({"label": "test"}))
+            .await
+            .0
+    }
+
+    /// A token made with `session` and `body` (its limits); the token and its id.
+    pub async fn token(&self, session: &Auth, body: Value) -> (Auth, String) {
+        let (status, created) = self.post("/api/v1/me/tokens", session, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        (
+            Auth::Bearer(created["token"].as_str().unwrap().to_owned()),
+            created["tokenId"].as_str().unwrap().to_owned(),
+        )
     }
 
     /// Creates a loop; returns its id.
@@ -493,4 +497,19 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// `git -C dir ARGS` with an author and committer set; asserts it worked.
+pub fn git(dir: &Path, args: &[&str]) {
+    let ok = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .status()
+        .unwrap();
+    assert!(ok.success(), "git {args:?}");
 }

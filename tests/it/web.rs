@@ -26,98 +26,71 @@ fn chromium() -> PathBuf {
     .clone()
 }
 
+/// Runs a browser script of `tests/web/` against the server at `addr` (as
+/// alice) with `env`; asserts it passed and printed `done`.
+async fn run_script(
+    script: &str,
+    addr: std::net::SocketAddr,
+    env: Vec<(&'static str, String)>,
+    done: &str,
+) {
+    let (browser, modules) = (chromium(), node_modules());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (script, shots) = (
+        root.join("tests/web").join(script),
+        root.join("target/web-screenshots"),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .env("NODE_PATH", modules)
+            .env("LOOPD_URL", format!("http://{addr}"))
+            .env("LOOPD_USER", "alice")
+            .env("LOOPD_PASSWORD", PASSWORD)
+            .env("SHOTS_DIR", shots)
+            .env("CHROMIUM", browser)
+            .envs(env)
+            .output()
+            .expect("node runs the browser test")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "browser test failed\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(done), "{stdout}");
+}
+
 #[tokio::test]
 async fn the_web_chat_works_in_a_real_browser() {
-    let browser = chromium();
-    let modules = node_modules();
     let app = TestApp::start().await;
     let (bot_token, _) = app
         .accounts()
         .tokens
         .create("alice", Some("bot".into()), Default::default())
         .unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let shots = root.join("target/web-screenshots");
-    let script = root.join("tests/web/chat.mjs");
-    let url = format!("http://{}", app.addr);
-    let data_dir = app.dir.clone();
     // A repository a loop can be made on (the diff step).
-    let repo = data_dir.join("repos/app");
+    let repo = app.dir.join("repos/app");
     std::fs::create_dir_all(&repo).unwrap();
     std::fs::write(repo.join("README.md"), "hello\n").unwrap();
-    for args in [
-        &["init", "-q", "-b", "main"][..],
-        &["add", "README.md"],
-        &["commit", "-q", "-m", "first"],
-    ] {
-        let ok = Command::new("git")
-            .arg("-C")
-            .arg(&repo)
-            .args(args)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.com")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.com")
-            .status()
-            .unwrap();
-        assert!(ok.success(), "git {args:?}");
-    }
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(script)
-            .env("NODE_PATH", modules)
-            .env("LOOPD_URL", url)
-            .env("LOOPD_USER", "alice")
-            .env("LOOPD_PASSWORD", PASSWORD)
-            .env("LOOPD_BOT_TOKEN", bot_token)
-            .env("LOOPD_DATA_DIR", data_dir)
-            .env("SHOTS_DIR", shots)
-            .env("CHROMIUM", browser)
-            .output()
-            .expect("node runs the browser test")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "browser test failed\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("web chat: all"), "{stdout}");
+    crate::support::git(&repo, &["init", "-q", "-b", "main"]);
+    crate::support::git(&repo, &["add", "README.md"]);
+    crate::support::git(&repo, &["commit", "-q", "-m", "first"]);
+    let env = vec![
+        ("LOOPD_BOT_TOKEN", bot_token),
+        ("LOOPD_DATA_DIR", app.dir.display().to_string()),
+    ];
+    run_script("chat.mjs", app.addr, env, "web chat: all").await;
 }
 
 #[tokio::test]
 async fn with_claude_code_the_page_shows_what_a_tool_wrote() {
-    let browser = chromium();
-    let modules = node_modules();
     let rig = crate::claude::Rig::start().await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("tests/web/claude.mjs");
-    let (url, loop_id) = (format!("http://{}", rig.app.addr), rig.loop_id.clone());
-    let shots = root.join("target/web-screenshots");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(script)
-            .env("NODE_PATH", modules)
-            .env("LOOPD_URL", url)
-            .env("LOOPD_USER", "alice")
-            .env("LOOPD_PASSWORD", PASSWORD)
-            .env("LOOPD_LOOP", loop_id)
-            .env("SHOTS_DIR", shots)
-            .env("CHROMIUM", browser)
-            .output()
-            .expect("node runs the browser test")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "browser test failed\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("claude web chat: all"), "{stdout}");
+    let env = vec![("LOOPD_LOOP", rig.loop_id.clone())];
+    run_script("claude.mjs", rig.app.addr, env, "claude web chat: all").await;
     let written = std::fs::read_to_string(rig.workspace().join("from-claude.txt")).unwrap();
     assert_eq!(written.trim_end(), "written by the real CLI");
 }

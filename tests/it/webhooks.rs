@@ -369,14 +369,7 @@ async fn private_targets_are_refused_unless_allowed() {
     }
     // A token without webhooks:write cannot make one.
     let session = app.session("alice").await;
-    let (_, reader) = app
-        .post(
-            "/api/v1/me/tokens",
-            &session,
-            json!({"scopes": ["loops:read"]}),
-        )
-        .await;
-    let reader = Auth::Bearer(reader["token"].as_str().unwrap().to_owned());
+    let (reader, _) = app.token(&session, json!({"scopes": ["loops:read"]})).await;
     let got = app
         .post(
             "/api/v1/me/webhooks",
@@ -386,14 +379,9 @@ async fn private_targets_are_refused_unless_allowed() {
         .await;
     assert_error(&got, 403, "permission_error", "insufficient_scope");
     // Nor one with webhooks:write alone: a webhook tells what loops say.
-    let (_, writer) = app
-        .post(
-            "/api/v1/me/tokens",
-            &session,
-            json!({"scopes": ["webhooks:write"]}),
-        )
+    let (writer, _) = app
+        .token(&session, json!({"scopes": ["webhooks:write"]}))
         .await;
-    let writer = Auth::Bearer(writer["token"].as_str().unwrap().to_owned());
     let got = app
         .post(
             "/api/v1/me/webhooks",
@@ -638,4 +626,50 @@ async fn the_python_receiver_of_the_docs_verifies_and_answers_a_prompt() {
     kinds.sort();
     assert_eq!(kinds, ["choice_resolved", "done", "requires_choice"]);
     receiver.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed() {
+    let app = TestApp::start_tweaked(allowing_private).await;
+    let bearer = app.bearer("alice").await;
+    // The place a redirect would lead to, and a receiver that redirects there.
+    let elsewhere = Receiver::start(0).await;
+    let target = elsewhere.url();
+    let redirector = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let target = target.clone();
+            async move { axum::response::Redirect::temporary(&target) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, redirector).await.unwrap() });
+    let (hook_id, _) = subscribe(&app, &bearer, &url, &["done"]).await;
+    let id = app.create_loop(&bearer, json!({})).await;
+    app.send(&bearer, &id, "hello").await.until("done").await;
+
+    eventually(
+        "the redirect recorded as an answer that is not 2xx",
+        async || {
+            let (_, list) = app
+                .get(
+                    &format!("/api/v1/me/webhooks/{hook_id}/deliveries"),
+                    &bearer,
+                )
+                .await;
+            list["data"][0]["response_code"] == 307
+        },
+    )
+    .await;
+    let (_, list) = app
+        .get(
+            &format!("/api/v1/me/webhooks/{hook_id}/deliveries"),
+            &bearer,
+        )
+        .await;
+    assert_eq!(list["data"][0]["status"], "pending", "{list}");
+    assert!(list["data"][0]["next_retry_at"].is_string());
+    assert!(elsewhere.all().is_empty(), "the redirect was followed");
+    server.abort();
 }

@@ -44,18 +44,20 @@ pub fn start(hooks: Arc<Webhooks>, tasks: &TaskTracker, stopping: CancellationTo
         let mut sending: JoinSet<Attempted> = JoinSet::new();
         loop {
             let room = IN_FLIGHT - sending.len();
-            if room > 0 {
-                match claim(&hooks, room).await {
-                    Ok(claimed) => {
-                        for d in claimed {
-                            let hooks = hooks.clone();
-                            sending.spawn(async move { send(&hooks, d).await });
-                        }
+            let next_due = match claim(&hooks, room).await {
+                Ok((claimed, next_due)) => {
+                    for d in claimed {
+                        let hooks = hooks.clone();
+                        sending.spawn(async move { send(&hooks, d).await });
                     }
-                    Err(err) => tracing::warn!(error = %err, "could not read the webhook outbox"),
+                    next_due
                 }
-            }
-            let next = hooks.store.next_due().map_or(Duration::from_secs(5), |at| {
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not read the webhook outbox");
+                    None
+                }
+            };
+            let next = next_due.map_or(Duration::from_secs(5), |at| {
                 (at - Utc::now()).to_std().unwrap_or_default().min(Duration::from_secs(5))
             });
             tokio::select! {
@@ -81,14 +83,24 @@ pub fn start(hooks: Arc<Webhooks>, tasks: &TaskTracker, stopping: CancellationTo
     });
 }
 
+/// Claims up to `room` due deliveries, and says when the next one after
+/// them is due: both off the async threads (each reads the whole outbox).
 async fn claim(
     hooks: &Arc<Webhooks>,
     room: usize,
-) -> Result<Vec<Delivery>, crate::store::StoreError> {
+) -> Result<(Vec<Delivery>, Option<chrono::DateTime<Utc>>), crate::store::StoreError> {
     let (store, node) = (hooks.store.clone(), hooks.node.clone());
     let now = Utc::now();
     let until = now + chrono::Duration::from_std(CLAIM).expect("a claim fits");
-    blocking(move || store.claim_due(&node, now, until, room, PER_HOOK)).await
+    blocking(move || {
+        let claimed = if room > 0 {
+            store.claim_due(&node, now, until, room, PER_HOOK)?
+        } else {
+            Vec::new()
+        };
+        Ok((claimed, store.next_due()))
+    })
+    .await
 }
 
 /// One attempt: signed, posted, and what came of it.

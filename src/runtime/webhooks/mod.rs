@@ -246,7 +246,8 @@ impl Runtime {
         }
         let loop_id = id.to_string();
         let mut follower = log.follow(from);
-        let (mut last, mut taken) = (from, 0);
+        // `marked`: where the outbox's mark stands as this pass moves it.
+        let (mut last, mut taken, mut marked) = (from, 0, durable);
         let mut found: Vec<Delivery> = Vec::new();
         while last < head {
             let batch = follower.next_batch().await?;
@@ -263,12 +264,13 @@ impl Runtime {
                 let store = hooks.store.clone();
                 let chunk = std::mem::take(&mut found);
                 taken += blocking(move || store.enqueue(id, last, chunk)).await?;
+                marked = last;
             }
         }
         // Written when there is something to deliver, or the mark is far
         // behind: events no webhook wants cost no write.
-        let (store, durable) = (hooks.store.clone(), hooks.store.mark(id).unwrap_or(0));
-        if !found.is_empty() || last.saturating_sub(durable) >= MARK_EVERY {
+        if !found.is_empty() || last.saturating_sub(marked) >= MARK_EVERY {
+            let store = hooks.store.clone();
             taken += blocking(move || store.enqueue(id, last, found)).await?;
         }
         hooks
