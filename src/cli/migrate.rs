@@ -8,10 +8,12 @@ use std::io::{BufRead, BufReader, Write};
 use anyhow::Context;
 use sqlx::types::Json;
 
-use crate::store::{DataDir, LoopStore, Pg};
+use crate::store::{DataDir, LoopStore, Pg, shared_log};
 
-/// Events written to the database per statement.
+/// Events per chunk (one row, one statement), and bytes of lines: at most,
+/// though one larger event makes a chunk on its own.
 const BATCH: usize = 1000;
+const BATCH_BYTES: usize = 1 << 20;
 
 /// What one run copied.
 #[derive(Debug, Default)]
@@ -72,15 +74,18 @@ pub async fn run_migrate(dir: &DataDir, pg: &Pg, out: &mut impl Write) -> anyhow
     Ok(())
 }
 
-/// Copies one loop's events (those the database lacks) and sets its head.
+/// Copies one loop's events (those after the database's last one for the
+/// loop, so a run cut short goes on where it stopped) and sets its head.
+/// They go in as chunks of up to `BATCH` consecutive events.
 async fn copy_log(pg: &Pg, loop_id: uuid::Uuid, path: &std::path::Path) -> anyhow::Result<u64> {
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let (mut seqs, mut lines) = (Vec::new(), Vec::new());
-    let (mut copied, mut head) = (0, 0i64);
+    let there = shared_log::last_seq(pg, loop_id).await?;
+    let mut chunk = Pending::default();
+    let (mut copied, mut head) = (0, there);
     // A line that is not an event: fine as the last (a crash mid-write
     // tore it, and it was never an event), damage anywhere else.
     let mut torn = None;
@@ -93,14 +98,23 @@ async fn copy_log(pg: &Pg, loop_id: uuid::Uuid, path: &std::path::Path) -> anyho
             torn = Some(n + 1);
             continue;
         };
-        head = head.max(seq);
-        seqs.push(seq);
-        lines.push(line);
-        if seqs.len() == BATCH {
-            copied += insert(pg, loop_id, &mut seqs, &mut lines).await?;
+        if seq <= head {
+            continue;
+        }
+        if seq != head + 1 {
+            anyhow::bail!(
+                "{} line {}: event {seq} follows event {head}",
+                path.display(),
+                n + 1
+            );
+        }
+        head = seq;
+        chunk.push(seq, &line);
+        if chunk.count == BATCH || chunk.lines.len() >= BATCH_BYTES {
+            copied += chunk.insert(pg, loop_id).await?;
         }
     }
-    copied += insert(pg, loop_id, &mut seqs, &mut lines).await?;
+    copied += chunk.insert(pg, loop_id).await?;
     sqlx::query(
         "INSERT INTO leases (loop_id, head) VALUES ($1, $2) \
          ON CONFLICT (loop_id) DO UPDATE SET head = greatest(leases.head, $2)",
@@ -112,27 +126,48 @@ async fn copy_log(pg: &Pg, loop_id: uuid::Uuid, path: &std::path::Path) -> anyho
     Ok(copied)
 }
 
-async fn insert(
-    pg: &Pg,
-    loop_id: uuid::Uuid,
-    seqs: &mut Vec<i64>,
-    lines: &mut Vec<String>,
-) -> anyhow::Result<u64> {
-    if seqs.is_empty() {
-        return Ok(0);
+/// Consecutive events waiting to go in as one chunk.
+#[derive(Default)]
+struct Pending {
+    first: i64,
+    count: usize,
+    lines: String,
+}
+
+impl Pending {
+    fn push(&mut self, seq: i64, line: &str) {
+        if self.count == 0 {
+            self.first = seq;
+        } else {
+            self.lines.push('\n');
+        }
+        self.lines.push_str(line);
+        self.count += 1;
     }
-    let done = sqlx::query(
-        "INSERT INTO events (loop_id, seq, line) SELECT $1, s, l FROM unnest($2::bigint[], $3::text[]) AS t(s, l) \
-         ON CONFLICT (loop_id, seq) DO NOTHING",
-    )
-    .bind(loop_id)
-    .bind(&*seqs)
-    .bind(&*lines)
-    .execute(pg.pool())
-    .await?;
-    seqs.clear();
-    lines.clear();
-    Ok(done.rows_affected())
+
+    /// Writes the chunk (if any) and starts a new one; how many events.
+    async fn insert(&mut self, pg: &Pg, loop_id: uuid::Uuid) -> anyhow::Result<u64> {
+        if self.count == 0 {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "INSERT INTO event_chunks (loop_id, first_seq, last_seq, lines) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (loop_id, first_seq) DO NOTHING",
+        )
+        .bind(loop_id)
+        .bind(self.first)
+        .bind(self.first + self.count as i64 - 1)
+        .bind(&self.lines)
+        .execute(pg.pool())
+        .await?;
+        let copied = if done.rows_affected() == 1 {
+            self.count as u64
+        } else {
+            0
+        };
+        *self = Self::default();
+        Ok(copied)
+    }
 }
 
 /// The seq of a stored line, if it is a whole event.

@@ -360,21 +360,9 @@ impl Runtime {
             return;
         };
         if let Some(payload) = payload {
-            // "<uuid> <head>", then (for a small append) "<seq> <line>" a line.
-            let mut lines = payload.split('\n');
-            let Some((id, head)) = lines.next().and_then(|l| l.split_once(' ')) else {
+            let Some((id, head, rows)) = parse_announcement(&payload) else {
                 return;
             };
-            let (Ok(id), Ok(head)) = (Uuid::parse_str(id), head.parse::<u64>()) else {
-                return;
-            };
-            let id = LoopId(id);
-            let rows: Vec<(i64, String)> = lines
-                .filter_map(|l| {
-                    let (seq, line) = l.split_once(' ')?;
-                    Some((seq.parse().ok()?, line.to_owned()))
-                })
-                .collect();
             if !rows.is_empty()
                 && self.shared.loops.get(id).is_some()
                 && let Ok(log) = self.log(id)
@@ -416,5 +404,68 @@ impl Runtime {
                 runtime.remember_keys(id, found.idem);
             }
         });
+    }
+}
+
+/// What an append's notification says: `"<uuid> <head>"`, then for a small
+/// append `"\n<first seq>\n<lines>"` (the chunk as it was written).
+fn parse_announcement(payload: &str) -> Option<(LoopId, u64, Vec<(i64, String)>)> {
+    let (top, chunk) = match payload.split_once('\n') {
+        Some((top, chunk)) => (top, Some(chunk)),
+        None => (payload, None),
+    };
+    let (id, head) = top.split_once(' ')?;
+    let (id, head) = (LoopId(Uuid::parse_str(id).ok()?), head.parse::<u64>().ok()?);
+    let rows = chunk
+        .and_then(|chunk| {
+            let (first, lines) = chunk.split_once('\n')?;
+            let first: i64 = first.parse().ok()?;
+            let rows: Vec<(i64, String)> = shared_log::numbered(first, lines)
+                .map(|(seq, line)| (seq, line.to_owned()))
+                .collect();
+            // Only a whole chunk that ends at the head is used.
+            (rows.last()?.0 as u64 == head).then_some(rows)
+        })
+        .unwrap_or_default();
+    Some((id, head, rows))
+}
+
+#[cfg(test)]
+mod announcement_tests {
+    use super::*;
+
+    #[test]
+    fn announcements_parse_as_written() {
+        let id = "6f1c6a52-6a3e-4a47-9d7e-2f4ad8c0a111";
+        let cases: &[(String, Option<(u64, Vec<(i64, &str)>)>)] = &[
+            (format!("{id} 7"), Some((7, vec![]))),
+            (
+                format!("{id} 9\n8\n{{\"seq\":8}}\n{{\"seq\":9}}"),
+                Some((9, vec![(8, "{\"seq\":8}"), (9, "{\"seq\":9}")])),
+            ),
+            (
+                format!("{id} 5\n5\n{{\"seq\":5}}"),
+                Some((5, vec![(5, "{\"seq\":5}")])),
+            ),
+            // A chunk that does not end at the head is not used (caught up by query).
+            (format!("{id} 9\n5\n{{}}"), Some((9, vec![]))),
+            (format!("{id} 9\nx\n{{}}"), Some((9, vec![]))),
+            (format!("{id} x"), None),
+            ("nonsense".into(), None),
+        ];
+        for (payload, want) in cases {
+            let got = parse_announcement(payload).map(|(got_id, head, rows)| {
+                assert_eq!(got_id.0.to_string(), id);
+                (head, rows)
+            });
+            let want = want.as_ref().map(|(head, rows)| {
+                let rows = rows
+                    .iter()
+                    .map(|(s, l)| (*s, l.to_string()))
+                    .collect::<Vec<_>>();
+                (*head, rows)
+            });
+            assert_eq!(got, want, "{payload}");
+        }
     }
 }

@@ -403,7 +403,7 @@ impl EventLog {
         );
         // The record first: once the database has them they are the log's,
         // whatever happens to this node's copy.
-        remote.append(first, start_len, &lines, &placed).await?;
+        remote.append(first, placed.len(), &lines).await?;
         let guard = self.state.lock().expect("log poisoned");
         debug_assert_eq!((guard.view.next_seq, guard.len), (first, start_len));
         self.commit(guard, items, first, start_len, &lines, &placed, frames)

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::StoreError;
-use super::shared_log::{self, CHANNEL};
+use super::shared_log::{self, CHANNEL, Chunk};
 
 /// Batches waiting for the writer, at most.
 const WAITING: usize = 4096;
@@ -18,17 +18,31 @@ const WAITING: usize = 4096;
 const IN_FLIGHT: usize = 2;
 /// An append this small (bytes of lines) goes out inside its notification,
 /// so other nodes take it in without a query (Postgres allows 8000).
-const NOTIFY_ROWS_BYTES: i64 = 7000;
-/// Rows per statement, at most (a batch is never split).
-const ROWS: usize = 8192;
+const NOTIFY_LINES_BYTES: i64 = 7000;
+/// Batches (rows) per statement, and bytes of lines, at most (a batch is
+/// never split, so one alone may be larger).
+const ROWS: usize = 1024;
+const BYTES: usize = 8 << 20;
 
 /// One loop's events of one flush.
 pub struct Batch {
     pub loop_id: Uuid,
     pub generation: i64,
     pub first: u64,
-    pub lines: Vec<String>,
+    /// How many events, and their lines joined by newlines.
+    pub count: usize,
+    pub lines: String,
     pub done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+impl Batch {
+    fn chunk(&self) -> Chunk<'_> {
+        Chunk {
+            first: self.first,
+            count: self.count,
+            lines: &self.lines,
+        }
+    }
 }
 
 /// The writer's queue.
@@ -48,15 +62,15 @@ impl GroupCommit {
         &self,
         loop_id: Uuid,
         generation: i64,
-        first: u64,
-        lines: Vec<String>,
+        chunk: Chunk<'_>,
     ) -> Result<(), StoreError> {
         let (done, outcome) = oneshot::channel();
         let batch = Batch {
             loop_id,
             generation,
-            first,
-            lines,
+            first: chunk.first,
+            count: chunk.count,
+            lines: chunk.lines.to_owned(),
             done,
         };
         if self.0.send(batch).await.is_err() {
@@ -73,12 +87,12 @@ async fn write_all(pool: sqlx::PgPool, mut rx: mpsc::Receiver<Batch>) {
     while let Some(batch) = rx.recv().await {
         // Whatever else is waiting once a statement may start goes with it.
         let slot = slots.clone().acquire_owned().await.expect("never closed");
-        let mut rows = batch.lines.len();
+        let mut bytes = batch.lines.len();
         let mut batches = vec![batch];
-        while rows < ROWS {
+        while batches.len() < ROWS && bytes < BYTES {
             match rx.try_recv() {
                 Ok(more) => {
-                    rows += more.lines.len();
+                    bytes += more.lines.len();
                     batches.push(more);
                 }
                 Err(_) => break,
@@ -100,49 +114,38 @@ async fn write(pool: &sqlx::PgPool, batches: &mut Vec<Batch>) {
     let mut seen = std::collections::HashSet::new();
     let (now, later): (Vec<Batch>, Vec<Batch>) =
         batches.drain(..).partition(|b| seen.insert(b.loop_id));
-    let mut ids = Vec::new();
-    let mut gens = Vec::new();
-    let mut seqs = Vec::new();
-    let mut lines = Vec::new();
-    for b in &now {
-        for (i, line) in b.lines.iter().enumerate() {
-            ids.push(b.loop_id);
-            gens.push(b.generation);
-            seqs.push((b.first + i as u64) as i64);
-            lines.push(line.as_str());
-        }
-    }
+    let ids: Vec<Uuid> = now.iter().map(|b| b.loop_id).collect();
+    let gens: Vec<i64> = now.iter().map(|b| b.generation).collect();
+    let firsts: Vec<i64> = now.iter().map(|b| b.first as i64).collect();
+    let lasts: Vec<i64> = now.iter().map(|b| b.chunk().last()).collect();
+    let lines: Vec<&str> = now.iter().map(|b| b.lines.as_str()).collect();
     let written: Result<Vec<Uuid>, sqlx::Error> = sqlx::query_scalar(
         "WITH input AS ( \
-             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[]) \
-                 AS t(loop_id, generation, seq, line)), \
-         heads AS ( \
-             SELECT loop_id, generation, max(seq) AS head FROM input GROUP BY loop_id, generation), \
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[]) \
+                 AS t(loop_id, generation, first_seq, last_seq, lines)), \
          fence AS ( \
-             UPDATE leases l SET head = h.head, version = nextval('changes') FROM heads h \
-             WHERE l.loop_id = h.loop_id AND l.generation = h.generation \
-             RETURNING l.loop_id, l.head), \
+             UPDATE leases l SET head = i.last_seq, version = nextval('changes') FROM input i \
+             WHERE l.loop_id = i.loop_id AND l.generation = i.generation \
+             RETURNING l.loop_id), \
          ins AS ( \
-             INSERT INTO events (loop_id, seq, line) \
-             SELECT i.loop_id, i.seq, i.line FROM input i JOIN fence f ON f.loop_id = i.loop_id \
+             INSERT INTO event_chunks (loop_id, first_seq, last_seq, lines) \
+             SELECT i.loop_id, i.first_seq, i.last_seq, i.lines FROM input i JOIN fence f USING (loop_id) \
              RETURNING 1), \
-         sizes AS ( \
-             SELECT loop_id, sum(octet_length(line) + 22) AS bytes, \
-                 string_agg(seq::text || ' ' || line, E'\\n' ORDER BY seq) AS rows \
-             FROM input GROUP BY loop_id), \
          told AS ( \
-             SELECT pg_notify($5, f.loop_id::text || ' ' || f.head::text || \
-                 CASE WHEN s.bytes <= $6 THEN E'\\n' || s.rows ELSE '' END) \
-             FROM fence f JOIN sizes s ON s.loop_id = f.loop_id) \
+             SELECT pg_notify($6, i.loop_id::text || ' ' || i.last_seq::text || \
+                 CASE WHEN octet_length(i.lines) <= $7 \
+                     THEN E'\\n' || i.first_seq::text || E'\\n' || i.lines ELSE '' END) \
+             FROM input i JOIN fence f USING (loop_id)) \
          SELECT f.loop_id FROM fence f WHERE (SELECT count(*) FROM ins) >= 0 \
              AND (SELECT count(*) FROM told) >= 0",
     )
     .bind(&ids)
     .bind(&gens)
-    .bind(&seqs)
+    .bind(&firsts)
+    .bind(&lasts)
     .bind(&lines)
     .bind(CHANNEL)
-    .bind(NOTIFY_ROWS_BYTES)
+    .bind(NOTIFY_LINES_BYTES)
     .fetch_all(pool)
     .await;
     match written {
@@ -160,9 +163,7 @@ async fn write(pool: &sqlx::PgPool, batches: &mut Vec<Batch>) {
             // Each alone: the single write tells a lost answer from a
             // real conflict, and one bad batch fails only itself.
             for b in now {
-                let lines: Vec<&str> = b.lines.iter().map(String::as_str).collect();
-                let outcome =
-                    shared_log::append(pool, b.loop_id, b.generation, b.first, &lines).await;
+                let outcome = shared_log::append(pool, b.loop_id, b.generation, b.chunk()).await;
                 let _ = b.done.send(outcome);
             }
         }

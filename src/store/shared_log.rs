@@ -1,12 +1,14 @@
 //! Loops' event logs and leases in the shared database.
 //!
-//! A loop's events are rows `(loop_id, seq, line)`, the line exactly as the
-//! file backend writes it. Only the node holding a loop's lease writes
+//! A loop's events are chunks, one row per append `(loop_id, first_seq,
+//! last_seq, lines)`: the lines exactly as the file backend writes them,
+//! joined by newlines. Only the node holding a loop's lease writes
 //! them, and every write names the lease's generation: the write updates
 //! the lease row's `head` only where the generation still matches, so a
 //! node that lost the lease (paused, partitioned, presumed dead) has its
 //! writes refused, and the row lock orders a write against a takeover.
-//! Each write is announced on `loopd_events` as `"<uuid> <last seq>"`.
+//! Each write is announced on `loopd_events` as `"<uuid> <last seq>"`,
+//! followed for a small append by `"\n<first seq>\n<lines>"`.
 
 use std::time::Duration;
 
@@ -38,33 +40,44 @@ pub struct Claimed {
     pub previous: Option<String>,
 }
 
-/// Writes events `first..` (their lines) under `generation`; refused with
-/// [`StoreError::Fenced`] once the lease has moved on. One round trip (the
-/// group commit's way for a batch on its own).
+/// One append: events `first..=last` (`count` of them), their lines
+/// joined by newlines, as one row.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    pub first: u64,
+    pub count: usize,
+    pub lines: &'a str,
+}
+
+impl Chunk<'_> {
+    pub fn last(&self) -> i64 {
+        self.first as i64 + self.count as i64 - 1
+    }
+}
+
+/// Writes `chunk` under `generation`; refused with [`StoreError::Fenced`]
+/// once the lease has moved on. One round trip (the group commit's way for
+/// a batch on its own, and for telling a lost answer from a conflict).
 pub async fn append(
     pool: &sqlx::PgPool,
     loop_id: Uuid,
     generation: i64,
-    first: u64,
-    lines: &[&str],
+    chunk: Chunk<'_>,
 ) -> Result<(), StoreError> {
-    let seqs: Vec<i64> = (0..lines.len() as i64).map(|i| first as i64 + i).collect();
-    let last = first as i64 + lines.len() as i64 - 1;
     let written: Result<i64, sqlx::Error> = sqlx::query_scalar(
         "WITH fence AS ( \
              UPDATE leases SET head = $4, version = nextval('changes') \
              WHERE loop_id = $1 AND generation = $2 RETURNING loop_id), \
          ins AS ( \
-             INSERT INTO events (loop_id, seq, line) \
-             SELECT f.loop_id, t.seq, t.line FROM fence f, unnest($3::bigint[], $5::text[]) AS t(seq, line) \
-             RETURNING 1) \
+             INSERT INTO event_chunks (loop_id, first_seq, last_seq, lines) \
+             SELECT f.loop_id, $3, $4, $5 FROM fence f RETURNING 1) \
          SELECT count(*) FROM ins, (SELECT pg_notify($6, $1::text || ' ' || $4::text) FROM fence) n",
     )
     .bind(loop_id)
     .bind(generation)
-    .bind(&seqs)
-    .bind(last)
-    .bind(lines)
+    .bind(chunk.first as i64)
+    .bind(chunk.last())
+    .bind(chunk.lines)
     .bind(CHANNEL)
     .fetch_one(pool)
     .await;
@@ -74,23 +87,21 @@ pub async fn append(
         // this write committed although its answer was lost: it is done.
         // Anything else there means another writer: stop writing.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-            let there: Vec<String> = sqlx::query_scalar(
-                "SELECT line FROM events WHERE loop_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq",
+            let there: Option<(i64, String)> = sqlx::query_as(
+                "SELECT last_seq, lines FROM event_chunks WHERE loop_id = $1 AND first_seq = $2",
             )
             .bind(loop_id)
-            .bind(first as i64)
-            .bind(last)
-            .fetch_all(pool)
+            .bind(chunk.first as i64)
+            .fetch_optional(pool)
             .await?;
-            return if there.iter().map(String::as_str).eq(lines.iter().copied()) {
-                Ok(())
-            } else {
-                Err(StoreError::Fenced(format!("loop_{loop_id}")))
+            return match there {
+                Some((last, lines)) if last == chunk.last() && lines == chunk.lines => Ok(()),
+                _ => Err(StoreError::Fenced(format!("loop_{loop_id}"))),
             };
         }
         Err(e) => return Err(e.into()),
     };
-    if written != lines.len() as i64 {
+    if written != 1 {
         return Err(StoreError::Fenced(format!("loop_{loop_id}")));
     }
     Ok(())
@@ -98,29 +109,52 @@ pub async fn append(
 
 /// The loop's last seq in the database (0 before any event).
 pub async fn last_seq(pg: &Pg, loop_id: Uuid) -> Result<i64, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM events WHERE loop_id = $1")
-            .bind(loop_id)
-            .fetch_one(pg.pool())
-            .await?,
+    Ok(sqlx::query_scalar(
+        "SELECT coalesce((SELECT last_seq FROM event_chunks WHERE loop_id = $1 \
+         ORDER BY first_seq DESC LIMIT 1), 0)",
     )
+    .bind(loop_id)
+    .fetch_one(pg.pool())
+    .await?)
 }
 
-/// Up to `limit` events after `after`, in seq order.
+/// The events after `after` in seq order, from at most `chunks` appends,
+/// and whether more may follow.
 pub async fn read_after(
     pg: &Pg,
     loop_id: Uuid,
     after: u64,
-    limit: i64,
-) -> Result<Vec<(i64, String)>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT seq, line FROM events WHERE loop_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    chunks: i64,
+) -> Result<(Vec<(i64, String)>, bool), StoreError> {
+    // From the chunk holding `after + 1` on (the primary key's order).
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT first_seq, lines FROM event_chunks WHERE loop_id = $1 AND first_seq >= \
+             coalesce((SELECT max(first_seq) FROM event_chunks WHERE loop_id = $1 AND first_seq <= $2), 0) \
+         ORDER BY first_seq LIMIT $3",
     )
     .bind(loop_id)
-    .bind(after as i64)
-    .bind(limit)
+    .bind(after as i64 + 1)
+    .bind(chunks)
     .fetch_all(pg.pool())
-    .await?)
+    .await?;
+    let more = rows.len() as i64 == chunks;
+    let mut events = Vec::new();
+    for (first, lines) in rows {
+        events.extend(
+            numbered(first, &lines)
+                .filter(|(seq, _)| *seq > after as i64)
+                .map(|(seq, line)| (seq, line.to_owned())),
+        );
+    }
+    Ok((events, more))
+}
+
+/// A chunk's lines with their seqs.
+pub fn numbered(first: i64, lines: &str) -> impl Iterator<Item = (i64, &str)> {
+    lines
+        .split('\n')
+        .enumerate()
+        .map(move |(i, line)| (first + i as i64, line))
 }
 
 /// Takes a loop's lease for `me` if nobody holds it, its holder let it

@@ -381,10 +381,98 @@ async fn a_data_directory_migrates_into_the_database_and_a_node_serves_it() {
     );
     let events = all_events(&node, &alice, &id, last).await;
     assert_contiguous(&events);
+    let uuid: uuid::Uuid = id.strip_prefix("loop_").unwrap().parse().unwrap();
+    assert_eq!(crate::pg::lines(&database, uuid).len() as u64, last);
     let next = node.app.send(&alice, &id, "after").await.until_end().await;
     assert_eq!(next.last().unwrap().name, "done");
     // Its user_message took the next seq after the copied ones.
     assert_eq!(next[0].id, Some(last + 2));
+}
+
+#[tokio::test]
+async fn a_database_with_one_row_per_event_is_brought_to_chunks() {
+    // A database as loopd before chunks left it (migrations 1 and 2), with
+    // one row per event.
+    let url = crate::pg::server().new_database();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut before = sqlx::migrate!("./migrations");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version <= 2)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&pool).await.unwrap();
+    let uuid = uuid::Uuid::new_v4();
+    let lines: Vec<String> = (1..=3)
+        .map(|seq| format!(r#"{{"seq":{seq},"event":"e{seq}"}}"#))
+        .collect();
+    for (i, line) in lines.iter().enumerate() {
+        sqlx::query("INSERT INTO events (loop_id, seq, line) VALUES ($1, $2, $3)")
+            .bind(uuid)
+            .bind(i as i64 + 1)
+            .bind(line)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+
+    // Connecting runs what is new; the events read back the same.
+    let pg = loopd::store::Pg::connect(&url).await.unwrap();
+    use loopd::store::shared_log;
+    assert_eq!(shared_log::last_seq(&pg, uuid).await.unwrap(), 3);
+    let (after_one, more) = shared_log::read_after(&pg, uuid, 1, 64).await.unwrap();
+    assert!(!more);
+    let want: Vec<(i64, String)> = (2..=3)
+        .map(|s| (s, lines[s as usize - 1].clone()))
+        .collect();
+    assert_eq!(after_one, want);
+    assert_eq!(crate::pg::lines(&url, uuid), lines);
+
+    // A new append is one chunk; a read from inside it starts where asked.
+    let held = shared_log::claim(
+        &pg,
+        uuid,
+        "http://me.invalid",
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let more_lines: Vec<String> = (4..=6)
+        .map(|seq| format!(r#"{{"seq":{seq},"event":"e{seq}"}}"#))
+        .collect();
+    let joined = more_lines.join("\n");
+    let chunk = shared_log::Chunk {
+        first: 4,
+        count: 3,
+        lines: &joined,
+    };
+    shared_log::append(pg.pool(), uuid, held.generation, chunk)
+        .await
+        .unwrap();
+    let (from_five, _) = shared_log::read_after(&pg, uuid, 4, 64).await.unwrap();
+    assert_eq!(
+        from_five,
+        [(5, more_lines[1].clone()), (6, more_lines[2].clone())]
+    );
+    // The same append again (its answer was lost) is already done; other
+    // lines at those seqs are another writer's, and refused.
+    shared_log::append(pg.pool(), uuid, held.generation, chunk)
+        .await
+        .unwrap();
+    let other = shared_log::Chunk {
+        lines: "{}\n{}\n{}",
+        ..chunk
+    };
+    let refused = shared_log::append(pg.pool(), uuid, held.generation, other).await;
+    assert!(
+        matches!(refused, Err(loopd::store::StoreError::Fenced(_))),
+        "{refused:?}"
+    );
+    assert_eq!(shared_log::last_seq(&pg, uuid).await.unwrap(), 6);
 }
 
 #[tokio::test]

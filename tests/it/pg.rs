@@ -340,11 +340,32 @@ pub fn lease_left(url: &str, uuid: uuid::Uuid) -> f64 {
 pub fn lines(url: &str, uuid: uuid::Uuid) -> Vec<String> {
     query(url, move |pool| {
         Box::pin(async move {
-            sqlx::query_scalar("SELECT line FROM events WHERE loop_id = $1 ORDER BY seq")
-                .bind(uuid)
-                .fetch_all(&pool)
-                .await
-                .unwrap()
+            let chunks: Vec<(i64, i64, String)> = sqlx::query_as(
+                "SELECT first_seq, last_seq, lines FROM event_chunks WHERE loop_id = $1 \
+                 ORDER BY first_seq",
+            )
+            .bind(uuid)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            // Each chunk numbers its lines first..=last, and chunks follow
+            // on from each other from seq 1.
+            let mut lines = Vec::new();
+            for (first, last, chunk) in chunks {
+                assert_eq!(
+                    first,
+                    lines.len() as i64 + 1,
+                    "a gap or overlap before {first}"
+                );
+                for (i, line) in chunk.split('\n').enumerate() {
+                    let seq =
+                        serde_json::from_str::<serde_json::Value>(line).unwrap()["seq"].as_i64();
+                    assert_eq!(seq, Some(first + i as i64), "{line}");
+                    lines.push(line.to_owned());
+                }
+                assert_eq!(last, lines.len() as i64, "chunk {first}..={last}");
+            }
+            lines
         })
     })
 }

@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use bytes::BytesMut;
 use uuid::Uuid;
 
-use super::{EventLog, Placed, Recovered};
+use super::{EventLog, Recovered};
 use crate::runtime::events::{StoredEvent, frame_into};
 use crate::store::{Pg, StoreError, shared_log};
 
-/// Rows read from the database at once while catching up.
-const CATCH_UP_ROWS: i64 = 512;
+/// Appends (chunks) read from the database at once while catching up.
+const CATCH_UP_CHUNKS: i64 = 64;
 
 /// The database side of a shared log.
 pub struct Remote {
@@ -44,33 +44,32 @@ impl Remote {
         &self.pg
     }
 
-    /// Writes the encoded `lines` (events `first..`, placed as `placed`
-    /// says, from file offset `start`) to the database under the lease.
+    /// Writes the encoded `lines` (`count` events from `first`, each line
+    /// ending in a newline) to the database under the lease, as one chunk.
     pub(super) async fn append(
         &self,
         first: u64,
-        start: u64,
+        count: usize,
         lines: &[u8],
-        placed: &[Placed],
     ) -> Result<(), StoreError> {
         let generation = self.generation.load(Ordering::SeqCst);
         if generation == 0 {
             return Err(StoreError::Fenced(format!("loop_{}", self.loop_id)));
         }
-        let mut rows = Vec::with_capacity(placed.len());
-        for (i, (_, offset, _)) in placed.iter().enumerate() {
-            let from = (offset - start) as usize;
-            let to = placed
-                .get(i + 1)
-                .map_or(lines.len(), |(_, next, _)| (next - start) as usize);
-            let line = &lines[from..to];
-            let line = line.strip_suffix(b"\n").unwrap_or(line);
-            rows.push(String::from_utf8_lossy(line).into_owned());
-        }
+        // The lines as the file has them, the last newline off (the
+        // database joins a chunk's lines by newlines). They are JSON that
+        // loopd encoded, so utf-8.
+        let lines = lines.strip_suffix(b"\n").unwrap_or(lines);
+        let lines = String::from_utf8_lossy(lines);
+        let chunk = shared_log::Chunk {
+            first,
+            count,
+            lines: &lines,
+        };
         // With every other loop's appends waiting now: one round trip.
         self.pg
             .group()
-            .append(self.loop_id, generation, first, rows)
+            .append(self.loop_id, generation, chunk)
             .await
     }
 }
@@ -167,12 +166,11 @@ impl EventLog {
                 return Ok(found);
             }
             let after = self.last_seq();
-            let rows =
-                shared_log::read_after(&remote.pg, remote.loop_id, after, CATCH_UP_ROWS).await?;
+            let (rows, full) =
+                shared_log::read_after(&remote.pg, remote.loop_id, after, CATCH_UP_CHUNKS).await?;
             if rows.is_empty() {
                 return Ok(found);
             }
-            let full = rows.len() as i64 == CATCH_UP_ROWS;
             let log = self.clone();
             let applied = tokio::task::spawn_blocking(move || log.apply_stored(&rows))
                 .await
