@@ -49,21 +49,53 @@ pub async fn to_owner(State(state): State<AppState>, req: Request, next: Next) -
     let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
         return ApiError::body_too_large().into_response();
     };
-    let response = next
-        .run(Request::from_parts(
+    let again = |next: Next| {
+        next.run(Request::from_parts(
             parts.clone(),
             Body::from(bytes.clone()),
         ))
-        .await;
-    let Some(ForwardTo(node)) = response.extensions().get::<ForwardTo>().cloned() else {
-        return response;
     };
-    if forwarded {
-        // The node we were sent to by another says it is not the owner
-        // either (the loop moved meanwhile): the caller tries again.
-        return response;
+    let mut response = again(next.clone()).await;
+    // A node that cannot be reached was never given the request: it is
+    // run here once more, that node avoided (a loop nobody runs is then
+    // taken here, or sent to another node).
+    let mut unreachable = None;
+    loop {
+        let Some(ForwardTo(node)) = response.extensions().get::<ForwardTo>().cloned() else {
+            return response;
+        };
+        if forwarded || unreachable.as_ref() == Some(&node) {
+            // Sent here by another node, which says it is not the owner
+            // either (the loop moved meanwhile), or the owner is the node
+            // that cannot be reached: the caller tries again.
+            return response;
+        }
+        match send(&state, &secret, &parts, bytes.clone(), &node).await {
+            Ok(answer) => return answer,
+            Err(err) if err.is_connect() && unreachable.is_none() => {
+                tracing::warn!(node = %node, error = %err, "could not reach the loop's node; trying without it");
+                state.runtime.node_unreachable(&node);
+                unreachable = Some(node);
+                response = again(next.clone()).await;
+            }
+            Err(err) => {
+                tracing::warn!(node = %node, error = %err, "could not forward a request to the loop's node");
+                return response;
+            }
+        }
     }
-    let mut url = node.clone();
+}
+
+/// Sends the request to `node` (the caller's credentials, the cluster's
+/// secret) and streams its answer back.
+async fn send(
+    state: &AppState,
+    secret: &str,
+    parts: &axum::http::request::Parts,
+    bytes: axum::body::Bytes,
+    node: &str,
+) -> Result<Response, reqwest::Error> {
+    let mut url = node.to_owned();
     url.push_str(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     let mut headers = HeaderMap::new();
     for (name, value) in &parts.headers {
@@ -71,32 +103,25 @@ pub async fn to_owner(State(state): State<AppState>, req: Request, next: Next) -
             headers.append(name.clone(), value.clone());
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&secret) {
+    if let Ok(v) = HeaderValue::from_str(secret) {
         headers.insert(FORWARDED_BY, v);
     }
-    let sent = state
+    let answer = state
         .forwarder
         .request(parts.method.clone(), &url)
         .headers(headers)
         .body(bytes)
         .send()
-        .await;
-    match sent {
-        Ok(answer) => {
-            let mut out = Response::builder().status(answer.status());
-            for (name, value) in answer.headers() {
-                if !HOP.contains(name) {
-                    out = out.header(name, value);
-                }
-            }
-            out.body(Body::from_stream(answer.bytes_stream()))
-                .unwrap_or_else(|e| ApiError::internal(e).into_response())
-        }
-        Err(err) => {
-            tracing::warn!(node = %node, error = %err, "could not forward a request to the loop's node");
-            response
+        .await?;
+    let mut out = Response::builder().status(answer.status());
+    for (name, value) in answer.headers() {
+        if !HOP.contains(name) {
+            out = out.header(name, value);
         }
     }
+    Ok(out
+        .body(Body::from_stream(answer.bytes_stream()))
+        .unwrap_or_else(|e| ApiError::internal(e).into_response()))
 }
 
 /// Compares digests, so the time taken says nothing about the secret.

@@ -24,6 +24,10 @@ const TAKEOVER_SCAN: Duration = Duration::from_millis(500);
 /// takes it over wakes.
 const TAKEOVER_MARGIN: Duration = Duration::from_millis(5);
 
+/// Unreachable nodes remembered at once, at most (the cluster's size is
+/// far below it; past it, a node is simply not remembered).
+const MAX_UNREACHABLE: usize = 1024;
+
 /// How a loop's lease stands for this node.
 pub enum Claim {
     /// This node holds it now; `previous` held it before (this node itself
@@ -47,6 +51,9 @@ pub struct Cluster {
     /// Held while this node takes a lease and queues a command for the
     /// loop's task, and while a loop's task gives its lease back.
     pub claiming: tokio::sync::Mutex<()>,
+    /// Nodes a forwarded request could not reach, and when: not sent a
+    /// loop's work again for a lease's time (they are likely dead).
+    unreachable: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Cluster {
@@ -57,6 +64,33 @@ impl Cluster {
             ttl,
             held: Mutex::new(HashMap::new()),
             claiming: tokio::sync::Mutex::new(()),
+            unreachable: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where a loop nobody runs should go instead of here: the node that
+    /// last ran it (its workspace and conversation are there, unless the
+    /// workspace root is shared), while that node is alive and has room.
+    /// Alive: it reported itself within half a lease (it does every
+    /// third), and no request found it unreachable lately.
+    pub async fn home_elsewhere(&self, id: LoopId) -> Result<Option<String>, StoreError> {
+        let Some(home) = shared_log::live_home(&self.pg, id.0, &self.me, self.ttl / 2).await?
+        else {
+            return Ok(None);
+        };
+        let mut unreachable = self.unreachable.lock().expect("unreachable poisoned");
+        unreachable.retain(|_, at| at.elapsed() < self.ttl);
+        Ok((!unreachable.contains_key(&home)).then_some(home))
+    }
+
+    /// A forwarded request could not connect to `node`: it gets no new
+    /// loops from this node for a lease's time. Bounded by the nodes that
+    /// report themselves (anything else is never sent work).
+    pub fn unreachable(&self, node: &str) {
+        let mut unreachable = self.unreachable.lock().expect("unreachable poisoned");
+        unreachable.retain(|_, at| at.elapsed() < self.ttl);
+        if unreachable.len() < MAX_UNREACHABLE {
+            unreachable.insert(node.to_owned(), std::time::Instant::now());
         }
     }
 
@@ -360,7 +394,7 @@ impl Runtime {
             return;
         };
         if let Some(payload) = payload {
-            let Some((id, head, rows)) = parse_announcement(&payload) else {
+            let Some(Announcement { id, head, rows }) = parse_announcement(&payload) else {
                 return;
             };
             if !rows.is_empty()
@@ -409,7 +443,15 @@ impl Runtime {
 
 /// What an append's notification says: `"<uuid> <head>"`, then for a small
 /// append `"\n<first seq>\n<lines>"` (the chunk as it was written).
-fn parse_announcement(payload: &str) -> Option<(LoopId, u64, Vec<(i64, String)>)> {
+#[derive(Debug, PartialEq)]
+struct Announcement {
+    id: LoopId,
+    head: u64,
+    /// The chunk's events (seq, line), when it came along.
+    rows: Vec<(i64, String)>,
+}
+
+fn parse_announcement(payload: &str) -> Option<Announcement> {
     let (top, chunk) = match payload.split_once('\n') {
         Some((top, chunk)) => (top, Some(chunk)),
         None => (payload, None),
@@ -427,7 +469,7 @@ fn parse_announcement(payload: &str) -> Option<(LoopId, u64, Vec<(i64, String)>)
             (rows.last()?.0 as u64 == head).then_some(rows)
         })
         .unwrap_or_default();
-    Some((id, head, rows))
+    Some(Announcement { id, head, rows })
 }
 
 #[cfg(test)]
@@ -437,35 +479,31 @@ mod announcement_tests {
     #[test]
     fn announcements_parse_as_written() {
         let id = "6f1c6a52-6a3e-4a47-9d7e-2f4ad8c0a111";
-        let cases: &[(String, Option<(u64, Vec<(i64, &str)>)>)] = &[
-            (format!("{id} 7"), Some((7, vec![]))),
+        let announced = |head, rows: &[(i64, &str)]| {
+            Some(Announcement {
+                id: LoopId(Uuid::parse_str(id).unwrap()),
+                head,
+                rows: rows.iter().map(|(s, l)| (*s, l.to_string())).collect(),
+            })
+        };
+        let cases = [
+            (format!("{id} 7"), announced(7, &[])),
             (
                 format!("{id} 9\n8\n{{\"seq\":8}}\n{{\"seq\":9}}"),
-                Some((9, vec![(8, "{\"seq\":8}"), (9, "{\"seq\":9}")])),
+                announced(9, &[(8, "{\"seq\":8}"), (9, "{\"seq\":9}")]),
             ),
             (
                 format!("{id} 5\n5\n{{\"seq\":5}}"),
-                Some((5, vec![(5, "{\"seq\":5}")])),
+                announced(5, &[(5, "{\"seq\":5}")]),
             ),
             // A chunk that does not end at the head is not used (caught up by query).
-            (format!("{id} 9\n5\n{{}}"), Some((9, vec![]))),
-            (format!("{id} 9\nx\n{{}}"), Some((9, vec![]))),
+            (format!("{id} 9\n5\n{{}}"), announced(9, &[])),
+            (format!("{id} 9\nx\n{{}}"), announced(9, &[])),
             (format!("{id} x"), None),
             ("nonsense".into(), None),
         ];
         for (payload, want) in cases {
-            let got = parse_announcement(payload).map(|(got_id, head, rows)| {
-                assert_eq!(got_id.0.to_string(), id);
-                (head, rows)
-            });
-            let want = want.as_ref().map(|(head, rows)| {
-                let rows = rows
-                    .iter()
-                    .map(|(s, l)| (*s, l.to_string()))
-                    .collect::<Vec<_>>();
-                (*head, rows)
-            });
-            assert_eq!(got, want, "{payload}");
+            assert_eq!(parse_announcement(&payload), want, "{payload}");
         }
     }
 }

@@ -451,6 +451,11 @@ impl Runtime {
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(RuntimeError::Stopping);
         }
+        // The loop's workspace is on another live node with room: it runs
+        // there, so an idle loop does not lose its files by moving.
+        if let Some(home) = cluster.home_elsewhere(id).await? {
+            return Err(RuntimeError::Elsewhere(home));
+        }
         // Every agent slot here is taken: a node with room runs it (else it
         // waits for a slot here, as on one node).
         if self.shared.slots.live() >= self.shared.config.max_agents
@@ -586,6 +591,14 @@ impl Runtime {
         Ok(Some(lease.and_then(|l| {
             l.owner.filter(|_| l.expires_at.is_some_and(|at| at > now))
         })))
+    }
+
+    /// A request for `node` could not connect to it: it gets no loop's
+    /// work from this node for a while.
+    pub fn node_unreachable(&self, node: &str) {
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.unreachable(node);
+        }
     }
 
     /// This node's name and how many loops it runs, on a shared database.

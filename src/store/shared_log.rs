@@ -182,7 +182,7 @@ pub async fn claim(
         return Ok(None);
     }
     let (generation, head): (i64, i64) = sqlx::query_as(
-        "UPDATE leases SET owner = $2, generation = generation + 1, \
+        "UPDATE leases SET owner = $2, home = $2, generation = generation + 1, \
          expires_at = now() + make_interval(secs => $3), version = nextval('changes') \
          WHERE loop_id = $1 RETURNING generation, head",
     )
@@ -233,6 +233,27 @@ pub async fn release(pg: &Pg, loop_id: Uuid, generation: i64) -> Result<(), Stor
     .execute(pg.pool())
     .await?;
     Ok(())
+}
+
+/// The node that last ran the loop's agent (where its workspace is), if
+/// it is not `me`, reported itself within `alive`, and has room for an
+/// agent.
+pub async fn live_home(
+    pg: &Pg,
+    loop_id: Uuid,
+    me: &str,
+    alive: Duration,
+) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT l.home FROM leases l JOIN nodes n ON n.url = l.home \
+         WHERE l.loop_id = $1 AND l.home <> $2 \
+         AND n.seen_at > now() - make_interval(secs => $3) AND n.owned < n.max_agents",
+    )
+    .bind(loop_id)
+    .bind(me)
+    .bind(alive.as_secs_f64())
+    .fetch_optional(pg.pool())
+    .await?)
 }
 
 /// One loop's lease, if it ever had one.

@@ -85,10 +85,15 @@ impl Drop for Node {
 
 /// `n` nodes on a new database holding users alice and bob.
 async fn cluster(n: usize) -> (String, Vec<Node>) {
+    cluster_with(n, &[]).await
+}
+
+/// [`cluster`], every node started with `args`.
+async fn cluster_with(n: usize, args: &[&str]) -> (String, Vec<Node>) {
     let database = crate::pg::server().new_database();
     let mut nodes = Vec::new();
     for _ in 0..n {
-        nodes.push(Node::start(&database).await);
+        nodes.push(Node::start_with(&database, args).await);
     }
     let accounts = crate::pg::accounts(&database);
     for name in ["alice", "bob"] {
@@ -387,6 +392,68 @@ async fn a_data_directory_migrates_into_the_database_and_a_node_serves_it() {
     assert_eq!(next.last().unwrap().name, "done");
     // Its user_message took the next seq after the copied ones.
     assert_eq!(next[0].id, Some(last + 2));
+}
+
+#[tokio::test]
+async fn an_idle_loop_goes_back_to_the_node_that_has_its_workspace() {
+    // Agents are reclaimed after a second idle, and their lease given back.
+    let (database, mut nodes) = cluster_with(3, &["--idle-timeout", "1"]).await;
+    let alice = nodes[0].app.bearer("alice").await;
+    let id = nodes[0].app.create_loop(&alice, json!({})).await;
+    let node_of = async |nodes: &[Node]| {
+        nodes[2]
+            .app
+            .get(&format!("/api/v1/loops/{id}"), &alice)
+            .await
+            .1["node"]
+            .clone()
+    };
+    let first = nodes[0]
+        .app
+        .send(&alice, &id, "hello")
+        .await
+        .until_end()
+        .await;
+    assert_eq!(first.last().unwrap().name, "done");
+    eventually("A to give the idle loop back", async || {
+        node_of(&nodes).await == Value::Null
+    })
+    .await;
+
+    // Sent through B, it runs on A again, in the same workspace.
+    let mut held = nodes[1].app.send(&alice, &id, "/hold back").await;
+    held.until("assistant_delta").await;
+    assert_eq!(node_of(&nodes).await, json!(nodes[0].url()));
+    std::fs::write(workspace_of(&nodes[0], &id).join("back"), "").unwrap();
+    assert_eq!(held.until_end().await.last().unwrap().name, "done");
+    eventually("A to give it back again", async || {
+        node_of(&nodes).await == Value::Null
+    })
+    .await;
+
+    // A dies while the loop is idle, and still looks alive in the nodes
+    // table: B cannot reach it, and takes the loop itself.
+    let a_url = nodes[0].url();
+    nodes[0].kill();
+    crate::pg::pretend_alive(&database, &a_url);
+    let after = nodes[1]
+        .app
+        .send(&alice, &id, "after")
+        .await
+        .until_end()
+        .await;
+    assert_eq!(after.last().unwrap().name, "done", "{after:?}");
+    assert!(
+        nodes[1].log().contains("could not reach the loop's node"),
+        "{}",
+        nodes[1].log()
+    );
+    // B is its home now: through C, it runs on B.
+    let mut held = nodes[2].app.send(&alice, &id, "/hold there").await;
+    held.until("assistant_delta").await;
+    assert_eq!(node_of(&nodes).await, json!(nodes[1].url()));
+    std::fs::write(workspace_of(&nodes[1], &id).join("there"), "").unwrap();
+    assert_eq!(held.until_end().await.last().unwrap().name, "done");
 }
 
 #[tokio::test]

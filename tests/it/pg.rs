@@ -320,6 +320,24 @@ pub fn steal_lease(url: &str, uuid: uuid::Uuid) {
     })
 }
 
+/// Makes the node `node` look alive (reported itself just now, with room)
+/// for an hour, whatever it is.
+pub fn pretend_alive(url: &str, node: &str) {
+    let node = node.to_owned();
+    query(url, move |pool| {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "UPDATE nodes SET seen_at = now() + interval '1 hour', owned = 0 WHERE url = $1",
+            )
+            .bind(node)
+            .execute(&pool)
+            .await
+            .unwrap();
+            assert_eq!(done.rows_affected(), 1);
+        })
+    })
+}
+
 /// Seconds until a loop's lease runs out, by the database's clock.
 #[allow(dead_code)] // used by the bench
 pub fn lease_left(url: &str, uuid: uuid::Uuid) -> f64 {
