@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -28,6 +28,20 @@ const TAKEOVER_MARGIN: Duration = Duration::from_millis(5);
 /// far below it; past it, a node is simply not remembered).
 const MAX_UNREACHABLE: usize = 1024;
 
+/// A lease this node holds: its generation, and until when it surely
+/// holds it by this node's clock (a lease's time after the last claim or
+/// renewal was sent; the database counts from when it got it, later).
+#[derive(Clone, Copy)]
+struct Held {
+    generation: i64,
+    until: Instant,
+}
+
+/// How long before a held lease could run out this node stops its agent,
+/// as a part of the lease's time: after two renewals in a row failed (they
+/// come every third), so no other node can have taken it yet.
+const SELF_FENCE: u32 = 4;
+
 /// How a loop's lease stands for this node.
 pub enum Claim {
     /// This node holds it now; `previous` held it before (this node itself
@@ -46,8 +60,8 @@ pub struct Cluster {
     /// This node's advertise URL: its name in leases.
     pub me: String,
     pub ttl: Duration,
-    /// Loops whose lease this node holds, with the generation.
-    held: Mutex<HashMap<LoopId, i64>>,
+    /// Loops whose lease this node holds.
+    held: Mutex<HashMap<LoopId, Held>>,
     /// Held while this node takes a lease and queues a command for the
     /// loop's task, and while a loop's task gives its lease back.
     pub claiming: tokio::sync::Mutex<()>,
@@ -104,6 +118,7 @@ impl Cluster {
                 found: Recovered::default(),
             });
         }
+        let asked = Instant::now();
         let Some(claimed) = shared_log::claim(&self.pg, id.0, &self.me, self.ttl).await? else {
             let owner = shared_log::lease(&self.pg, id.0)
                 .await?
@@ -122,10 +137,11 @@ impl Cluster {
             )));
         }
         log.hold(claimed.generation);
-        self.held
-            .lock()
-            .expect("held poisoned")
-            .insert(id, claimed.generation);
+        let held = Held {
+            generation: claimed.generation,
+            until: asked + self.ttl,
+        };
+        self.held.lock().expect("held poisoned").insert(id, held);
         tracing::info!(loop_id = %id, generation = claimed.generation, previous = ?claimed.previous, "took the loop's lease");
         Ok(Claim::Mine {
             previous: claimed.previous,
@@ -153,8 +169,8 @@ impl Cluster {
     /// Gives back every lease this node holds (at shutdown, once its
     /// loops' tasks have stopped): another node may take them at once.
     pub async fn release_all(&self) {
-        let held: Vec<(LoopId, i64)> = self.held.lock().expect("held poisoned").drain().collect();
-        for (id, generation) in held {
+        let held: Vec<(LoopId, Held)> = self.held.lock().expect("held poisoned").drain().collect();
+        for (id, Held { generation, .. }) in held {
             if let Err(err) = shared_log::release(&self.pg, id.0, generation).await {
                 tracing::warn!(loop_id = %id, error = %err, "could not give a lease back");
             }
@@ -175,17 +191,39 @@ impl Cluster {
     async fn renew(&self) -> Result<Vec<LoopId>, StoreError> {
         let held: Vec<(Uuid, i64)> = {
             let held = self.held.lock().expect("held poisoned");
-            held.iter().map(|(id, g)| (id.0, *g)).collect()
+            held.iter().map(|(id, h)| (id.0, h.generation)).collect()
         };
         if held.is_empty() {
             return Ok(Vec::new());
         }
+        let asked = Instant::now();
         let kept = shared_log::renew(&self.pg, &self.me, &held, self.ttl).await?;
+        {
+            let mut mine = self.held.lock().expect("held poisoned");
+            for id in &kept {
+                if let Some(h) = mine.get_mut(&LoopId(*id)) {
+                    h.until = h.until.max(asked + self.ttl);
+                }
+            }
+        }
         Ok(held
             .into_iter()
             .filter(|(id, _)| !kept.contains(id))
             .map(|(id, _)| LoopId(id))
             .collect())
+    }
+
+    /// Loops whose lease this node can no longer be sure to hold (its
+    /// renewals failed, the database unreachable or too slow): their agents
+    /// must stop before another node may take them over.
+    fn unsure(&self) -> Vec<LoopId> {
+        let margin = self.ttl / SELF_FENCE;
+        let now = Instant::now();
+        let held = self.held.lock().expect("held poisoned");
+        held.iter()
+            .filter(|(_, h)| h.until.saturating_duration_since(now) <= margin)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Says this node is alive and how loaded it is.
@@ -261,6 +299,18 @@ impl Runtime {
         self.every(keeper.ttl / 3, move |runtime| {
             let keeper = keeper.clone();
             async move { runtime.keep_leases(&keeper).await }
+        });
+        // Leases this node cannot renew are let go of before they can run
+        // out: no loop's agent runs on two nodes at once.
+        let fence = cluster.clone();
+        self.every(fence.ttl / (SELF_FENCE * 3), move |runtime| {
+            let fence = fence.clone();
+            async move {
+                for id in fence.unsure() {
+                    tracing::warn!(loop_id = %id, "could not renew the loop's lease in time; stopping its agent here before another node may take it");
+                    runtime.lost(id).await;
+                }
+            }
         });
         // Dead nodes' leases are looked for just after the next one runs
         // out, and twice a second in any case: a takeover comes within a few

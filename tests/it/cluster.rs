@@ -336,6 +336,84 @@ async fn a_killed_node_costs_only_the_turn_it_was_running() {
 }
 
 #[tokio::test]
+async fn a_node_cut_off_from_the_database_stops_its_agent_and_another_takes_over() {
+    let database = crate::pg::server().new_database();
+    // A reaches the database through a relay the test can cut.
+    let relay = crate::pg::Relay::start(&database);
+    let mut nodes = [Node::start(&relay.url).await, Node::start(&database).await];
+    add_alice(&database);
+    let alice = nodes[1].app.bearer("alice").await;
+    let id = nodes[1].app.create_loop(&alice, json!({})).await;
+    eventually("the loop on A", async || {
+        nodes[0]
+            .app
+            .get(&format!("/api/v1/loops/{id}"), &alice)
+            .await
+            .0
+            == StatusCode::OK
+    })
+    .await;
+    let mut running = nodes[0].app.send(&alice, &id, "/hold never").await;
+    running.until("assistant_delta").await;
+    let mut watcher = nodes[1].app.watch(&alice, &id, None).await;
+
+    relay.cut();
+    // A cannot renew: it stops the agent itself, before its lease can run
+    // out; B then takes the loop over, and the running turn ends node_lost.
+    eventually(
+        "A to stop the agent it can no longer be sure of",
+        async || {
+            nodes[0]
+                .log()
+                .contains("could not renew the loop's lease in time")
+        },
+    )
+    .await;
+    let lost = watcher.until("error").await;
+    assert_eq!(lost.last().unwrap().data["code"], "node_lost", "{lost:?}");
+    let next = nodes[1]
+        .app
+        .send(&alice, &id, "after the cut")
+        .await
+        .until_end()
+        .await;
+    assert_eq!(next.last().unwrap().name, "done", "{next:?}");
+
+    // A gets its database back: a message through it works again (B,
+    // the loop's home now, runs it).
+    relay.restore();
+    let path = format!("/api/v1/loops/{id}/messages");
+    let mut answered = None;
+    eventually("A to take a message again", async || {
+        let resp = nodes[0]
+            .app
+            .request(reqwest::Method::POST, &path, &alice)
+            .json(&json!({"content": "through A again"}))
+            .send()
+            .await
+            .unwrap();
+        let ok = resp.status() == StatusCode::OK;
+        if ok {
+            answered = Some(crate::support::SseStream::new(resp));
+        }
+        ok
+    })
+    .await;
+    let last = answered.unwrap().until_end().await;
+    assert_eq!(last.last().unwrap().name, "done", "{last:?}");
+    let (_, detail) = nodes[0]
+        .app
+        .get(&format!("/api/v1/loops/{id}"), &alice)
+        .await;
+    assert_eq!(detail["node"], json!(nodes[1].url()), "{detail}");
+    let events = all_events(&nodes[0], &alice, &id, last.last().unwrap().id.unwrap()).await;
+    assert_contiguous(&events);
+    let uuid: uuid::Uuid = id.strip_prefix("loop_").unwrap().parse().unwrap();
+    crate::pg::lines(&database, uuid);
+    nodes[0].kill();
+}
+
+#[tokio::test]
 async fn a_data_directory_migrates_into_the_database_and_a_node_serves_it() {
     // A single node on files, with a loop and a finished turn.
     let tmp = tempfile::tempdir().unwrap();

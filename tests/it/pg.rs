@@ -320,6 +320,66 @@ pub fn steal_lease(url: &str, uuid: uuid::Uuid) {
     })
 }
 
+/// A TCP relay in front of the test server, for one node's connections:
+/// [`Relay::cut`] drops every connection and refuses new ones (the
+/// database unreachable from that node), [`Relay::restore`] lets them
+/// through again.
+pub struct Relay {
+    /// `url` with the relay's port.
+    pub url: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    pub fn start(url: &str) -> Self {
+        let port = server().port;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let relay_port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (is_open, cut) = (open.clone(), cuts.clone());
+        runtime().spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !is_open.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused at once
+                }
+                let mut cut = cut.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            url: url.replacen(&format!(":{port}/"), &format!(":{relay_port}/"), 1),
+            open,
+            cuts,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Makes the node `node` look alive (reported itself just now, with room)
 /// for an hour, whatever it is.
 pub fn pretend_alive(url: &str, node: &str) {
