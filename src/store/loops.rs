@@ -209,18 +209,30 @@ impl LoopStore {
 
     /// Writes a record where records are kept (on Postgres, noting the
     /// version it got, so the change feed does not put an older one back).
-    fn persist(&self, record: &LoopRecord) -> Result<(), StoreError> {
+    /// Writes a record's last activity: the whole `meta.json` on files; on
+    /// the database only `last_active_at`, moved forward, so a copy of the
+    /// record that is behind another node's change never writes over it.
+    fn persist_activity(&self, record: &LoopRecord) -> Result<(), StoreError> {
         match &self.pg {
             None => write_meta(&self.meta_path(record.id), record),
             Some(pg) => {
-                let version = pg.block(super::loops_pg::upsert(pg, record))?;
-                let _index = self.index.write().expect("loop index poisoned");
-                let mut versions = self.versions.lock().expect("versions poisoned");
-                let known = versions.entry(record.id).or_insert(version);
-                *known = (*known).max(version);
+                let moved =
+                    pg.block(super::loops_pg::touch(pg, record.id, record.last_active_at))?;
+                if let Some(version) = moved {
+                    let _index = self.index.write().expect("loop index poisoned");
+                    self.saw_version(record.id, version);
+                }
                 Ok(())
             }
         }
+    }
+
+    /// This node wrote (or read) `version` of a record: the feed never puts
+    /// an older one back. Call holding the index's write lock.
+    fn saw_version(&self, id: LoopId, version: i64) {
+        let mut versions = self.versions.lock().expect("versions poisoned");
+        let known = versions.entry(id).or_insert(version);
+        *known = (*known).max(version);
     }
 
     pub fn loop_dir(&self, id: LoopId) -> PathBuf {
@@ -343,16 +355,33 @@ impl LoopStore {
     pub fn update(
         &self,
         id: LoopId,
-        change: impl FnOnce(&mut LoopRecord),
+        change: impl FnOnce(&mut LoopRecord) + Send,
     ) -> Result<Option<LoopRecord>, StoreError> {
         let _w = self.writer.lock().expect("loop writer poisoned");
+        if let Some(pg) = &self.pg {
+            // Changed where the record is, under its row lock.
+            let Some((mut record, version)) = pg.block(super::loops_pg::update(pg, id, change))?
+            else {
+                return Ok(None);
+            };
+            let mut index = self.index.write().expect("loop index poisoned");
+            // Activity this node noted but has not written yet stays.
+            if let Some(known) = index.get(&id) {
+                record.last_active_at = record.last_active_at.max(known.last_active_at);
+            }
+            if let Some(version) = version {
+                self.saw_version(id, version);
+            }
+            index.insert(id, record.clone());
+            return Ok(Some(record));
+        }
         let Some(mut record) = self.get(id) else {
             return Ok(None);
         };
         let before = record.clone();
         change(&mut record);
         if record != before {
-            self.persist(&record)?;
+            write_meta(&self.meta_path(id), &record)?;
             self.index
                 .write()
                 .expect("loop index poisoned")
@@ -383,7 +412,7 @@ impl LoopStore {
             touched.dirty.insert(id);
             return Ok(());
         }
-        if let Err(err) = self.persist(&record) {
+        if let Err(err) = self.persist_activity(&record) {
             touched.dirty.insert(id); // the next flush tries again
             return Err(err);
         }
@@ -410,7 +439,7 @@ impl LoopStore {
                 touched.dirty.remove(&id);
                 continue;
             };
-            match self.persist(&record) {
+            match self.persist_activity(&record) {
                 Ok(()) => {
                     touched.dirty.remove(&id);
                     touched.written.insert(id, std::time::Instant::now());

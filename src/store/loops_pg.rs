@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -34,19 +35,61 @@ pub async fn load_all(pg: &Pg) -> Result<(HashMap<LoopId, LoopRecord>, i64), Sto
     ))
 }
 
-/// Writes a record (new or changed) and announces it; returns its version.
-pub async fn upsert(pg: &Pg, record: &LoopRecord) -> Result<i64, StoreError> {
-    Ok(sqlx::query_scalar(
-        "WITH up AS (INSERT INTO loops (id, created_by, record) VALUES ($1, $2, $3) \
-         ON CONFLICT (id) DO UPDATE SET record = $3, version = nextval('changes') RETURNING version), \
-         told AS (SELECT pg_notify($4, $1::text) FROM up) \
+/// Changes a record inside a transaction holding its row: `change` sees
+/// the record as the database has it now, so what another node changed
+/// meanwhile (an archive, a title, the agent's session) is never written
+/// over. `None`: no such loop. The version is `None` when `change` changed
+/// nothing (nothing is written).
+pub async fn update(
+    pg: &Pg,
+    id: LoopId,
+    change: impl FnOnce(&mut LoopRecord) + Send,
+) -> Result<Option<(LoopRecord, Option<i64>)>, StoreError> {
+    let mut tx = pg.pool().begin().await?;
+    let found: Option<Json<LoopRecord>> =
+        sqlx::query_scalar("SELECT record FROM loops WHERE id = $1 FOR UPDATE")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(Json(mut record)) = found else {
+        return Ok(None);
+    };
+    let before = record.clone();
+    change(&mut record);
+    if record == before {
+        return Ok(Some((record, None)));
+    }
+    let version: i64 = sqlx::query_scalar(
+        "WITH up AS (UPDATE loops SET record = $2, version = nextval('changes') WHERE id = $1 \
+             RETURNING version), \
+         told AS (SELECT pg_notify($3, $1::text) FROM up) \
          SELECT up.version FROM up, told",
     )
-    .bind(record.id.0)
-    .bind(&record.created_by)
-    .bind(Json(record))
+    .bind(id.0)
+    .bind(Json(&record))
     .bind(CHANNEL)
-    .fetch_one(pg.pool())
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some((record, Some(version))))
+}
+
+/// Moves a loop's last activity forward to `at` (never back), touching
+/// nothing else of the record; the version when it moved.
+pub async fn touch(pg: &Pg, id: LoopId, at: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
+    let at = Json(at);
+    Ok(sqlx::query_scalar(
+        "WITH up AS (UPDATE loops SET record = jsonb_set(record, '{last_active_at}', $2), \
+             version = nextval('changes') \
+             WHERE id = $1 AND (record->>'last_active_at')::timestamptz < ($2 #>> '{}')::timestamptz \
+             RETURNING version), \
+         told AS (SELECT pg_notify($3, $1::text) FROM up) \
+         SELECT up.version FROM up, told",
+    )
+    .bind(id.0)
+    .bind(at)
+    .bind(CHANNEL)
+    .fetch_optional(pg.pool())
     .await?)
 }
 

@@ -14,8 +14,8 @@ use crate::support::{Auth, PASSWORD, TestApp, assert_error, eventually, names};
 /// Lease time of the test nodes: a dead node's loops move after this.
 const LEASE_TTL: &str = "3";
 
-struct Node {
-    app: TestApp,
+pub(crate) struct Node {
+    pub(crate) app: TestApp,
     child: Child,
     _dir: TempDir,
 }
@@ -61,12 +61,12 @@ impl Node {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.app.addr)
     }
 
     /// kill -9: no goodbye, no lease given back.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
@@ -89,7 +89,7 @@ async fn cluster(n: usize) -> (String, Vec<Node>) {
 }
 
 /// [`cluster`], every node started with `args`.
-async fn cluster_with(n: usize, args: &[&str]) -> (String, Vec<Node>) {
+pub(crate) async fn cluster_with(n: usize, args: &[&str]) -> (String, Vec<Node>) {
     let database = crate::pg::server().new_database();
     let mut nodes = Vec::new();
     for _ in 0..n {
@@ -118,13 +118,13 @@ fn add_alice(database: &str) {
         .unwrap();
 }
 
-fn workspace_of(node: &Node, loop_id: &str) -> PathBuf {
+pub(crate) fn workspace_of(node: &Node, loop_id: &str) -> PathBuf {
     let uuid = loop_id.strip_prefix("loop_").unwrap();
     node.app.dir.join("loops").join(uuid).join("workspace")
 }
 
 /// Every event of the loop, as `node` serves them from the start.
-async fn all_events(node: &Node, auth: &Auth, loop_id: &str, until_seq: u64) -> Vec<(u64, String)> {
+pub(crate) async fn all_events(node: &Node, auth: &Auth, loop_id: &str, until_seq: u64) -> Vec<(u64, String)> {
     let mut stream = node.app.watch(auth, loop_id, Some(0)).await;
     let mut out = Vec::new();
     while out.last().is_none_or(|(seq, _)| *seq < until_seq) {
@@ -134,7 +134,7 @@ async fn all_events(node: &Node, auth: &Auth, loop_id: &str, until_seq: u64) -> 
     out
 }
 
-fn assert_contiguous(events: &[(u64, String)]) {
+pub(crate) fn assert_contiguous(events: &[(u64, String)]) {
     let seqs: Vec<u64> = events.iter().map(|(s, _)| *s).collect();
     let want: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(seqs, want, "no gap, no duplicate: {events:?}");
@@ -532,6 +532,31 @@ async fn an_idle_loop_goes_back_to_the_node_that_has_its_workspace() {
     assert_eq!(node_of(&nodes).await, json!(nodes[1].url()));
     std::fs::write(workspace_of(&nodes[1], &id).join("there"), "").unwrap();
     assert_eq!(held.until_end().await.last().unwrap().name, "done");
+}
+
+#[tokio::test]
+async fn a_change_a_node_has_not_seen_yet_is_not_written_over() {
+    let (database, nodes) = cluster(1).await;
+    let alice = nodes[0].app.bearer("alice").await;
+    let id = nodes[0]
+        .app
+        .create_loop(&alice, json!({"title": "mine"}))
+        .await;
+    let uuid: uuid::Uuid = id.strip_prefix("loop_").unwrap().parse().unwrap();
+    // Another node renamed it a moment ago; this node has not heard yet.
+    crate::pg::retitle_unseen(&database, uuid, "renamed elsewhere");
+    // A turn (its activity, the agent's session) and an archive through
+    // this node keep the rename.
+    let said = nodes[0].app.send(&alice, &id, "hi").await.until_end().await;
+    assert_eq!(said.last().unwrap().name, "done");
+    let (status, _) = nodes[0]
+        .app
+        .delete(&format!("/api/v1/loops/{id}"), &alice)
+        .await;
+    assert!(status.is_success(), "{status}");
+    let record = crate::pg::record(&database, uuid);
+    assert_eq!(record["title"], "renamed elsewhere", "{record}");
+    assert_eq!(record["archived"], true, "{record}");
 }
 
 #[tokio::test]

@@ -414,6 +414,35 @@ pub fn lease_left(url: &str, uuid: uuid::Uuid) -> f64 {
     })
 }
 
+/// A loop's record as the database has it.
+pub fn record(url: &str, uuid: uuid::Uuid) -> serde_json::Value {
+    query(url, move |pool| {
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT record FROM loops WHERE id = $1")
+                .bind(uuid)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        })
+    })
+}
+
+/// Changes a loop's title in the database behind every node's back (no
+/// new version, no notification), as a change no node has seen yet.
+pub fn retitle_unseen(url: &str, uuid: uuid::Uuid, title: &str) {
+    let title = serde_json::json!(title);
+    query(url, move |pool| {
+        Box::pin(async move {
+            sqlx::query("UPDATE loops SET record = jsonb_set(record, '{title}', $2) WHERE id = $1")
+                .bind(uuid)
+                .bind(title)
+                .execute(&pool)
+                .await
+                .unwrap();
+        })
+    })
+}
+
 /// A loop's event lines as the database has them.
 pub fn lines(url: &str, uuid: uuid::Uuid) -> Vec<String> {
     query(url, move |pool| {
