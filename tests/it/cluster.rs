@@ -124,7 +124,12 @@ pub(crate) fn workspace_of(node: &Node, loop_id: &str) -> PathBuf {
 }
 
 /// Every event of the loop, as `node` serves them from the start.
-pub(crate) async fn all_events(node: &Node, auth: &Auth, loop_id: &str, until_seq: u64) -> Vec<(u64, String)> {
+pub(crate) async fn all_events(
+    node: &Node,
+    auth: &Auth,
+    loop_id: &str,
+    until_seq: u64,
+) -> Vec<(u64, String)> {
     let mut stream = node.app.watch(auth, loop_id, Some(0)).await;
     let mut out = Vec::new();
     while out.last().is_none_or(|(seq, _)| *seq < until_seq) {

@@ -8,6 +8,8 @@ pub const ON_POSTGRES: bool = false;
 
 mod audit;
 mod auth;
+// On Postgres whatever the target: run once, here.
+mod balancer;
 mod bot;
 mod capture;
 mod claude;
