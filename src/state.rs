@@ -48,6 +48,7 @@ impl AppState {
                 let pg = Pg::connect(&c.database_url).await?;
                 let secret = node_secret(&pg).await?;
                 let cluster = Cluster::new(pg.clone(), c.advertise_url.clone(), c.lease_ttl);
+                cluster.refuse_a_twin().await?;
                 (Backend::Postgres(pg), Some(Arc::new(cluster)), Some(secret))
             }
         };

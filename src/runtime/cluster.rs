@@ -68,6 +68,11 @@ pub struct Cluster {
     /// Nodes a forwarded request could not reach, and when: not sent a
     /// loop's work again for a lease's time (they are likely dead).
     unreachable: Mutex<HashMap<String, std::time::Instant>>,
+    /// This process's id in `nodes` (another one under `me` is a second
+    /// process with the same advertise URL), and how many times it
+    /// reported itself.
+    instance: String,
+    beats: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -79,7 +84,53 @@ impl Cluster {
             held: Mutex::new(HashMap::new()),
             claiming: tokio::sync::Mutex::new(()),
             unreachable: Mutex::new(HashMap::new()),
+            instance: crate::ids::random_hex(8),
+            beats: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Refuses to start a second process under an advertise URL another
+    /// live loopd answers at: they would take each other's leases as their
+    /// own. Asked only when a node reported itself under that URL within a
+    /// lease (else it is surely gone): its `/healthz` is asked, and a
+    /// process that answers with this URL as its node is alive. No answer
+    /// within 2 s is a node that died (a restart after a crash); this
+    /// process itself does not answer yet.
+    pub async fn refuse_a_twin(&self) -> Result<(), StoreError> {
+        let recent: Option<bool> = sqlx::query_scalar(
+            "SELECT seen_at > now() - make_interval(secs => $2) FROM nodes WHERE url = $1",
+        )
+        .bind(&self.me)
+        .bind(self.ttl.as_secs_f64())
+        .fetch_optional(self.pg.pool())
+        .await?;
+        if recent != Some(true) {
+            return Ok(());
+        }
+        let Ok(client) = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+        else {
+            return Ok(());
+        };
+        let health = format!("{}/healthz", self.me.trim_end_matches('/'));
+        let answered = match client.get(&health).send().await {
+            Ok(resp) => resp.json::<serde_json::Value>().await.ok(),
+            Err(_) => None,
+        };
+        if answered.is_some_and(|h| h["node"] == self.me.as_str()) {
+            return Err(StoreError::Conflict(
+                "duplicate_node",
+                format!(
+                    "another loopd is running with --advertise-url {}: give each node its own \
+                     advertise URL (nodes with one name would take each other's loops)",
+                    self.me
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Where a loop nobody runs should go instead of here: the node that
@@ -175,6 +226,7 @@ impl Cluster {
                 tracing::warn!(loop_id = %id, error = %err, "could not give a lease back");
             }
         }
+        self.leave().await;
     }
 
     /// How many loops this node runs.
@@ -226,18 +278,41 @@ impl Cluster {
             .collect()
     }
 
-    /// Says this node is alive and how loaded it is.
+    /// Says this node is alive and how loaded it is. Another process's id
+    /// found there after this one's first report is a second process with
+    /// the same advertise URL: said loudly, at every report.
     async fn heartbeat(&self, max_agents: usize) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO nodes (url, seen_at, owned, max_agents) VALUES ($1, now(), $2, $3) \
-             ON CONFLICT (url) DO UPDATE SET seen_at = now(), owned = $2, max_agents = $3",
+        let before: Option<Option<String>> = sqlx::query_scalar(
+            "WITH old AS (SELECT instance FROM nodes WHERE url = $1), \
+             up AS (INSERT INTO nodes (url, seen_at, owned, max_agents, instance) \
+                 VALUES ($1, now(), $2, $3, $4) ON CONFLICT (url) DO UPDATE \
+                 SET seen_at = now(), owned = $2, max_agents = $3, instance = $4 RETURNING 1) \
+             SELECT old.instance FROM old, up",
         )
         .bind(&self.me)
         .bind(self.owned() as i32)
         .bind(max_agents as i32)
-        .execute(self.pg.pool())
+        .bind(&self.instance)
+        .fetch_optional(self.pg.pool())
         .await?;
+        let first = self.beats.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        if !first && before.flatten().is_some_and(|other| other != self.instance) {
+            tracing::error!(node = %self.me, "another loopd process reports itself with this node's --advertise-url: the two take each other's loops; stop one and give each node its own URL");
+        }
         Ok(())
+    }
+
+    /// Takes this node out of `nodes` (at shutdown): a restart under the
+    /// same URL need not ask whether it still runs.
+    async fn leave(&self) {
+        let left = sqlx::query("DELETE FROM nodes WHERE url = $1 AND instance = $2")
+            .bind(&self.me)
+            .bind(&self.instance)
+            .execute(self.pg.pool())
+            .await;
+        if let Err(err) = left {
+            tracing::warn!(error = %err, "could not take this node out of the nodes table");
+        }
     }
 
     /// Another live node with room for an agent, the least loaded first
