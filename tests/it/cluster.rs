@@ -31,27 +31,27 @@ impl Node {
 
     /// With `env` only (instead of this process's environment), when given.
     async fn start_full(database: &str, args: &[&str], env: Option<&[(String, String)]>) -> Self {
+        Self::start_at(database, crate::pg::free_port(), args, env).await
+    }
+
+    /// On loopback `port`.
+    async fn start_at(
+        database: &str,
+        port: u16,
+        args: &[&str],
+        env: Option<&[(String, String)]>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = crate::pg::free_port();
         let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_loopd"));
+        let mut command = serve(database, port, dir.path(), args);
         if let Some(env) = env {
             command.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+            command
+                .env("LOOPD_DATA_DIR", dir.path())
+                .env("LOOPD_DATABASE_URL", database)
+                .env("LOOPD_LOG", "info,sqlx=warn");
         }
-        command.args(["serve", "--bind", &format!("127.0.0.1:{port}")]);
-        if !args.contains(&"--agent") {
-            command.args(["--agent", "echo"]);
-        }
-        let child = command
-            .args(["--lease-ttl", LEASE_TTL])
-            .args(args)
-            .env("LOOPD_DATA_DIR", dir.path())
-            .env("LOOPD_DATABASE_URL", database)
-            .env("LOOPD_LOG", "info,sqlx=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = command.stderr(log).spawn().unwrap();
         let addr = format!("127.0.0.1:{port}").parse().unwrap();
         let app = TestApp::external(addr, dir.path().to_owned()).await;
         Self {
@@ -81,6 +81,23 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `loopd serve` of a test node on loopback `port`, data in `dir`.
+fn serve(database: &str, port: u16, dir: &std::path::Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_loopd"));
+    command.args(["serve", "--bind", &format!("127.0.0.1:{port}")]);
+    if !args.contains(&"--agent") {
+        command.args(["--agent", "echo"]);
+    }
+    command
+        .args(["--lease-ttl", LEASE_TTL])
+        .args(args)
+        .env("LOOPD_DATA_DIR", dir)
+        .env("LOOPD_DATABASE_URL", database)
+        .env("LOOPD_LOG", "info,sqlx=warn")
+        .stdout(Stdio::null());
+    command
 }
 
 /// `n` nodes on a new database holding users alice and bob.
@@ -565,6 +582,47 @@ async fn a_change_a_node_has_not_seen_yet_is_not_written_over() {
 }
 
 #[tokio::test]
+async fn a_second_process_with_a_live_nodes_advertise_url_refuses_to_start() {
+    let database = crate::pg::server().new_database();
+    let mut first = Node::start(&database).await;
+    let url = first.url();
+    // Another process, on its own port and data directory, named as A.
+    let dir = tempfile::tempdir().unwrap();
+    let twin = serve(
+        &database,
+        crate::pg::free_port(),
+        dir.path(),
+        &["--advertise-url", &url],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let out = twin.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "another loopd is running with --advertise-url {url}"
+        )),
+        "{said}"
+    );
+    // A itself, killed and started again on its port (as after a crash,
+    // its report still fresh): nothing answers there, so it starts.
+    let port = first.app.addr.port();
+    first.kill();
+    let again = Node::start_at(&database, port, &[], None).await;
+    assert_eq!(again.url(), url);
+    assert_eq!(
+        again
+            .app
+            .get("/healthz", &crate::support::Auth::None)
+            .await
+            .1["node"],
+        url
+    );
+}
+
+#[tokio::test]
 async fn a_database_with_one_row_per_event_is_brought_to_chunks() {
     // A database as loopd before chunks left it (migrations 1 and 2), with
     // one row per event.
@@ -647,7 +705,33 @@ async fn a_database_with_one_row_per_event_is_brought_to_chunks() {
         matches!(refused, Err(loopd::store::StoreError::Fenced(_))),
         "{refused:?}"
     );
-    assert_eq!(shared_log::last_seq(&pg, uuid).await.unwrap(), 6);
+    // The same through the group commit: its shared statement fails as a
+    // whole, and each batch is tried alone, telling the two apart.
+    pg.group()
+        .append(uuid, held.generation, chunk)
+        .await
+        .unwrap();
+    let refused = pg.group().append(uuid, held.generation, other).await;
+    assert!(
+        matches!(refused, Err(loopd::store::StoreError::Fenced(_))),
+        "{refused:?}"
+    );
+    // A stale generation is fenced, and the next chunk goes on from 7.
+    let next = shared_log::Chunk {
+        first: 7,
+        count: 1,
+        lines: r#"{"seq":7}"#,
+    };
+    let stale = pg.group().append(uuid, held.generation - 1, next).await;
+    assert!(
+        matches!(stale, Err(loopd::store::StoreError::Fenced(_))),
+        "{stale:?}"
+    );
+    pg.group()
+        .append(uuid, held.generation, next)
+        .await
+        .unwrap();
+    assert_eq!(shared_log::last_seq(&pg, uuid).await.unwrap(), 7);
 }
 
 #[tokio::test]
