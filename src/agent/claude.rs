@@ -263,6 +263,14 @@ impl ClaudeHandle {
         sweep(&self.marker).await;
         tracing::info!(pid = self.pgid, "claude agent stopped");
     }
+
+    /// SIGKILL the group at once, reap, sweep.
+    pub async fn kill(mut self) {
+        signal_group(self.pgid, Signal::SIGKILL);
+        let _ = self.child.wait().await;
+        sweep(&self.marker).await;
+        tracing::info!(pid = self.pgid, "claude agent killed");
+    }
 }
 
 #[cfg(test)]

@@ -301,6 +301,15 @@ impl AgentHandle {
             Self::Echo(task) => task.abort(),
         }
     }
+
+    /// Ends the agent and every process it started at once (SIGKILL, no
+    /// grace: its loop is no longer this node's to run), then reaps it.
+    pub async fn kill(self) {
+        match self {
+            Self::Claude(handle) => (*handle).kill().await,
+            Self::Echo(task) => task.abort(),
+        }
+    }
 }
 
 /// Bound of the channels between the runtime and an agent.

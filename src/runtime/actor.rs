@@ -109,8 +109,10 @@ pub struct Actor {
     started: u64,
     /// The log refused more events than [`MAX_UNWRITTEN`]: the turn must end.
     unwritable: bool,
-    /// The shared log refused a write: another node holds the lease now.
-    fenced: bool,
+    /// The shared log refused a write (another node holds the lease now, or
+    /// this node let it go), with the generation it was written under (0:
+    /// none was held).
+    fenced: Option<i64>,
     /// The agent's exit, read while gathering its output (handled next).
     pending_exit: Option<String>,
 }
@@ -195,7 +197,7 @@ impl Actor {
             follow_ups: VecDeque::new(),
             started: 0,
             unwritable: false,
-            fenced: false,
+            fenced: None,
             pending_exit: None,
         }
     }
@@ -212,7 +214,9 @@ impl Actor {
                     return;
                 }
                 Wake::Command(None) => return self.stop(StopReason::Shutdown).await,
-                Wake::Command(Some(Command::Lost)) => return self.lost().await,
+                // (The runtime let the lease go already: it may be this
+                // node's again, under a new generation, by now.)
+                Wake::Command(Some(Command::Lost)) => return self.lost(None).await,
                 Wake::Command(Some(cmd)) => self.command(cmd).await,
                 Wake::Output(Some(AgentOutput::Events(events))) => {
                     let now = Instant::now();
@@ -281,9 +285,9 @@ impl Actor {
                 self.feed(Input::LogUnwritable).await;
                 self.flush().await;
             }
-            if self.fenced {
-                tracing::warn!(loop_id = %self.id, "another node holds this loop's lease now; stopping here");
-                return self.lost().await;
+            if let Some(generation) = self.fenced {
+                tracing::warn!(loop_id = %self.id, "another node holds this loop's lease now, or this node let it go; stopping here");
+                return self.lost(Some(generation)).await;
             }
             if self.out.is_empty()
                 && self.machine.quiet()
@@ -301,14 +305,28 @@ impl Actor {
     }
 
     /// The lease is gone: the agent stops, and nothing more is written.
-    async fn lost(&mut self) {
-        self.log.let_go();
-        if let Some(cluster) = &self.shared.cluster {
+    /// `refused_under`: this task found out itself (a write under that
+    /// generation was refused), so it lets the lease go, if this node
+    /// still holds it under that generation (not if it was let go and
+    /// taken again meanwhile).
+    async fn lost(&mut self, refused_under: Option<i64>) {
+        if let Some(generation) = refused_under
+            && self.log.let_go_if(generation)
+            && let Some(cluster) = &self.shared.cluster
+        {
             cluster.forget(self.id);
         }
         self.out.clear();
-        self.stop_agent(Stopping::Release).await;
-        self.held = Held::Nothing;
+        // Killed at once, no grace: another node may run this loop soon,
+        // and the tool in flight must not go on beside it.
+        if let Held::Agent(permit, process) = std::mem::replace(&mut self.held, Held::Nothing) {
+            let AgentProcess { input, handle, .. } = process;
+            drop(input);
+            self.shared.tasks.spawn(async move {
+                handle.kill().await;
+                drop(permit);
+            });
+        }
         if self.offered {
             self.shared.slots.set_busy(self.id);
         }
@@ -432,8 +450,11 @@ impl Actor {
         let mut batch: Vec<Append> = admission.events.into_iter().map(Append::from).collect();
         batch[0].idem = idem.clone();
         // Refused before the machine takes it: a message not logged was not sent.
+        let under = self.log.held().unwrap_or(0);
         let (seq, turn) = self.log.append_async(&batch).await.inspect_err(|err| {
-            self.fenced = matches!(err, crate::store::StoreError::Fenced(_));
+            if matches!(err, crate::store::StoreError::Fenced(_)) {
+                self.fenced = Some(under);
+            }
         })?;
         let turn_id = admission.turn_id;
         if let Some(idem) = idem {
@@ -601,6 +622,7 @@ impl Actor {
         if self.out.is_empty() {
             return;
         }
+        let under = self.log.held().unwrap_or(0);
         match self.log.append_async(&self.out).await {
             Ok(_) => {
                 let ends_turn = self.out.iter().any(|a| a.event.is_terminal());
@@ -612,7 +634,7 @@ impl Actor {
             }
             Err(crate::store::StoreError::Fenced(_)) => {
                 self.out.clear();
-                self.fenced = true;
+                self.fenced = Some(under);
             }
             Err(err) if self.out.len() > MAX_UNWRITTEN => {
                 tracing::error!(

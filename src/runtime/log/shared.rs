@@ -16,8 +16,10 @@ use super::{EventLog, Recovered};
 use crate::runtime::events::{StoredEvent, frame_into};
 use crate::store::{Pg, StoreError, shared_log};
 
-/// Appends (chunks) read from the database at once while catching up.
+/// Appends (chunks), and bytes of their lines, read from the database at
+/// once while catching up (a larger chunk comes on its own).
 const CATCH_UP_CHUNKS: i64 = 64;
+const CATCH_UP_BYTES: i64 = 4 << 20;
 
 /// The database side of a shared log.
 pub struct Remote {
@@ -32,6 +34,10 @@ pub struct Remote {
     /// task is on its way to it.
     wanted: AtomicU64,
     catching: AtomicBool,
+    /// Woken when this node lets the lease go: an append waiting for the
+    /// database gives up at once (its loop's agent must stop now, not when
+    /// a slow database answers).
+    let_go: tokio::sync::Notify,
 }
 
 impl Remote {
@@ -52,6 +58,11 @@ impl Remote {
         count: usize,
         lines: &[u8],
     ) -> Result<(), StoreError> {
+        // Listening before the generation is read: a let-go after this
+        // point wakes it.
+        let let_go = self.let_go.notified();
+        tokio::pin!(let_go);
+        let_go.as_mut().enable();
         let generation = self.generation.load(Ordering::SeqCst);
         if generation == 0 {
             return Err(StoreError::Fenced(format!("loop_{}", self.loop_id)));
@@ -66,11 +77,14 @@ impl Remote {
             count,
             lines: &lines,
         };
-        // With every other loop's appends waiting now: one round trip.
-        self.pg
-            .group()
-            .append(self.loop_id, generation, chunk)
-            .await
+        // With every other loop's appends waiting now: one round trip. If
+        // the lease is let go meanwhile, the write may still land (the
+        // database is the record; a later catch-up brings it here), but
+        // nothing waits for it.
+        tokio::select! {
+            written = self.pg.group().append(self.loop_id, generation, chunk) => written,
+            () = let_go => Err(StoreError::Fenced(format!("loop_{}", self.loop_id))),
+        }
     }
 }
 
@@ -118,6 +132,7 @@ impl EventLog {
             writer: tokio::sync::Mutex::new(()),
             wanted: AtomicU64::new(0),
             catching: AtomicBool::new(false),
+            let_go: tokio::sync::Notify::new(),
         };
         Self::open_file(path, Some(remote()))
     }
@@ -143,8 +158,26 @@ impl EventLog {
     /// This node gave up (or lost) the lease: it writes nothing more.
     /// Returns the generation it held, if any.
     pub fn let_go(&self) -> Option<i64> {
-        let held = self.remote.as_ref()?.generation.swap(0, Ordering::SeqCst);
+        let remote = self.remote.as_ref()?;
+        let held = remote.generation.swap(0, Ordering::SeqCst);
+        remote.let_go.notify_waiters();
         (held != 0).then_some(held)
+    }
+
+    /// Lets the lease go only if this node holds it under `generation`;
+    /// whether it did.
+    pub fn let_go_if(&self, generation: i64) -> bool {
+        let Some(remote) = self.remote.as_ref() else {
+            return false;
+        };
+        let held = remote
+            .generation
+            .compare_exchange(generation, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if held {
+            remote.let_go.notify_waiters();
+        }
+        held && generation != 0
     }
 
     /// The generation this node writes under, if it holds the lease.
@@ -166,8 +199,14 @@ impl EventLog {
                 return Ok(found);
             }
             let after = self.last_seq();
-            let (rows, full) =
-                shared_log::read_after(&remote.pg, remote.loop_id, after, CATCH_UP_CHUNKS).await?;
+            let (rows, full) = shared_log::read_after(
+                &remote.pg,
+                remote.loop_id,
+                after,
+                CATCH_UP_CHUNKS,
+                CATCH_UP_BYTES,
+            )
+            .await?;
             if rows.is_empty() {
                 return Ok(found);
             }
