@@ -50,10 +50,16 @@ pub async fn to_owner(State(state): State<AppState>, req: Request, next: Next) -
         return ApiError::body_too_large().into_response();
     };
     let again = |next: Next| {
-        next.run(Request::from_parts(
-            parts.clone(),
-            Body::from(bytes.clone()),
-        ))
+        let req = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
+        async move {
+            if forwarded {
+                crate::runtime::cluster::SENT_HERE
+                    .scope((), next.run(req))
+                    .await
+            } else {
+                next.run(req).await
+            }
+        }
     };
     let mut response = again(next.clone()).await;
     // A node that cannot be reached was never given the request: it is
@@ -73,12 +79,14 @@ pub async fn to_owner(State(state): State<AppState>, req: Request, next: Next) -
         match send(&state, &secret, &parts, bytes.clone(), &node).await {
             Ok(answer) => return answer,
             Err(err) if err.is_connect() && unreachable.is_none() => {
+                let err = err.without_url();
                 tracing::warn!(node = %node, error = %err, "could not reach the loop's node; trying without it");
                 state.runtime.node_unreachable(&node);
                 unreachable = Some(node);
                 response = again(next.clone()).await;
             }
             Err(err) => {
+                let err = err.without_url();
                 tracing::warn!(node = %node, error = %err, "could not forward a request to the loop's node");
                 return response;
             }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::log::{EventLog, Recovered};
@@ -23,6 +24,15 @@ const TAKEOVER_SCAN: Duration = Duration::from_millis(500);
 /// How long after a lease's expiry (by the database's clock) the scan that
 /// takes it over wakes.
 const TAKEOVER_MARGIN: Duration = Duration::from_millis(5);
+
+tokio::task_local! {
+    /// Set while this node serves a request another node forwarded here:
+    /// that node chose this one for the loop (its owner, its home, or the
+    /// roomiest), so a loop nobody runs is taken here, waiting for a slot
+    /// if need be, rather than sent on (a forwarded request is never
+    /// forwarded again).
+    pub static SENT_HERE: ();
+}
 
 /// Unreachable nodes remembered at once, at most (the cluster's size is
 /// far below it; past it, a node is simply not remembered).
@@ -42,15 +52,19 @@ struct Held {
 /// come every third), so no other node can have taken it yet.
 const SELF_FENCE: u32 = 4;
 
+/// How often a starting node looks whether another process still reports
+/// itself under its advertise URL.
+const TWIN_POLL: Duration = Duration::from_millis(100);
+
 /// How a loop's lease stands for this node.
 pub enum Claim {
-    /// This node holds it now; `previous` held it before (this node itself
-    /// after a restart, another node that died, or nobody). `found`: what
+    /// This node holds it now. `restarted`: nobody held it before, or this
+    /// node's name did in an earlier process (a restart): turns left
+    /// unfinished end `server_restarted`, as on one node. Otherwise another
+    /// node (or this very process, which had to let it go) left them: the
+    /// running one ends `node_lost` and the queued ones run. `found`: what
     /// catching the copy up brought (its idempotency keys).
-    Mine {
-        previous: Option<String>,
-        found: Recovered,
-    },
+    Mine { restarted: bool, found: Recovered },
     /// Another node holds it: send the request there.
     Elsewhere(String),
 }
@@ -62,6 +76,11 @@ pub struct Cluster {
     pub ttl: Duration,
     /// Loops whose lease this node holds.
     held: Mutex<HashMap<LoopId, Held>>,
+    /// The last generation this process took of each loop it ever held
+    /// (one entry per loop, so bounded as loops are): a lease found under
+    /// this node's name at that generation was let go by this process, not
+    /// left by a restart.
+    taken_here: Mutex<HashMap<LoopId, i64>>,
     /// Held while this node takes a lease and queues a command for the
     /// loop's task, and while a loop's task gives its lease back.
     pub claiming: tokio::sync::Mutex<()>,
@@ -82,6 +101,7 @@ impl Cluster {
             me,
             ttl,
             held: Mutex::new(HashMap::new()),
+            taken_here: Mutex::new(HashMap::new()),
             claiming: tokio::sync::Mutex::new(()),
             unreachable: Mutex::new(HashMap::new()),
             instance: crate::ids::random_hex(8),
@@ -90,45 +110,40 @@ impl Cluster {
     }
 
     /// Refuses to start a second process under an advertise URL another
-    /// live loopd answers at: they would take each other's leases as their
-    /// own. Asked only when a node reported itself under that URL within a
-    /// lease (else it is surely gone): its `/healthz` is asked, and a
-    /// process that answers with this URL as its node is alive. No answer
-    /// within 2 s is a node that died (a restart after a crash); this
-    /// process itself does not answer yet.
+    /// live loopd uses: they would take each other's leases as their own.
+    /// Asked only when a node reported itself under that URL within a
+    /// lease (a clean shutdown takes its report away): then its report is
+    /// watched for half a lease (it comes every third). A new report is a
+    /// live process; none is a node that died (a restart after a crash,
+    /// which so starts half a lease later).
     pub async fn refuse_a_twin(&self) -> Result<(), StoreError> {
-        let recent: Option<bool> = sqlx::query_scalar(
-            "SELECT seen_at > now() - make_interval(secs => $2) FROM nodes WHERE url = $1",
-        )
-        .bind(&self.me)
-        .bind(self.ttl.as_secs_f64())
-        .fetch_optional(self.pg.pool())
-        .await?;
-        if recent != Some(true) {
-            return Ok(());
-        }
-        let Ok(client) = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-        else {
+        let report = || async {
+            sqlx::query_scalar::<_, DateTime<Utc>>(
+                "SELECT seen_at FROM nodes WHERE url = $1 \
+                 AND seen_at > now() - make_interval(secs => $2)",
+            )
+            .bind(&self.me)
+            .bind(self.ttl.as_secs_f64())
+            .fetch_optional(self.pg.pool())
+            .await
+        };
+        let Some(seen) = report().await? else {
             return Ok(());
         };
-        let health = format!("{}/healthz", self.me.trim_end_matches('/'));
-        let answered = match client.get(&health).send().await {
-            Ok(resp) => resp.json::<serde_json::Value>().await.ok(),
-            Err(_) => None,
-        };
-        if answered.is_some_and(|h| h["node"] == self.me.as_str()) {
-            return Err(StoreError::Conflict(
-                "duplicate_node",
-                format!(
-                    "another loopd is running with --advertise-url {}: give each node its own \
-                     advertise URL (nodes with one name would take each other's loops)",
-                    self.me
-                ),
-            ));
+        tracing::info!(node = %self.me, "a node reported itself under this advertise URL lately; making sure it is gone");
+        let until = Instant::now() + self.ttl / 2;
+        while Instant::now() < until {
+            tokio::time::sleep(TWIN_POLL).await;
+            if report().await?.is_some_and(|again| again != seen) {
+                return Err(StoreError::Conflict(
+                    "duplicate_node",
+                    format!(
+                        "another loopd is running with --advertise-url {}: give each node its own \
+                         advertise URL (nodes with one name would take each other's loops)",
+                        self.me
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -136,16 +151,18 @@ impl Cluster {
     /// Where a loop nobody runs should go instead of here: the node that
     /// last ran it (its workspace and conversation are there, unless the
     /// workspace root is shared), while that node is alive and has room.
-    /// Alive: it reported itself within half a lease (it does every
-    /// third), and no request found it unreachable lately.
+    /// Alive: it reported itself within a lease (it does every third),
+    /// and no request found it unreachable lately.
     pub async fn home_elsewhere(&self, id: LoopId) -> Result<Option<String>, StoreError> {
-        let Some(home) = shared_log::live_home(&self.pg, id.0, &self.me, self.ttl / 2).await?
-        else {
-            return Ok(None);
-        };
+        let home = shared_log::live_home(&self.pg, id.0, &self.me, self.ttl).await?;
+        Ok(home.filter(|home| self.reachable(home)))
+    }
+
+    /// Whether no forwarded request found `node` unreachable lately.
+    fn reachable(&self, node: &str) -> bool {
         let mut unreachable = self.unreachable.lock().expect("unreachable poisoned");
         unreachable.retain(|_, at| at.elapsed() < self.ttl);
-        Ok((!unreachable.contains_key(&home)).then_some(home))
+        !unreachable.contains_key(node)
     }
 
     /// A forwarded request could not connect to `node`: it gets no new
@@ -165,7 +182,7 @@ impl Cluster {
     pub async fn claim(&self, id: LoopId, log: &Arc<EventLog>) -> Result<Claim, RuntimeError> {
         if log.held().is_some() {
             return Ok(Claim::Mine {
-                previous: Some(self.me.clone()),
+                restarted: false,
                 found: Recovered::default(),
             });
         }
@@ -194,10 +211,17 @@ impl Cluster {
         };
         self.held.lock().expect("held poisoned").insert(id, held);
         tracing::info!(loop_id = %id, generation = claimed.generation, previous = ?claimed.previous, "took the loop's lease");
-        Ok(Claim::Mine {
-            previous: claimed.previous,
-            found,
-        })
+        let before = self
+            .taken_here
+            .lock()
+            .expect("taken_here poisoned")
+            .insert(id, claimed.generation);
+        let let_go_here = before == Some(claimed.generation - 1);
+        let restarted = match &claimed.previous {
+            None => true,
+            Some(previous) => *previous == self.me && !let_go_here,
+        };
+        Ok(Claim::Mine { restarted, found })
     }
 
     /// Gives the loop's lease back (its agent stopped, nothing waits).
@@ -239,8 +263,9 @@ impl Cluster {
         self.held.lock().expect("held poisoned").contains_key(&id)
     }
 
-    /// Renews every lease held; returns the loops whose lease was lost.
-    async fn renew(&self) -> Result<Vec<LoopId>, StoreError> {
+    /// Renews every lease held; returns the loops whose lease was lost,
+    /// with the generation that was.
+    async fn renew(&self) -> Result<Vec<(LoopId, i64)>, StoreError> {
         let held: Vec<(Uuid, i64)> = {
             let held = self.held.lock().expect("held poisoned");
             held.iter().map(|(id, h)| (id.0, h.generation)).collect()
@@ -261,20 +286,20 @@ impl Cluster {
         Ok(held
             .into_iter()
             .filter(|(id, _)| !kept.contains(id))
-            .map(|(id, _)| LoopId(id))
+            .map(|(id, generation)| (LoopId(id), generation))
             .collect())
     }
 
     /// Loops whose lease this node can no longer be sure to hold (its
     /// renewals failed, the database unreachable or too slow): their agents
     /// must stop before another node may take them over.
-    fn unsure(&self) -> Vec<LoopId> {
+    fn unsure(&self) -> Vec<(LoopId, i64)> {
         let margin = self.ttl / SELF_FENCE;
         let now = Instant::now();
         let held = self.held.lock().expect("held poisoned");
         held.iter()
             .filter(|(_, h)| h.until.saturating_duration_since(now) <= margin)
-            .map(|(id, _)| *id)
+            .map(|(id, h)| (*id, h.generation))
             .collect()
     }
 
@@ -317,15 +342,17 @@ impl Cluster {
 
     /// Another live node with room for an agent, the least loaded first
     /// (for a loop nobody runs, when this node has none left).
+    /// Nodes found unreachable lately are passed over.
     pub async fn roomier_node(&self) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar(
+        let roomier: Vec<String> = sqlx::query_scalar(
             "SELECT url FROM nodes WHERE url <> $1 AND seen_at > now() - make_interval(secs => $2) \
-             AND owned < max_agents ORDER BY owned::float / greatest(max_agents, 1), url LIMIT 1",
+             AND owned < max_agents ORDER BY owned::float / greatest(max_agents, 1), url LIMIT 16",
         )
         .bind(&self.me)
         .bind(self.ttl.as_secs_f64())
-        .fetch_optional(self.pg.pool())
-        .await?)
+        .fetch_all(self.pg.pool())
+        .await?;
+        Ok(roomier.into_iter().find(|node| self.reachable(node)))
     }
 
     /// Whether this node should take over a dead node's loops now: it is
@@ -381,9 +408,9 @@ impl Runtime {
         self.every(fence.ttl / (SELF_FENCE * 3), move |runtime| {
             let fence = fence.clone();
             async move {
-                for id in fence.unsure() {
+                for (id, generation) in fence.unsure() {
                     tracing::warn!(loop_id = %id, "could not renew the loop's lease in time; stopping its agent here before another node may take it");
-                    runtime.lost(id).await;
+                    runtime.lost(id, generation);
                 }
             }
         });
@@ -447,9 +474,10 @@ impl Runtime {
     async fn keep_leases(self: &Arc<Self>, cluster: &Cluster) {
         match cluster.renew().await {
             Ok(lost) => {
-                for id in lost {
-                    tracing::warn!(loop_id = %id, "lost the loop's lease to another node; stopping its agent here");
-                    self.lost(id).await;
+                for (id, generation) in lost {
+                    if self.lost(id, generation) {
+                        tracing::warn!(loop_id = %id, "lost the loop's lease to another node; stopping its agent here");
+                    }
                 }
             }
             Err(err) => tracing::warn!(error = %err, "could not renew leases"),

@@ -419,7 +419,7 @@ impl Runtime {
         // same lock, and only with no command waiting, so a command never
         // reaches a task that just let the lease go.
         let claimed = cluster.claiming.lock().await;
-        self.claim_locked(cluster, id).await?;
+        self.claim_locked(cluster, id, true).await?;
         let tx = self.actor(id)?;
         let queued = match tx.try_send(command) {
             Ok(()) => Ok(()),
@@ -442,8 +442,15 @@ impl Runtime {
     /// holds it ([`RuntimeError::Elsewhere`]).
     /// Call holding `cluster.claiming`: one claim at a time on this node,
     /// so two requests for a loop nobody holds do not both take it (and
-    /// both settle its turns).
-    async fn claim_locked(&self, cluster: &Cluster, id: LoopId) -> Result<(), RuntimeError> {
+    /// both settle its turns). `placing`: a request that may be sent to a
+    /// better node (the loop's home, or one with room); a takeover, chosen
+    /// for this node already, is not.
+    async fn claim_locked(
+        &self,
+        cluster: &Cluster,
+        id: LoopId,
+        placing: bool,
+    ) -> Result<(), RuntimeError> {
         let log = self.log(id)?;
         if log.held().is_some() {
             return Ok(());
@@ -451,25 +458,25 @@ impl Runtime {
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(RuntimeError::Stopping);
         }
+        // Sent here by another node: it runs here.
+        let placing = placing && cluster::SENT_HERE.try_with(|_| ()).is_err();
         // The loop's workspace is on another live node with room: it runs
         // there, so an idle loop does not lose its files by moving.
-        if let Some(home) = cluster.home_elsewhere(id).await? {
+        if placing && let Some(home) = cluster.home_elsewhere(id).await? {
             return Err(RuntimeError::Elsewhere(home));
         }
         // Every agent slot here is taken: a node with room runs it (else it
         // waits for a slot here, as on one node).
-        if self.shared.slots.live() >= self.shared.config.max_agents
+        if placing
+            && self.shared.slots.live() >= self.shared.config.max_agents
             && let Some(node) = cluster.roomier_node().await?
         {
             return Err(RuntimeError::Elsewhere(node));
         }
         match cluster.claim(id, &log).await? {
             Claim::Elsewhere(owner) => Err(RuntimeError::Elsewhere(owner)),
-            Claim::Mine { previous, found } => {
+            Claim::Mine { restarted, found } => {
                 self.remember_keys(id, found.idem);
-                // Nobody before it (a loop copied by `loopd migrate`), or
-                // this node itself: as after a restart on one node.
-                let restarted = previous.is_none_or(|p| p == cluster.me);
                 self.settle(id, &log, restarted).await
             }
         }
@@ -555,7 +562,7 @@ impl Runtime {
             return Ok(());
         };
         let _claimed = cluster.claiming.lock().await;
-        self.claim_locked(cluster, id).await?;
+        self.claim_locked(cluster, id, false).await?;
         let log = self.log(id)?;
         let live = self.handles(id, |h| h.actor.as_ref().is_some_and(|tx| !tx.is_closed()))?;
         if !live {
@@ -567,17 +574,31 @@ impl Runtime {
 
     /// This node lost the loop's lease: its task stops at once, writing
     /// nothing more.
-    async fn lost(&self, id: LoopId) {
-        let Ok((log, tx)) = self.handles(id, |h| (h.log.clone(), h.actor.take())) else {
-            return;
+    /// Only if this node still holds it under `generation` (it may have
+    /// been let go and taken again since); returns whether it did. Never
+    /// waits: the loop's write in flight gives up at once, and its task
+    /// hears `Lost` as soon as it looks at its commands.
+    fn lost(&self, id: LoopId, generation: i64) -> bool {
+        let taken = self.handles(id, |h| {
+            (h.log.held() == Some(generation)).then(|| {
+                h.log.let_go();
+                h.actor.take()
+            })
+        });
+        let Ok(Some(tx)) = taken else {
+            return false;
         };
-        log.let_go();
         if let Some(cluster) = &self.shared.cluster {
             cluster.forget(id);
         }
-        if let Some(tx) = tx {
-            let _ = tx.send(Command::Lost).await;
+        if let Some(tx) = tx
+            && let Err(mpsc::error::TrySendError::Full(command)) = tx.try_send(Command::Lost)
+        {
+            self.shared.tasks.spawn(async move {
+                let _ = tx.send(command).await;
+            });
         }
+        true
     }
 
     /// On a shared database: the node running the loop's agent, if any,
