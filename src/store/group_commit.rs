@@ -64,6 +64,9 @@ impl GroupCommit {
         generation: i64,
         chunk: Chunk<'_>,
     ) -> Result<(), StoreError> {
+        if chunk.count == 0 {
+            return Ok(());
+        }
         let (done, outcome) = oneshot::channel();
         let batch = Batch {
             loop_id,

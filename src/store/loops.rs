@@ -218,21 +218,32 @@ impl LoopStore {
             Some(pg) => {
                 let moved =
                     pg.block(super::loops_pg::touch(pg, record.id, record.last_active_at))?;
-                if let Some(version) = moved {
-                    let _index = self.index.write().expect("loop index poisoned");
-                    self.saw_version(record.id, version);
+                if let Some((fresh, version)) = moved {
+                    // The record as it is now, other nodes' changes with it:
+                    // the feed skips this version (and any before it).
+                    self.take_fresh(fresh, Some(version));
                 }
                 Ok(())
             }
         }
     }
 
-    /// This node wrote (or read) `version` of a record: the feed never puts
-    /// an older one back. Call holding the index's write lock.
-    fn saw_version(&self, id: LoopId, version: i64) {
-        let mut versions = self.versions.lock().expect("versions poisoned");
-        let known = versions.entry(id).or_insert(version);
-        *known = (*known).max(version);
+    /// Puts a record just read from the database (at `version`, if known)
+    /// into the index; activity this node noted but has not written yet
+    /// stays. The feed never puts an older version back. Returns it as
+    /// indexed.
+    fn take_fresh(&self, mut record: LoopRecord, version: Option<i64>) -> LoopRecord {
+        let mut index = self.index.write().expect("loop index poisoned");
+        if let Some(known) = index.get(&record.id) {
+            record.last_active_at = record.last_active_at.max(known.last_active_at);
+        }
+        if let Some(version) = version {
+            let mut versions = self.versions.lock().expect("versions poisoned");
+            let known = versions.entry(record.id).or_insert(version);
+            *known = (*known).max(version);
+        }
+        index.insert(record.id, record.clone());
+        record
     }
 
     pub fn loop_dir(&self, id: LoopId) -> PathBuf {
@@ -360,19 +371,10 @@ impl LoopStore {
         let _w = self.writer.lock().expect("loop writer poisoned");
         if let Some(pg) = &self.pg {
             // Changed where the record is, under its row lock.
-            let Some((mut record, version)) = pg.block(super::loops_pg::update(pg, id, change))?
-            else {
+            let Some((record, version)) = pg.block(super::loops_pg::update(pg, id, change))? else {
                 return Ok(None);
             };
-            let mut index = self.index.write().expect("loop index poisoned");
-            // Activity this node noted but has not written yet stays.
-            if let Some(known) = index.get(&id) {
-                record.last_active_at = record.last_active_at.max(known.last_active_at);
-            }
-            if let Some(version) = version {
-                self.saw_version(id, version);
-            }
-            index.insert(id, record.clone());
+            let record = self.take_fresh(record, version);
             return Ok(Some(record));
         }
         let Some(mut record) = self.get(id) else {

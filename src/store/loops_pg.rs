@@ -75,22 +75,29 @@ pub async fn update(
 }
 
 /// Moves a loop's last activity forward to `at` (never back), touching
-/// nothing else of the record; the version when it moved.
-pub async fn touch(pg: &Pg, id: LoopId, at: DateTime<Utc>) -> Result<Option<i64>, StoreError> {
+/// nothing else of the record; when it moved, the record as it is now (it
+/// may hold another node's change this node has not heard of yet) and its
+/// version.
+pub async fn touch(
+    pg: &Pg,
+    id: LoopId,
+    at: DateTime<Utc>,
+) -> Result<Option<(LoopRecord, i64)>, StoreError> {
     let at = Json(at);
-    Ok(sqlx::query_scalar(
+    let moved: Option<(Json<LoopRecord>, i64)> = sqlx::query_as(
         "WITH up AS (UPDATE loops SET record = jsonb_set(record, '{last_active_at}', $2), \
              version = nextval('changes') \
              WHERE id = $1 AND (record->>'last_active_at')::timestamptz < ($2 #>> '{}')::timestamptz \
-             RETURNING version), \
+             RETURNING record, version), \
          told AS (SELECT pg_notify($3, $1::text) FROM up) \
-         SELECT up.version FROM up, told",
+         SELECT up.record, up.version FROM up, told",
     )
     .bind(id.0)
     .bind(at)
     .bind(CHANNEL)
     .fetch_optional(pg.pool())
-    .await?)
+    .await?;
+    Ok(moved.map(|(Json(record), version)| (record, version)))
 }
 
 /// Writes a new record unless its creator already has `max_active` loops

@@ -64,6 +64,9 @@ pub async fn append(
     generation: i64,
     chunk: Chunk<'_>,
 ) -> Result<(), StoreError> {
+    if chunk.count == 0 {
+        return Ok(());
+    }
     let written: Result<i64, sqlx::Error> = sqlx::query_scalar(
         "WITH fence AS ( \
              UPDATE leases SET head = $4, version = nextval('changes') \
@@ -118,26 +121,37 @@ pub async fn last_seq(pg: &Pg, loop_id: Uuid) -> Result<i64, StoreError> {
     .await?)
 }
 
-/// The events after `after` in seq order, from at most `chunks` appends,
-/// and whether more may follow.
+/// The events after `after` in seq order, from at most `chunks` appends
+/// and about `bytes` of lines (one chunk at least), and whether more may
+/// follow.
 pub async fn read_after(
     pg: &Pg,
     loop_id: Uuid,
     after: u64,
     chunks: i64,
+    bytes: i64,
 ) -> Result<(Vec<(i64, String)>, bool), StoreError> {
-    // From the chunk holding `after + 1` on (the primary key's order).
+    // From the chunk holding `after + 1` on (the primary key's order),
+    // none that ends at or before `after`, while the bytes before a chunk
+    // stay under `bytes`.
     let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT first_seq, lines FROM event_chunks WHERE loop_id = $1 AND first_seq >= \
-             coalesce((SELECT max(first_seq) FROM event_chunks WHERE loop_id = $1 AND first_seq <= $2), 0) \
-         ORDER BY first_seq LIMIT $3",
+        "SELECT first_seq, lines FROM ( \
+             SELECT first_seq, lines, \
+                 sum(octet_length(lines)) OVER (ORDER BY first_seq) - octet_length(lines) AS before \
+             FROM event_chunks WHERE loop_id = $1 AND last_seq >= $2 AND first_seq >= \
+                 coalesce((SELECT max(first_seq) FROM event_chunks \
+                     WHERE loop_id = $1 AND first_seq <= $2), 0) \
+             ORDER BY first_seq LIMIT $3) c \
+         WHERE before < $4 ORDER BY first_seq",
     )
     .bind(loop_id)
     .bind(after as i64 + 1)
     .bind(chunks)
+    .bind(bytes)
     .fetch_all(pg.pool())
     .await?;
-    let more = rows.len() as i64 == chunks;
+    let read: usize = rows.iter().map(|(_, lines)| lines.len()).sum();
+    let more = rows.len() as i64 == chunks || read as i64 >= bytes;
     let mut events = Vec::new();
     for (first, lines) in rows {
         events.extend(
@@ -244,6 +258,7 @@ pub async fn live_home(
     me: &str,
     alive: Duration,
 ) -> Result<Option<String>, StoreError> {
+    // (`me` is compared in SQL; the caller drops nodes it found unreachable.)
     Ok(sqlx::query_scalar(
         "SELECT l.home FROM leases l JOIN nodes n ON n.url = l.home \
          WHERE l.loop_id = $1 AND l.home <> $2 \

@@ -436,6 +436,97 @@ async fn a_node_cut_off_from_the_database_stops_its_agent_and_another_takes_over
 }
 
 #[tokio::test]
+async fn a_node_whose_database_hangs_mid_write_stops_its_agent_all_the_same() {
+    let database = crate::pg::server().new_database();
+    let relay = crate::pg::Relay::start(&database);
+    let nodes = [Node::start(&relay.url).await, Node::start(&database).await];
+    add_alice(&database);
+    let alice = nodes[1].app.bearer("alice").await;
+    let id = nodes[1].app.create_loop(&alice, json!({})).await;
+    eventually("the loop on A", async || {
+        nodes[0]
+            .app
+            .get(&format!("/api/v1/loops/{id}"), &alice)
+            .await
+            .0
+            == StatusCode::OK
+    })
+    .await;
+    let mut running = nodes[0].app.send(&alice, &id, "/hold go").await;
+    running.until("assistant_delta").await;
+    let mut watcher = nodes[1].app.watch(&alice, &id, None).await;
+
+    // The database stops answering A (connections stay open), and the
+    // agent says more: A's write of it waits, and its renewals too.
+    relay.stall();
+    std::fs::write(workspace_of(&nodes[0], &id).join("go"), "").unwrap();
+    // The write in flight does not keep the agent alive: A stops it.
+    eventually("A to give up its write and stop the agent", async || {
+        let log = nodes[0].log();
+        log.contains("could not renew the loop's lease in time")
+            && log.contains("or this node let it go; stopping here")
+    })
+    .await;
+    // B takes the loop: the turn ends node_lost, and the next one runs.
+    let lost = watcher.until("error").await;
+    assert_eq!(lost.last().unwrap().data["code"], "node_lost", "{lost:?}");
+    assert!(
+        !crate::support::text(&lost).contains("released"),
+        "{lost:?}"
+    );
+    let next = nodes[1]
+        .app
+        .send(&alice, &id, "after")
+        .await
+        .until_end()
+        .await;
+    assert_eq!(next.last().unwrap().name, "done", "{next:?}");
+    relay.restore();
+}
+
+#[tokio::test]
+async fn a_node_that_stopped_its_agent_for_the_database_resumes_the_loop_as_node_lost() {
+    // One node, through a relay: it has to let the loop go while the
+    // database is away, and takes it back itself when it returns.
+    let database = crate::pg::server().new_database();
+    let relay = crate::pg::Relay::start(&database);
+    let node = Node::start(&relay.url).await;
+    add_alice(&database);
+    let alice = node.app.bearer("alice").await;
+    let id = node.app.create_loop(&alice, json!({})).await;
+    let mut running = node.app.send(&alice, &id, "/hold never").await;
+    running.until("assistant_delta").await;
+    let mut queued = node.app.send(&alice, &id, "waiting its turn").await;
+    queued.until("queued").await;
+
+    relay.cut();
+    eventually(
+        "the node to stop the agent it can no longer be sure of",
+        async || {
+            node.log()
+                .contains("could not renew the loop's lease in time")
+        },
+    )
+    .await;
+    relay.restore();
+    // Not a restart of this node: the running turn was lost with its
+    // agent, the queued one is still wanted and runs.
+    let mut watcher = node.app.watch(&alice, &id, Some(0)).await;
+    let lost = watcher.until("error").await;
+    assert_eq!(
+        lost.last().unwrap().data["code"],
+        "node_lost",
+        "{lost:?}\n{}",
+        node.log()
+    );
+    let next = watcher.until("done").await;
+    assert!(
+        crate::support::text(&next).contains("waiting its turn"),
+        "{next:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_data_directory_migrates_into_the_database_and_a_node_serves_it() {
     // A single node on files, with a loop and a finished turn.
     let tmp = tempfile::tempdir().unwrap();
@@ -548,7 +639,11 @@ async fn an_idle_loop_goes_back_to_the_node_that_has_its_workspace() {
         "{}",
         nodes[1].log()
     );
-    // B is its home now: through C, it runs on B.
+    // B is its home now: once B gave it back too, through C, it runs on B.
+    eventually("B to give the idle loop back", async || {
+        node_of(&nodes).await == Value::Null
+    })
+    .await;
     let mut held = nodes[2].app.send(&alice, &id, "/hold there").await;
     held.until("assistant_delta").await;
     assert_eq!(node_of(&nodes).await, json!(nodes[1].url()));
@@ -571,6 +666,13 @@ async fn a_change_a_node_has_not_seen_yet_is_not_written_over() {
     // this node keep the rename.
     let said = nodes[0].app.send(&alice, &id, "hi").await.until_end().await;
     assert_eq!(said.last().unwrap().name, "done");
+    // Writing the activity brought the record back as it is: the node
+    // knows the rename now (the change feed skips that version).
+    let (_, detail) = nodes[0]
+        .app
+        .get(&format!("/api/v1/loops/{id}"), &alice)
+        .await;
+    assert_eq!(detail["title"], "renamed elsewhere", "{detail}");
     let (status, _) = nodes[0]
         .app
         .delete(&format!("/api/v1/loops/{id}"), &alice)
@@ -656,7 +758,9 @@ async fn a_database_with_one_row_per_event_is_brought_to_chunks() {
     let pg = loopd::store::Pg::connect(&url).await.unwrap();
     use loopd::store::shared_log;
     assert_eq!(shared_log::last_seq(&pg, uuid).await.unwrap(), 3);
-    let (after_one, more) = shared_log::read_after(&pg, uuid, 1, 64).await.unwrap();
+    let (after_one, more) = shared_log::read_after(&pg, uuid, 1, 64, 1 << 20)
+        .await
+        .unwrap();
     assert!(!more);
     let want: Vec<(i64, String)> = (2..=3)
         .map(|s| (s, lines[s as usize - 1].clone()))
@@ -686,7 +790,9 @@ async fn a_database_with_one_row_per_event_is_brought_to_chunks() {
     shared_log::append(pg.pool(), uuid, held.generation, chunk)
         .await
         .unwrap();
-    let (from_five, _) = shared_log::read_after(&pg, uuid, 4, 64).await.unwrap();
+    let (from_five, _) = shared_log::read_after(&pg, uuid, 4, 64, 1 << 20)
+        .await
+        .unwrap();
     assert_eq!(
         from_five,
         [(5, more_lines[1].clone()), (6, more_lines[2].clone())]
@@ -732,6 +838,27 @@ async fn a_database_with_one_row_per_event_is_brought_to_chunks() {
         .await
         .unwrap();
     assert_eq!(shared_log::last_seq(&pg, uuid).await.unwrap(), 7);
+    // Caught up: nothing comes back (not the last chunk again).
+    assert_eq!(
+        shared_log::read_after(&pg, uuid, 7, 64, 1 << 20)
+            .await
+            .unwrap(),
+        (vec![], false)
+    );
+    assert_eq!(
+        shared_log::read_after(&pg, uuid, 6, 64, 1 << 20)
+            .await
+            .unwrap(),
+        (vec![(7, r#"{"seq":7}"#.to_owned())], false)
+    );
+    // A byte budget smaller than a chunk still brings one, and says more.
+    let (first, more) = shared_log::read_after(&pg, uuid, 3, 64, 1).await.unwrap();
+    assert_eq!((first.len(), more), (3, true), "{first:?}");
+    // Two chunks' worth of budget: the first two chunks.
+    let (two, _) = shared_log::read_after(&pg, uuid, 0, 2, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(two.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2]);
 }
 
 #[tokio::test]

@@ -322,61 +322,93 @@ pub fn steal_lease(url: &str, uuid: uuid::Uuid) {
 
 /// A TCP relay in front of the test server, for one node's connections:
 /// [`Relay::cut`] drops every connection and refuses new ones (the
-/// database unreachable from that node), [`Relay::restore`] lets them
-/// through again.
+/// database unreachable from that node), [`Relay::stall`] keeps every
+/// connection open but passes nothing more, new ones included (a database
+/// that hangs), [`Relay::restore`] lets them through again (stalled ones
+/// are dropped then).
 pub struct Relay {
     /// `url` with the relay's port.
     pub url: String,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    cuts: tokio::sync::watch::Sender<u64>,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    changes: tokio::sync::watch::Sender<u64>,
 }
+
+const OPEN: u8 = 0;
+const CUT: u8 = 1;
+const STALLED: u8 = 2;
 
 impl Relay {
     pub fn start(url: &str) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
         let port = server().port;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let relay_port = listener.local_addr().unwrap().port();
-        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (cuts, _) = tokio::sync::watch::channel(0u64);
-        let (is_open, cut) = (open.clone(), cuts.clone());
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(OPEN));
+        let (changes, _) = tokio::sync::watch::channel(0u64);
+        let (now, changed) = (mode.clone(), changes.clone());
         runtime().spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     continue;
                 };
-                if !is_open.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: the connection is refused at once
-                }
-                let mut cut = cut.subscribe();
+                let mut change = changed.subscribe();
+                let now = now.clone();
                 tokio::spawn(async move {
+                    // Held, passing nothing, until the relay is open again.
+                    let stalled = async |change: &mut tokio::sync::watch::Receiver<u64>| {
+                        while now.load(SeqCst) == STALLED {
+                            if change.changed().await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    match now.load(SeqCst) {
+                        CUT => return, // dropped: refused at once
+                        STALLED => return stalled(&mut change).await,
+                        _ => {}
+                    }
                     let Ok(mut outbound) =
                         tokio::net::TcpStream::connect(("127.0.0.1", port)).await
                     else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
+                    loop {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                            _ = change.changed() => match now.load(SeqCst) {
+                                CUT => return,
+                                STALLED => return stalled(&mut change).await,
+                                _ => {}
+                            },
+                        }
                     }
                 });
             }
         });
         Self {
             url: url.replacen(&format!(":{port}/"), &format!(":{relay_port}/"), 1),
-            open,
-            cuts,
+            mode,
+            changes,
         }
     }
 
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
     pub fn cut(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
-        self.cuts.send_modify(|n| *n += 1);
+        self.set(CUT);
+    }
+
+    pub fn stall(&self) {
+        self.set(STALLED);
     }
 
     pub fn restore(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.set(OPEN);
     }
 }
 
