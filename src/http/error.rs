@@ -142,6 +142,14 @@ impl IntoResponse for ApiError {
             tracing::error!(error = format!("{cause:#}"), "internal error");
         }
         let mut response = (self.status(), axum::Json(self.envelope())).into_response();
+        if matches!(self, Self::Unavailable(..)) {
+            // Worth asking again in a moment (another node, or this one
+            // restarted, takes it).
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         if let Self::Elsewhere(node) = &self {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
@@ -195,6 +203,7 @@ impl From<crate::runtime::RuntimeError> for ApiError {
             E::Full(code, msg, wait) => Self::RateLimited(code, msg, wait),
             E::Stopping => Self::Unavailable("server_stopping", err.to_string()),
             E::Elsewhere(node) => Self::Elsewhere(node),
+            E::Moving => Self::Unavailable("loop_moving", err.to_string()),
             E::Store(err) => err.into(),
             E::Internal(cause) => Self::Internal(anyhow::anyhow!(cause)),
         }

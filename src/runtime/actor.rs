@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::choices::ChoiceAnswer;
@@ -61,8 +62,6 @@ pub enum Command {
     Requeue {
         turns: Vec<(String, String, Taken<String>)>,
     },
-    /// Another node took the loop's lease: stop the agent, write nothing.
-    Lost,
     Stop {
         reason: StopReason,
         reply: oneshot::Sender<()>,
@@ -96,6 +95,10 @@ pub struct Actor {
     commands: mpsc::Receiver<Command>,
     /// Weak: the loop's task ends when the runtime lets go of its sender.
     me: mpsc::WeakSender<Command>,
+    /// Cancelled when this node lets the loop's lease go: from then on this
+    /// task writes, sends and starts nothing, and ends at once (the loop
+    /// may be this node's again soon, with a new task).
+    retired: CancellationToken,
     machine: LoopMachine<Taken<String>>,
     held: Held,
     /// Told the slots that this loop's agent may be reclaimed.
@@ -118,6 +121,8 @@ pub struct Actor {
 }
 
 enum Wake {
+    /// This node let the loop's lease go (see [`Actor::retired`]).
+    Retired,
     Command(Option<Command>),
     Output(Option<AgentOutput>),
     Slot(OwnedSemaphorePermit),
@@ -181,6 +186,7 @@ impl Actor {
         log: Arc<EventLog>,
         commands: mpsc::Receiver<Command>,
         me: mpsc::WeakSender<Command>,
+        retired: CancellationToken,
     ) -> Self {
         let machine = LoopMachine::new(shared.rules(), Box::new(RandomIds), Instant::now());
         Self {
@@ -189,6 +195,7 @@ impl Actor {
             log,
             commands,
             me,
+            retired,
             machine,
             held: Held::Nothing,
             offered: false,
@@ -215,8 +222,12 @@ impl Actor {
                 }
                 Wake::Command(None) => return self.stop(StopReason::Shutdown).await,
                 // (The runtime let the lease go already: it may be this
-                // node's again, under a new generation, by now.)
-                Wake::Command(Some(Command::Lost)) => return self.lost(None).await,
+                // node's again, under a new generation, by now, with
+                // another task.)
+                Wake::Retired => {
+                    self.lost(None).await;
+                    return self.refuse_queued();
+                }
                 Wake::Command(Some(cmd)) => self.command(cmd).await,
                 Wake::Output(Some(AgentOutput::Events(events))) => {
                     let now = Instant::now();
@@ -287,7 +298,8 @@ impl Actor {
             }
             if let Some(generation) = self.fenced {
                 tracing::warn!(loop_id = %self.id, "another node holds this loop's lease now, or this node let it go; stopping here");
-                return self.lost(Some(generation)).await;
+                self.lost(Some(generation)).await;
+                return self.refuse_queued();
             }
             if self.out.is_empty()
                 && self.machine.quiet()
@@ -300,6 +312,27 @@ impl Actor {
                 if self.commands.is_empty() {
                     cluster.release(self.id, &self.log).await;
                 }
+            }
+        }
+    }
+
+    /// Answers what waits in the queue of a retired task: sent again, it
+    /// finds the loop where it runs now.
+    fn refuse_queued(&mut self) {
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Send { reply, .. } => {
+                    let _ = reply.send(Err(RuntimeError::Moving));
+                }
+                Command::Answer { reply, .. } => {
+                    let _ = reply.send(Err(RuntimeError::Moving));
+                }
+                Command::Stop { reply, .. } => {
+                    let _ = reply.send(());
+                }
+                // (Dropped: the caller hears the loop's task went away.)
+                Command::Interrupt { .. } | Command::Reclaim | Command::Requeue { .. } => {}
             }
         }
     }
@@ -338,6 +371,7 @@ impl Actor {
             commands,
             held,
             out,
+            retired,
             ..
         } = self;
         let (output, slot) = match held {
@@ -348,6 +382,8 @@ impl Actor {
         let waiting = slot.is_some();
         let unwritten = !out.is_empty();
         tokio::select! {
+            biased;
+            () = retired.cancelled() => Wake::Retired,
             cmd = commands.recv() => Wake::Command(cmd),
             out = recv(output) => Wake::Output(out),
             permit = wait_slot(slot) => Wake::Slot(permit),
@@ -429,7 +465,7 @@ impl Actor {
                     self.feed(input).await;
                 }
             }
-            Command::Stop { .. } | Command::Lost => unreachable!("run handles Stop and Lost"),
+            Command::Stop { .. } => unreachable!("run handles Stop"),
         }
     }
 
@@ -441,6 +477,9 @@ impl Actor {
         idem: Option<IdemRecord>,
     ) -> Result<Sent, RuntimeError> {
         self.flush().await;
+        if self.retired.is_cancelled() || self.fenced.is_some() {
+            return Err(RuntimeError::Moving);
+        }
         if !self.out.is_empty() {
             return Err(RuntimeError::Internal(
                 "the loop's event log cannot be written".into(),
@@ -449,13 +488,19 @@ impl Actor {
         let admission = self.machine.admit(content, crate::ids::now())?;
         let mut batch: Vec<Append> = admission.events.into_iter().map(Append::from).collect();
         batch[0].idem = idem.clone();
-        // Refused before the machine takes it: a message not logged was not sent.
+        // Refused before the machine takes it: a message not logged was not
+        // sent. Refused because the lease went (or was let go while the
+        // write waited, when it may still land): the caller sends it again,
+        // to whichever node runs the loop now (with its Idempotency-Key).
         let under = self.log.held().unwrap_or(0);
-        let (seq, turn) = self.log.append_async(&batch).await.inspect_err(|err| {
-            if matches!(err, crate::store::StoreError::Fenced(_)) {
+        let (seq, turn) = match self.log.append_async(&batch).await {
+            Ok(placed) => placed,
+            Err(crate::store::StoreError::Fenced(_)) => {
                 self.fenced = Some(under);
+                return Err(RuntimeError::Moving);
             }
-        })?;
+            Err(err) => return Err(err.into()),
+        };
         let turn_id = admission.turn_id;
         if let Some(idem) = idem {
             // Recorded here, not by the request: a client that gives up
@@ -511,6 +556,16 @@ impl Actor {
     }
 
     async fn perform(&mut self, effect: Effect) -> Option<Reply> {
+        // Let go of: nothing more is written, sent or started (stops and
+        // replies still happen).
+        if self.retired.is_cancelled()
+            && !matches!(
+                effect,
+                Effect::Reply(_) | Effect::Warn(_) | Effect::StopAgent(_)
+            )
+        {
+            return None;
+        }
         match effect {
             Effect::Emit(event) => {
                 if let Event::ChoiceResolved {
@@ -555,6 +610,14 @@ impl Actor {
                 self.flush().await;
                 self.follow_ups.push_back(
                     match super::launch::start(&self.shared, self.id, fresh).await {
+                        Ok((process, _)) if self.retired.is_cancelled() => {
+                            // Let go of while it started: it never runs.
+                            self.shared.tasks.spawn(async move {
+                                process.handle.kill().await;
+                                drop(permit);
+                            });
+                            Input::AgentFailedToStart("this node let the loop go".into())
+                        }
                         Ok((process, resumed)) => {
                             self.started += 1;
                             self.held = Held::Agent(permit, process);
@@ -620,6 +683,10 @@ impl Actor {
     /// [`MAX_UNWRITTEN`] they are dropped, loudly, and the turn is ended.
     async fn flush(&mut self) {
         if self.out.is_empty() {
+            return;
+        }
+        if self.retired.is_cancelled() {
+            self.out.clear();
             return;
         }
         let under = self.log.held().unwrap_or(0);
@@ -711,6 +778,7 @@ mod tests {
             log.clone(),
             rx,
             tx.downgrade(),
+            CancellationToken::new(),
         );
         let reserved = runtime.shared.queued.take("alice".into(), 4).unwrap();
         let sent = actor.log_message("/sleep 60", None).await.unwrap();

@@ -194,16 +194,22 @@ impl Cluster {
                 .ok_or_else(|| RuntimeError::Internal("a lease vanished while claimed".into()))?;
             return Ok(Claim::Elsewhere(owner));
         };
-        let found = log.catch_up().await?;
-        if log.last_seq() < claimed.head as u64 {
-            // The copy could not be brought up to date: do not write.
-            let _ = shared_log::release(&self.pg, id.0, claimed.generation).await;
-            return Err(RuntimeError::Internal(format!(
-                "this node's copy of {id}'s log stops at {} but the database has {}",
-                log.last_seq(),
-                claimed.head
-            )));
-        }
+        let caught = log.catch_up().await;
+        let found = match caught {
+            Ok(found) if log.last_seq() >= claimed.head as u64 => found,
+            outcome => {
+                // The copy could not be brought up to date: do not write, and
+                // leave the lease as it was found.
+                let previous = claimed.previous.as_deref();
+                let _ = shared_log::give_back(&self.pg, id.0, claimed.generation, previous).await;
+                outcome?;
+                return Err(RuntimeError::Internal(format!(
+                    "this node's copy of {id}'s log stops at {} but the database has {}",
+                    log.last_seq(),
+                    claimed.head
+                )));
+            }
+        };
         log.hold(claimed.generation);
         let held = Held {
             generation: claimed.generation,

@@ -24,6 +24,10 @@ pub enum RuntimeError {
     /// request is carried out there.
     #[error("the loop runs on {0}")]
     Elsewhere(String),
+    /// On a shared database: the loop moved between nodes while the request
+    /// was carried out (this node let its lease go); send it again (503).
+    #[error("this loop moved to another node while the request was carried out; send it again")]
+    Moving,
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Something that should not happen (a loop's task vanished).
@@ -42,6 +46,7 @@ impl RuntimeError {
             Self::Invalid(c, _) | Self::NotFound(c, _) | Self::Conflict(c, _) => Some(c),
             Self::Full(c, ..) => Some(c),
             Self::Stopping => Some("server_stopping"),
+            Self::Moving => Some("loop_moving"),
             Self::Elsewhere(_) | Self::Store(_) | Self::Internal(_) => None,
         }
     }

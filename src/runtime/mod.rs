@@ -94,9 +94,21 @@ impl Shared {
 
 /// A loop's handles, together under one lock: its log and, while it is
 /// live, its actor.
+impl Handles {
+    fn new(log: Arc<EventLog>) -> Self {
+        Self {
+            log,
+            actor: None,
+            retire: CancellationToken::new(),
+        }
+    }
+}
+
 struct Handles {
     log: Arc<EventLog>,
     actor: Option<mpsc::Sender<Command>>,
+    /// Retires that task (it was given this node's lease, now let go).
+    retire: CancellationToken,
 }
 
 pub struct Runtime {
@@ -172,7 +184,7 @@ impl Runtime {
         let mut handles = runtime.loops.lock().expect("loops poisoned");
         for id in runtime.shared.loops.ids() {
             let (log, n) = runtime.open_log(id, true)?;
-            handles.insert(id, Handles { log, actor: None });
+            handles.insert(id, Handles::new(log));
             closed += n;
         }
         drop(handles);
@@ -293,7 +305,7 @@ impl Runtime {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let (log, _) = self.open_log(id, false)?;
-                e.insert(Handles { log, actor: None })
+                e.insert(Handles::new(log))
             }
         };
         Ok(f(handles))
@@ -391,7 +403,16 @@ impl Runtime {
                 return Ok(tx.clone());
             }
             let (tx, rx) = mpsc::channel(COMMANDS);
-            let actor = Actor::new(id, shared.clone(), h.log.clone(), rx, tx.downgrade());
+            h.retire = CancellationToken::new();
+            let retired = h.retire.clone();
+            let actor = Actor::new(
+                id,
+                shared.clone(),
+                h.log.clone(),
+                rx,
+                tx.downgrade(),
+                retired,
+            );
             shared.tasks.spawn(actor.run());
             h.actor = Some(tx.clone());
             Ok(tx)
@@ -576,27 +597,24 @@ impl Runtime {
     /// nothing more.
     /// Only if this node still holds it under `generation` (it may have
     /// been let go and taken again since); returns whether it did. Never
-    /// waits: the loop's write in flight gives up at once, and its task
-    /// hears `Lost` as soon as it looks at its commands.
+    /// waits: the loop's write in flight gives up at once, and its task is
+    /// retired (it writes, sends and starts nothing more, answers what it
+    /// had queued `loop_moving`, and ends); the next command starts a new
+    /// task.
     fn lost(&self, id: LoopId, generation: i64) -> bool {
-        let taken = self.handles(id, |h| {
-            (h.log.held() == Some(generation)).then(|| {
-                h.log.let_go();
-                h.actor.take()
-            })
+        let let_go = self.handles(id, |h| {
+            let held = h.log.let_go_if(generation);
+            if held {
+                h.retire.cancel();
+                h.actor = None;
+            }
+            held
         });
-        let Ok(Some(tx)) = taken else {
+        if !matches!(let_go, Ok(true)) {
             return false;
-        };
+        }
         if let Some(cluster) = &self.shared.cluster {
             cluster.forget(id);
-        }
-        if let Some(tx) = tx
-            && let Err(mpsc::error::TrySendError::Full(command)) = tx.try_send(Command::Lost)
-        {
-            self.shared.tasks.spawn(async move {
-                let _ = tx.send(command).await;
-            });
         }
         true
     }

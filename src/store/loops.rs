@@ -221,26 +221,29 @@ impl LoopStore {
                 if let Some((fresh, version)) = moved {
                     // The record as it is now, other nodes' changes with it:
                     // the feed skips this version (and any before it).
-                    self.take_fresh(fresh, Some(version));
+                    self.take_fresh(fresh, version);
                 }
                 Ok(())
             }
         }
     }
 
-    /// Puts a record just read from the database (at `version`, if known)
-    /// into the index; activity this node noted but has not written yet
-    /// stays. The feed never puts an older version back. Returns it as
-    /// indexed.
-    fn take_fresh(&self, mut record: LoopRecord, version: Option<i64>) -> LoopRecord {
+    /// Puts a record just read from the database at `version` into the
+    /// index, unless the feed brought a newer one meanwhile; activity this
+    /// node noted but has not written yet stays. The feed never puts an
+    /// older version back either. Returns the record as indexed.
+    fn take_fresh(&self, mut record: LoopRecord, version: i64) -> LoopRecord {
         let mut index = self.index.write().expect("loop index poisoned");
-        if let Some(known) = index.get(&record.id) {
-            record.last_active_at = record.last_active_at.max(known.last_active_at);
+        let mut versions = self.versions.lock().expect("versions poisoned");
+        let known = versions.entry(record.id).or_insert(version);
+        if *known > version
+            && let Some(newer) = index.get(&record.id)
+        {
+            return newer.clone();
         }
-        if let Some(version) = version {
-            let mut versions = self.versions.lock().expect("versions poisoned");
-            let known = versions.entry(record.id).or_insert(version);
-            *known = (*known).max(version);
+        *known = version;
+        if let Some(noted) = index.get(&record.id) {
+            record.last_active_at = record.last_active_at.max(noted.last_active_at);
         }
         index.insert(record.id, record.clone());
         record

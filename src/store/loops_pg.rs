@@ -38,26 +38,26 @@ pub async fn load_all(pg: &Pg) -> Result<(HashMap<LoopId, LoopRecord>, i64), Sto
 /// Changes a record inside a transaction holding its row: `change` sees
 /// the record as the database has it now, so what another node changed
 /// meanwhile (an archive, a title, the agent's session) is never written
-/// over. `None`: no such loop. The version is `None` when `change` changed
-/// nothing (nothing is written).
+/// over. `None`: no such loop. With the record its version (as read, when
+/// `change` changed nothing and nothing was written).
 pub async fn update(
     pg: &Pg,
     id: LoopId,
     change: impl FnOnce(&mut LoopRecord) + Send,
-) -> Result<Option<(LoopRecord, Option<i64>)>, StoreError> {
+) -> Result<Option<(LoopRecord, i64)>, StoreError> {
     let mut tx = pg.pool().begin().await?;
-    let found: Option<Json<LoopRecord>> =
-        sqlx::query_scalar("SELECT record FROM loops WHERE id = $1 FOR UPDATE")
+    let found: Option<(Json<LoopRecord>, i64)> =
+        sqlx::query_as("SELECT record, version FROM loops WHERE id = $1 FOR UPDATE")
             .bind(id.0)
             .fetch_optional(&mut *tx)
             .await?;
-    let Some(Json(mut record)) = found else {
+    let Some((Json(mut record), version)) = found else {
         return Ok(None);
     };
     let before = record.clone();
     change(&mut record);
     if record == before {
-        return Ok(Some((record, None)));
+        return Ok(Some((record, version)));
     }
     let version: i64 = sqlx::query_scalar(
         "WITH up AS (UPDATE loops SET record = $2, version = nextval('changes') WHERE id = $1 \
@@ -71,7 +71,7 @@ pub async fn update(
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Some((record, Some(version))))
+    Ok(Some((record, version)))
 }
 
 /// Moves a loop's last activity forward to `at` (never back), touching

@@ -271,6 +271,29 @@ pub async fn live_home(
     .await?)
 }
 
+/// Undoes a claim that could not be used (this node's copy could not be
+/// brought up to date): the lease goes back to whoever held it before,
+/// expired, so a takeover is tried again and its next holder settles the
+/// loop as that holder left it. The generation stays moved on.
+pub async fn give_back(
+    pg: &Pg,
+    loop_id: Uuid,
+    generation: i64,
+    previous: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE leases SET owner = $3, \
+         expires_at = CASE WHEN $3::text IS NULL THEN NULL ELSE now() END, \
+         version = nextval('changes') WHERE loop_id = $1 AND generation = $2",
+    )
+    .bind(loop_id)
+    .bind(generation)
+    .bind(previous)
+    .execute(pg.pool())
+    .await?;
+    Ok(())
+}
+
 /// One loop's lease, if it ever had one.
 pub async fn lease(pg: &Pg, loop_id: Uuid) -> Result<Option<Lease>, StoreError> {
     Ok(sqlx::query_as(
