@@ -584,13 +584,29 @@ impl Runtime {
         };
         let _claimed = cluster.claiming.lock().await;
         self.claim_locked(cluster, id, false).await?;
-        let log = self.log(id)?;
-        let live = self.handles(id, |h| h.actor.as_ref().is_some_and(|tx| !tx.is_closed()))?;
+        self.let_go_if_idle_locked(cluster, id).await;
+        Ok(())
+    }
+
+    /// Gives back a lease this node took for nothing (no task runs the
+    /// loop: nothing was waiting, or a request needed only to look).
+    async fn let_go_if_idle(&self, id: LoopId) {
+        if let Some(cluster) = &self.shared.cluster {
+            let _claimed = cluster.claiming.lock().await;
+            self.let_go_if_idle_locked(cluster, id).await;
+        }
+    }
+
+    /// [`Self::let_go_if_idle`], holding `cluster.claiming`.
+    async fn let_go_if_idle_locked(&self, cluster: &Cluster, id: LoopId) {
+        let Ok(log) = self.log(id) else { return };
+        let live = self
+            .handles(id, |h| h.actor.as_ref().is_some_and(|tx| !tx.is_closed()))
+            .unwrap_or(true);
         if !live {
-            // Nothing was waiting: the loop is free again, for any node.
+            // The loop is free again, for any node.
             cluster.release(id, &log).await;
         }
-        Ok(())
     }
 
     /// This node lost the loop's lease: its task stops at once, writing
@@ -671,6 +687,14 @@ impl Runtime {
             return Ok(accepted(log, sent, false));
         };
         let _one_at_a_time = self.in_flight.enter(user, &idem.key).await;
+        // On a shared database the key is looked up once this node holds
+        // the loop: its copy has caught up with what the last holder wrote,
+        // keys included (a message whose write was given up when the lease
+        // went may have landed all the same).
+        if let Some(cluster) = &self.shared.cluster {
+            let _claimed = cluster.claiming.lock().await;
+            self.claim_locked(cluster, record.id, true).await?;
+        }
         let found = self.shared.idem.lock().expect("idem poisoned").lookup(
             user,
             &idem.key,
@@ -679,6 +703,7 @@ impl Runtime {
         );
         match found {
             Lookup::Replay(r) => {
+                self.let_go_if_idle(record.id).await;
                 let log = self.log(r.loop_id)?;
                 let turn = log.view(|v| v.turn(&r.turn_id)).ok_or_else(|| {
                     RuntimeError::Internal("an idempotent turn is missing from its log".into())
@@ -692,6 +717,7 @@ impl Runtime {
                 });
             }
             Lookup::Conflict => {
+                self.let_go_if_idle(record.id).await;
                 return Err(RuntimeError::Conflict(
                     "idempotency_key_reused",
                     "this Idempotency-Key was used with a different request in the last 24 hours"
@@ -705,7 +731,13 @@ impl Runtime {
             key: idem.key.clone(),
             body_hash: idem.body_hash.clone(),
         };
-        let reserved = self.reserve(user, &content)?;
+        let reserved = match self.reserve(user, &content) {
+            Ok(reserved) => reserved,
+            Err(err) => {
+                self.let_go_if_idle(record.id).await;
+                return Err(err);
+            }
+        };
         let sent = self
             .ask(record.id, |reply| Command::Send {
                 content,
