@@ -215,6 +215,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_loop_that_moved_mid_request_says_so_and_when_to_try_again() {
+        let err = ApiError::from(crate::runtime::RuntimeError::Moving);
+        assert_eq!(err.envelope().error.code, "loop_moving");
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[axum::http::header::RETRY_AFTER], "1");
+    }
+
+    #[test]
     fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
         for (wait_ms, want) in [
             (0, "1"),

@@ -492,13 +492,9 @@ impl Actor {
         // sent. Refused because the lease went (or was let go while the
         // write waited, when it may still land): the caller sends it again,
         // to whichever node runs the loop now (with its Idempotency-Key).
-        let under = self.log.held().unwrap_or(0);
-        let (seq, turn) = match self.log.append_async(&batch).await {
+        let (seq, turn) = match append_noting_fence(&self.log, &mut self.fenced, &batch).await {
             Ok(placed) => placed,
-            Err(crate::store::StoreError::Fenced(_)) => {
-                self.fenced = Some(under);
-                return Err(RuntimeError::Moving);
-            }
+            Err(crate::store::StoreError::Fenced(_)) => return Err(RuntimeError::Moving),
             Err(err) => return Err(err.into()),
         };
         let turn_id = admission.turn_id;
@@ -689,8 +685,7 @@ impl Actor {
             self.out.clear();
             return;
         }
-        let under = self.log.held().unwrap_or(0);
-        match self.log.append_async(&self.out).await {
+        match append_noting_fence(&self.log, &mut self.fenced, &self.out).await {
             Ok(_) => {
                 let ends_turn = self.out.iter().any(|a| a.event.is_terminal());
                 self.out.clear();
@@ -699,10 +694,7 @@ impl Actor {
                         .sync_soon(&self.shared.tasks, &self.shared.stopping);
                 }
             }
-            Err(crate::store::StoreError::Fenced(_)) => {
-                self.out.clear();
-                self.fenced = Some(under);
-            }
+            Err(crate::store::StoreError::Fenced(_)) => self.out.clear(),
             Err(err) if self.out.len() > MAX_UNWRITTEN => {
                 tracing::error!(
                     loop_id = %self.id, error = %err, lost = self.out.len(),
@@ -743,6 +735,21 @@ async fn recv(output: Option<&mut mpsc::Receiver<AgentOutput>>) -> Option<AgentO
         Some(output) => output.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Appends `items`; a write refused for the lease (lost, or let go while
+/// it waited) is noted in `fenced` with the generation it was made under.
+async fn append_noting_fence(
+    log: &EventLog,
+    fenced: &mut Option<i64>,
+    items: &[Append],
+) -> Result<(u64, Option<usize>), crate::store::StoreError> {
+    let under = log.held().unwrap_or(0);
+    let appended = log.append_async(items).await;
+    if let Err(crate::store::StoreError::Fenced(_)) = &appended {
+        *fenced = Some(under);
+    }
+    appended
 }
 
 async fn wait_slot(slot: Option<&mut SlotWait>) -> OwnedSemaphorePermit {

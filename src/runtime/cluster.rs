@@ -180,12 +180,6 @@ impl Cluster {
     /// this node's copy of the log is brought up to the database's head
     /// before anything is written under the new generation.
     pub async fn claim(&self, id: LoopId, log: &Arc<EventLog>) -> Result<Claim, RuntimeError> {
-        if log.held().is_some() {
-            return Ok(Claim::Mine {
-                restarted: false,
-                found: Recovered::default(),
-            });
-        }
         let asked = Instant::now();
         let Some(claimed) = shared_log::claim(&self.pg, id.0, &self.me, self.ttl).await? else {
             let owner = shared_log::lease(&self.pg, id.0)

@@ -691,7 +691,9 @@ impl Runtime {
         // the loop: its copy has caught up with what the last holder wrote,
         // keys included (a message whose write was given up when the lease
         // went may have landed all the same).
-        if let Some(cluster) = &self.shared.cluster {
+        if let Some(cluster) = &self.shared.cluster
+            && log.held().is_none()
+        {
             let _claimed = cluster.claiming.lock().await;
             self.claim_locked(cluster, record.id, true).await?;
         }

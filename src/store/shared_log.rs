@@ -251,14 +251,14 @@ pub async fn release(pg: &Pg, loop_id: Uuid, generation: i64) -> Result<(), Stor
 
 /// The node that last ran the loop's agent (where its workspace is), if
 /// it is not `me`, reported itself within `alive`, and has room for an
-/// agent.
+/// agent (by its last report; the caller passes over nodes it found
+/// unreachable).
 pub async fn live_home(
     pg: &Pg,
     loop_id: Uuid,
     me: &str,
     alive: Duration,
 ) -> Result<Option<String>, StoreError> {
-    // (`me` is compared in SQL; the caller drops nodes it found unreachable.)
     Ok(sqlx::query_scalar(
         "SELECT l.home FROM leases l JOIN nodes n ON n.url = l.home \
          WHERE l.loop_id = $1 AND l.home <> $2 \

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::cluster::{Node, assert_contiguous, cluster_with, workspace_of};
-use crate::support::{TestApp, eventually, names};
+use crate::support::{TestApp, choice_id, eventually, names, seqs};
 
 /// The comment an event stream sends every 15 s.
 const PING: &str = "event: ping";
@@ -158,9 +158,6 @@ async fn a_team_through_nginx_that_sends_each_request_to_any_node() {
     std::fs::write(workspace_of(&nodes[owner], &id).join("one"), "").unwrap();
     let from_sender = held.until_end().await;
     assert_eq!(from_sender.last().unwrap().name, "done");
-    let seqs = |events: &[crate::support::Sse]| -> Vec<(Option<u64>, String)> {
-        events.iter().map(|e| (e.id, e.name.clone())).collect()
-    };
     for watcher in &mut watchers {
         let seen = watcher.until("done").await;
         let sent: Vec<_> = begun[1..].iter().chain(&from_sender).cloned().collect();
@@ -169,11 +166,7 @@ async fn a_team_through_nginx_that_sends_each_request_to_any_node() {
 
     // A choice asked through one node, answered through another.
     let mut asking = lb.send(&alice, &id, "/permission ls").await;
-    let asked = asking.until("requires_choice").await;
-    let choice = asked.last().unwrap().data["choice_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let choice = choice_id(&asking.until("requires_choice").await);
     let (status, body) = lb
         .choose(&alice, &id, &choice, json!({"allow": true}))
         .await;

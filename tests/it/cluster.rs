@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use crate::support::{Auth, PASSWORD, TestApp, assert_error, eventually, names};
+use crate::support::{Auth, PASSWORD, TestApp, assert_error, choice_id, eventually, names, seqs};
 
 /// Lease time of the test nodes: a dead node's loops move after this.
 const LEASE_TTL: &str = "3";
@@ -193,18 +193,15 @@ async fn three_nodes_behave_as_one() {
     std::fs::write(workspace_of(&nodes[1], &id).join("first"), "").unwrap();
     let from_b = sent.until_end().await;
     let from_c = watcher.until("done").await;
-    let ids = |events: &[crate::support::Sse]| -> Vec<(Option<u64>, String)> {
-        events.iter().map(|e| (e.id, e.name.clone())).collect()
-    };
-    assert_eq!(ids(&from_b), ids(&from_c), "the same events, the same seqs");
+    assert_eq!(
+        seqs(&from_b),
+        seqs(&from_c),
+        "the same events, the same seqs"
+    );
 
     // A choice asked through A (forwarded to B), answered on C.
     let mut asking = a.send(&alice, &id, "/permission ls").await;
-    let asked = asking.until("requires_choice").await;
-    let choice = asked.last().unwrap().data["choice_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let choice = choice_id(&asking.until("requires_choice").await);
     let (status, body) = c.choose(&alice, &id, &choice, json!({"allow": true})).await;
     assert!(status.is_success(), "{status} {body}");
     let rest = asking.until_end().await;
@@ -357,27 +354,57 @@ async fn a_killed_node_costs_only_the_turn_it_was_running() {
     assert_eq!(statuses, ["error", "done", "done"], "{turns}");
 }
 
-#[tokio::test]
-async fn a_node_cut_off_from_the_database_stops_its_agent_and_another_takes_over() {
+/// Nodes A (reaching the database through a relay the test controls) and
+/// B, a loop created through B, and a turn running on A (`hold`, after its
+/// first words), watched through B.
+struct Relayed {
+    database: String,
+    relay: crate::pg::Relay,
+    nodes: [Node; 2],
+    alice: Auth,
+    id: String,
+    _running: crate::support::SseStream,
+    watcher: crate::support::SseStream,
+}
+
+async fn relayed(hold: &str) -> Relayed {
     let database = crate::pg::server().new_database();
-    // A reaches the database through a relay the test can cut.
     let relay = crate::pg::Relay::start(&database);
-    let mut nodes = [Node::start(&relay.url).await, Node::start(&database).await];
+    let nodes = [Node::start(&relay.url).await, Node::start(&database).await];
     add_alice(&database);
     let alice = nodes[1].app.bearer("alice").await;
     let id = nodes[1].app.create_loop(&alice, json!({})).await;
     eventually("the loop on A", async || {
-        nodes[0]
-            .app
-            .get(&format!("/api/v1/loops/{id}"), &alice)
-            .await
-            .0
-            == StatusCode::OK
+        let path = format!("/api/v1/loops/{id}");
+        nodes[0].app.get(&path, &alice).await.0 == StatusCode::OK
     })
     .await;
-    let mut running = nodes[0].app.send(&alice, &id, "/hold never").await;
+    let mut running = nodes[0].app.send(&alice, &id, hold).await;
     running.until("assistant_delta").await;
-    let mut watcher = nodes[1].app.watch(&alice, &id, None).await;
+    let watcher = nodes[1].app.watch(&alice, &id, None).await;
+    Relayed {
+        database,
+        relay,
+        nodes,
+        alice,
+        id,
+        _running: running,
+        watcher,
+    }
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_the_database_stops_its_agent_and_another_takes_over() {
+    let Relayed {
+        database,
+        relay,
+        nodes,
+        alice,
+        id,
+        mut watcher,
+        _running,
+        ..
+    } = relayed("/hold never").await;
 
     relay.cut();
     // A cannot renew: it stops the agent itself, before its lease can run
@@ -430,31 +457,22 @@ async fn a_node_cut_off_from_the_database_stops_its_agent_and_another_takes_over
     assert_eq!(detail["node"], json!(nodes[1].url()), "{detail}");
     let events = all_events(&nodes[0], &alice, &id, last.last().unwrap().id.unwrap()).await;
     assert_contiguous(&events);
+    // (Reading the database's chunks checks their numbering.)
     let uuid: uuid::Uuid = id.strip_prefix("loop_").unwrap().parse().unwrap();
     crate::pg::lines(&database, uuid);
-    nodes[0].kill();
 }
 
 #[tokio::test]
 async fn a_node_whose_database_hangs_mid_write_stops_its_agent_all_the_same() {
-    let database = crate::pg::server().new_database();
-    let relay = crate::pg::Relay::start(&database);
-    let nodes = [Node::start(&relay.url).await, Node::start(&database).await];
-    add_alice(&database);
-    let alice = nodes[1].app.bearer("alice").await;
-    let id = nodes[1].app.create_loop(&alice, json!({})).await;
-    eventually("the loop on A", async || {
-        nodes[0]
-            .app
-            .get(&format!("/api/v1/loops/{id}"), &alice)
-            .await
-            .0
-            == StatusCode::OK
-    })
-    .await;
-    let mut running = nodes[0].app.send(&alice, &id, "/hold go").await;
-    running.until("assistant_delta").await;
-    let mut watcher = nodes[1].app.watch(&alice, &id, None).await;
+    let Relayed {
+        relay,
+        nodes,
+        alice,
+        id,
+        mut watcher,
+        _running,
+        ..
+    } = relayed("/hold go").await;
 
     // The database stops answering A (connections stay open), and the
     // agent says more: A's write of it waits, and its renewals too.

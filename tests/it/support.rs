@@ -413,6 +413,20 @@ pub fn names(events: &[Sse]) -> Vec<&str> {
     events.iter().map(|e| e.name.as_str()).collect()
 }
 
+/// The seqs and names of a list of events (what two watchers must agree on).
+pub fn seqs(events: &[Sse]) -> Vec<(Option<u64>, String)> {
+    events.iter().map(|e| (e.id, e.name.clone())).collect()
+}
+
+/// The choice id of the last `requires_choice` among `events`.
+pub fn choice_id(events: &[Sse]) -> String {
+    let asked = events
+        .iter()
+        .rfind(|e| e.name == "requires_choice")
+        .unwrap_or_else(|| panic!("no requires_choice in {:?}", names(events)));
+    asked.data["choice_id"].as_str().unwrap().to_owned()
+}
+
 /// The assistant text in a list of events.
 pub fn text(events: &[Sse]) -> String {
     events
