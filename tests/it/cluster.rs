@@ -630,11 +630,7 @@ async fn an_idle_loop_goes_back_to_the_node_that_has_its_workspace() {
     .await;
 
     // Sent through B, it runs on A again, in the same workspace.
-    let mut held = nodes[1].app.send(&alice, &id, "/hold back").await;
-    held.until("assistant_delta").await;
-    assert_eq!(node_of(&nodes).await, json!(nodes[0].url()));
-    std::fs::write(workspace_of(&nodes[0], &id).join("back"), "").unwrap();
-    assert_eq!(held.until_end().await.last().unwrap().name, "done");
+    held_turn_runs_on(&nodes, &alice, &id, 1, 0).await;
     eventually("A to give it back again", async || {
         node_of(&nodes).await == Value::Null
     })
@@ -662,10 +658,24 @@ async fn an_idle_loop_goes_back_to_the_node_that_has_its_workspace() {
         node_of(&nodes).await == Value::Null
     })
     .await;
-    let mut held = nodes[2].app.send(&alice, &id, "/hold there").await;
+    held_turn_runs_on(&nodes, &alice, &id, 2, 1).await;
+}
+
+/// A held turn sent through node `through` runs on node `on`: that node
+/// says so, and the file in its workspace releases the turn.
+async fn held_turn_runs_on(nodes: &[Node], alice: &Auth, id: &str, through: usize, on: usize) {
+    let name = format!("on-{on}");
+    let mut held = nodes[through]
+        .app
+        .send(alice, id, &format!("/hold {name}"))
+        .await;
     held.until("assistant_delta").await;
-    assert_eq!(node_of(&nodes).await, json!(nodes[1].url()));
-    std::fs::write(workspace_of(&nodes[1], &id).join("there"), "").unwrap();
+    let (_, detail) = nodes[through]
+        .app
+        .get(&format!("/api/v1/loops/{id}"), alice)
+        .await;
+    assert_eq!(detail["node"], json!(nodes[on].url()), "{detail}");
+    std::fs::write(workspace_of(&nodes[on], id).join(name), "").unwrap();
     assert_eq!(held.until_end().await.last().unwrap().name, "done");
 }
 
